@@ -1,0 +1,374 @@
+//! The relay wire protocol: typed messages exchanged between agentd and the relay.
+//!
+//! # Transport
+//!
+//! Everything runs over one QUIC connection (TLS 1.3, ALPN [`ALPN`]). The
+//! protocol uses QUIC streams rather than request ids:
+//!
+//! * **Requests**: for each request the client opens a bidirectional stream,
+//!   writes exactly one [`Request`] frame and finishes its send side. The relay
+//!   answers with exactly one [`Response`] frame and finishes. Requests may run
+//!   concurrently; their order only matters where noted below.
+//! * **Pushes**: after a successful login the relay opens one unidirectional
+//!   stream towards the client and writes [`Push`] frames on it for as long as
+//!   the connection lives (queued messages first, then new ones as they arrive).
+//!
+//! Every frame is encoded by [`crate::codec`]: a length prefix, the protocol
+//! version, then the postcard body.
+//!
+//! # Flow
+//!
+//! ```text
+//! agentd                                   relay
+//!   │ Register{user,email,password,key} ──► │  stores pending account, emails a code
+//!   │ ◄── RegisterPending{expires_in}        │
+//!   │ Verify{user,code} ──────────────────► │  activates, creates the TOTP secret
+//!   │ ◄── Verified{otpauth_uri}              │
+//!   │ Challenge ──────────────────────────► │  fresh nonce, kept per connection
+//!   │ ◄── Challenge{nonce}                   │
+//!   │ Login{user,password,totp,sig} ──────► │  sig over login_transcript(nonce, TLS exporter)
+//!   │ ◄── LoggedIn{token,unread}             │
+//!   │ ◄═══ Push::Deliver(envelope) ═════════ │  (uni stream)
+//!   │ Ack{id,outcome} ────────────────────► │  relay deletes the message
+//!   │ Send{envelope} ─────────────────────► │  committed to disk before the reply
+//!   │ ◄── Stored{id}                         │
+//! ```
+//!
+//! A reconnecting agent uses `Challenge` + [`Request::Resume`] with its session
+//! token instead of the password and TOTP code.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::envelope::{Envelope, MessageId};
+
+/// Version of this protocol; every frame carries it and a mismatch is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The TLS ALPN identifier of this protocol version.
+pub const ALPN: &[u8] = b"securechat/1";
+
+/// Label for the TLS keying-material exporter that binds login signatures to
+/// one connection (RFC 5705 / RFC 8446 section 7.5).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-securechat-login";
+
+/// Length of the exported keying material and of challenge nonces, in bytes.
+pub const BINDING_LEN: usize = 32;
+
+/// A request from agentd to the relay; one per bidirectional stream.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// Start registering an account; the relay emails a one-time code.
+    Register {
+        /// Wanted username (see [`crate::limits::validate_username`]).
+        username: String,
+        /// Address the one-time code is mailed to.
+        email: String,
+        /// The account password; hashed with argon2id by the relay.
+        password: Zeroizing<String>,
+        /// The account's RSA public key, X.509 SubjectPublicKeyInfo DER.
+        public_key: Vec<u8>,
+    },
+    /// Finish a registration with the emailed code.
+    Verify {
+        /// The username given to `Register`.
+        username: String,
+        /// The six-digit code from the mail.
+        code: Zeroizing<String>,
+    },
+    /// Ask for a fresh login challenge for this connection.
+    Challenge,
+    /// Full multi-factor login.
+    Login {
+        /// Account name.
+        username: String,
+        /// Account password.
+        password: Zeroizing<String>,
+        /// Current TOTP code.
+        totp: Zeroizing<String>,
+        /// RSA-PSS signature over [`crate::crypto::login_transcript`].
+        signature: Vec<u8>,
+    },
+    /// Resume a session on a new connection with a token from an earlier login.
+    Resume {
+        /// Account name.
+        username: String,
+        /// The session token returned by `LoggedIn`.
+        token: Zeroizing<Vec<u8>>,
+        /// RSA-PSS signature over [`crate::crypto::login_transcript`].
+        signature: Vec<u8>,
+    },
+    /// Revoke this connection's session token.
+    Logout,
+    /// Look up a user's public key in the directory.
+    LookupKey {
+        /// Whose key.
+        username: String,
+    },
+    /// Replace the account's public key. Needs a full login (not a resume) on
+    /// this connection within [`crate::limits::FRESH_LOGIN_SECS`].
+    PublishKey {
+        /// The new key, SubjectPublicKeyInfo DER.
+        public_key: Vec<u8>,
+        /// Signature by the *new* key over [`crate::crypto::login_transcript`]
+        /// with a fresh challenge: proves possession of it.
+        signature: Vec<u8>,
+    },
+    /// Store a sealed envelope for its recipient.
+    Send {
+        /// The sealed, signed message; `sender` must be the logged-in user.
+        envelope: Envelope,
+    },
+    /// Confirm a pushed message; the relay deletes it from the queue.
+    Ack {
+        /// The message id.
+        id: MessageId,
+        /// Whether the agent kept it or rejected it.
+        outcome: AckOutcome,
+    },
+    /// List the users connected right now.
+    Online,
+}
+
+/// What the recipient did with a pushed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AckOutcome {
+    /// Verified, decrypted and stored in the recipient's inbox.
+    Stored,
+    /// Failed verification or decryption; dropped so it cannot block the queue.
+    Rejected,
+}
+
+impl std::fmt::Debug for Request {
+    // Hand-written so that passwords, codes and tokens never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Register {
+                username, email, ..
+            } => f
+                .debug_struct("Register")
+                .field("username", username)
+                .field("email", email)
+                .finish_non_exhaustive(),
+            Request::Verify { username, .. } => f
+                .debug_struct("Verify")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Request::Challenge => f.write_str("Challenge"),
+            Request::Login { username, .. } => f
+                .debug_struct("Login")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Request::Resume { username, .. } => f
+                .debug_struct("Resume")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Request::Logout => f.write_str("Logout"),
+            Request::LookupKey { username } => f
+                .debug_struct("LookupKey")
+                .field("username", username)
+                .finish(),
+            Request::PublishKey { .. } => f.write_str("PublishKey"),
+            Request::Send { envelope } => f
+                .debug_struct("Send")
+                .field("id", &envelope.id)
+                .field("recipient", &envelope.recipient)
+                .finish_non_exhaustive(),
+            Request::Ack { id, outcome } => f
+                .debug_struct("Ack")
+                .field("id", id)
+                .field("outcome", outcome)
+                .finish(),
+            Request::Online => f.write_str("Online"),
+        }
+    }
+}
+
+/// The relay's answer to one [`Request`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// Registration started; a code was mailed (or written to the outbox).
+    RegisterPending {
+        /// Seconds until the code expires.
+        expires_in_secs: u64,
+    },
+    /// The account is active; here is its TOTP secret.
+    Verified {
+        /// `otpauth://totp/...` URI for authenticator apps.
+        otpauth_uri: Zeroizing<String>,
+        /// The same secret, base32, for manual entry.
+        secret_base32: Zeroizing<String>,
+    },
+    /// A fresh challenge nonce for this connection.
+    Challenge {
+        /// [`BINDING_LEN`] random bytes.
+        nonce: Vec<u8>,
+    },
+    /// Login or resume succeeded.
+    LoggedIn {
+        /// The account name.
+        username: String,
+        /// A new session token after a full login; `None` after a resume.
+        token: Option<Zeroizing<Vec<u8>>>,
+        /// Unix seconds when the session expires.
+        session_expires_unix: u64,
+        /// Messages waiting in the queue; they follow on the push stream.
+        unread: u64,
+    },
+    /// The request succeeded and carries no data.
+    Ok,
+    /// A directory entry.
+    Key {
+        /// Whose key.
+        username: String,
+        /// SubjectPublicKeyInfo DER.
+        public_key: Vec<u8>,
+    },
+    /// The envelope is durably stored (or was already: `duplicate`).
+    Stored {
+        /// The envelope's id.
+        id: MessageId,
+        /// True if this id had been stored before; nothing was added.
+        duplicate: bool,
+    },
+    /// Users connected now, sorted.
+    Online {
+        /// Usernames.
+        users: Vec<String>,
+    },
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+impl std::fmt::Debug for Response {
+    // Hand-written so that TOTP secrets and tokens never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Response::RegisterPending { expires_in_secs } => f
+                .debug_struct("RegisterPending")
+                .field("expires_in_secs", expires_in_secs)
+                .finish(),
+            Response::Verified { .. } => f.write_str("Verified"),
+            Response::Challenge { .. } => f.write_str("Challenge"),
+            Response::LoggedIn {
+                username, unread, ..
+            } => f
+                .debug_struct("LoggedIn")
+                .field("username", username)
+                .field("unread", unread)
+                .finish_non_exhaustive(),
+            Response::Ok => f.write_str("Ok"),
+            Response::Key { username, .. } => f
+                .debug_struct("Key")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Response::Stored { id, duplicate } => f
+                .debug_struct("Stored")
+                .field("id", id)
+                .field("duplicate", duplicate)
+                .finish(),
+            Response::Online { users } => f.debug_struct("Online").field("users", users).finish(),
+            Response::Error(e) => f.debug_tuple("Error").field(e).finish(),
+        }
+    }
+}
+
+/// A message the relay pushes on its unidirectional stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Push {
+    /// A queued envelope for the logged-in user; answer with [`Request::Ack`].
+    Deliver(Envelope),
+}
+
+/// A typed error from the relay, with a human explanation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// What happened and, where useful, what to do about it.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// Build an error reply.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:?})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame could not be decoded, or the request makes no sense here.
+    BadRequest,
+    /// The frame exceeded [`crate::limits::MAX_FRAME_LEN`].
+    FrameTooLarge,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// The username breaks the documented rules.
+    InvalidUsername,
+    /// The email address is not plausible.
+    InvalidEmail,
+    /// The password is too short or too long.
+    WeakPassword,
+    /// The public key is not an RSA key of an allowed size.
+    InvalidPublicKey,
+    /// The username is taken (or a registration for it is pending).
+    UsernameTaken,
+    /// No pending registration for this username (never started, or expired).
+    NoPendingRegistration,
+    /// The emailed code is wrong.
+    WrongCode,
+    /// The emailed code has expired; register again.
+    CodeExpired,
+    /// Too many wrong codes or logins; wait or start over.
+    TooManyAttempts,
+    /// The relay could not send the verification mail.
+    MailFailed,
+    /// Unknown user or wrong password (deliberately not told apart).
+    InvalidCredentials,
+    /// The TOTP code is wrong.
+    InvalidTotp,
+    /// The TOTP code was already used; wait for the next one.
+    TotpReused,
+    /// The signature over the challenge does not verify with the account key.
+    InvalidSignature,
+    /// Ask for a `Challenge` first (each challenge is good for one attempt).
+    NoChallenge,
+    /// The session token is unknown, revoked or expired; log in again.
+    SessionExpired,
+    /// This request needs a logged-in connection.
+    NotAuthenticated,
+    /// This request needs a full login (password + TOTP) on this connection.
+    FreshLoginRequired,
+    /// No such user.
+    UnknownUser,
+    /// The envelope's sender is not the logged-in user.
+    NotSender,
+    /// The envelope is larger than allowed.
+    MessageTooLarge,
+    /// The recipient's queue is full.
+    QuotaExceeded,
+    /// Too many attempts in a short time; wait and retry.
+    RateLimited,
+    /// The relay is shutting down; reconnect later.
+    ShuttingDown,
+    /// Something failed on the relay; the log says what.
+    Internal,
+}
