@@ -1,0 +1,1 @@
+//! QUIC client for the relay protocol (being written).
