@@ -1,1 +1,150 @@
-fn main() {}
+//! `agentd`: parses the command line and `agentd.toml`, then runs the daemon.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use securechat_agentd::relay_client::{parse_ca_pem, parse_fingerprint, ServerTrust};
+use securechat_agentd::{AgentConfig, ConfigFile, Paths, RelaySettings};
+use securechat_common::KeySize;
+
+/// The securechat agent: one per user, keeps your key and your inbox.
+///
+/// agentd holds your private key, keeps one connection to the relay open
+/// (reconnecting and resuming your session by itself), receives, verifies and
+/// stores messages, and serves `chat-cli` over a local socket that only your
+/// user can reach.
+///
+/// First start (the relay prints its address and certificate fingerprint):
+///
+///   agentd --relay relay.example.org:7443 --relay-fingerprint sha256:3f2a…
+///
+/// The relay settings are saved to <home>/agentd.toml, so later starts need no
+/// flags. Then, in another terminal: `chat-cli register alice --email …`.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Home directory for keys, inbox and session [default: $XDG_DATA_HOME/securechat].
+    /// When given, the socket is <home>/agent.sock.
+    #[arg(long, env = "SECURECHAT_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    /// Relay address, HOST:PORT (UDP).
+    #[arg(long, env = "SECURECHAT_RELAY", value_name = "HOST:PORT")]
+    relay: Option<String>,
+
+    /// SHA-256 of the relay certificate, as printed by the relay at start or
+    /// by `relay fingerprint` (`sha256:` prefix, spaces and colons allowed).
+    #[arg(long, value_name = "SHA256", conflicts_with = "relay_cert")]
+    relay_fingerprint: Option<String>,
+
+    /// PEM file with the CA certificate of a relay that has a proper certificate.
+    #[arg(long, value_name = "FILE")]
+    relay_cert: Option<PathBuf>,
+
+    /// Configuration file [default: <home>/agentd.toml].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// RSA size of newly generated identity keys: 2048, 3072 or 4096.
+    #[arg(long, value_name = "BITS")]
+    key_bits: Option<usize>,
+
+    /// Do not save the relay flags to agentd.toml.
+    #[arg(long)]
+    no_save_config: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let paths = Paths::resolve(args.home.clone())?;
+    let config_path = args.config.clone().unwrap_or_else(|| paths.config_file());
+    let mut file = match std::fs::read_to_string(&config_path) {
+        Ok(text) => toml::from_str::<ConfigFile>(&text)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ConfigFile::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
+    };
+    let flags_given = args.relay.is_some();
+    if let Some(relay) = args.relay.clone() {
+        file.relay = Some(relay);
+        file.relay_fingerprint = args.relay_fingerprint.clone();
+        file.relay_cert = args.relay_cert.clone();
+    }
+    if let Some(bits) = args.key_bits {
+        file.key_bits = Some(bits);
+    }
+    let key_size = match file.key_bits {
+        None => KeySize::default(),
+        Some(bits) => KeySize::from_bits(bits)
+            .with_context(|| format!("--key-bits {bits}: use 2048, 3072 or 4096"))?,
+    };
+    let relay = match &file.relay {
+        None => None,
+        Some(addr_text) => {
+            let addr = addr_text
+                .to_socket_addrs()
+                .with_context(|| format!("resolving relay address {addr_text:?}"))?
+                .next()
+                .with_context(|| format!("relay address {addr_text:?} resolves to nothing"))?;
+            let trust = match (&file.relay_fingerprint, &file.relay_cert) {
+                (Some(fp), _) => ServerTrust::Fingerprint(parse_fingerprint(fp)?),
+                (None, Some(cert)) => {
+                    let pem = std::fs::read(cert)
+                        .with_context(|| format!("reading {}", cert.display()))?;
+                    ServerTrust::CaCert(parse_ca_pem(&pem)?)
+                }
+                (None, None) => bail!(
+                    "the relay's certificate must be pinned: add --relay-fingerprint SHA256 \
+                     (the relay prints it at start; `relay fingerprint` shows it) or \
+                     --relay-cert FILE"
+                ),
+            };
+            Some(RelaySettings {
+                display: addr_text.clone(),
+                addr,
+                trust,
+            })
+        }
+    };
+    if flags_given && !args.no_save_config {
+        securechat_agentd::files::ensure_private_dir(&paths.home)
+            .with_context(|| format!("creating {}", paths.home.display()))?;
+        let text = toml::to_string(&file).context("encoding agentd.toml")?;
+        securechat_agentd::files::write_private(&config_path, text.as_bytes())
+            .with_context(|| format!("writing {}", config_path.display()))?;
+    }
+    let config = AgentConfig {
+        paths,
+        relay,
+        key_size,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        securechat_agentd::run(config, shutdown_signal())
+            .await
+            .context("agentd failed")
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -22,6 +22,7 @@
 pub mod codec;
 pub mod crypto;
 pub mod envelope;
+pub mod ipc;
 pub mod limits;
 pub mod protocol;
 

@@ -1,0 +1,404 @@
+//! The agent's shared state: keys, the current relay connection, the store,
+//! and the events chat-cli can watch.
+//!
+//! One [`Agent`] lives behind an `Arc`; the connection manager, the push
+//! handler and every IPC connection share it. The connection is published
+//! through a `watch` channel so that a request can wait (bounded) for the
+//! manager to reconnect instead of failing at once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use securechat_common::ipc::{
+    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, StatusInfo,
+};
+use securechat_common::protocol::{ErrorCode, Request, Response};
+use securechat_common::{IdentityKey, PublicKey};
+use tokio::sync::{broadcast, watch, Notify};
+
+use crate::config::AgentConfig;
+use crate::keystore::{self, KeyStoreError, Loaded, LockedKey, Sealer};
+use crate::relay_client::{ClientError, RelayClient};
+use crate::store::{Store, StoreError};
+
+/// How long a request waits for the relay connection to come back.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// The identity key's state.
+pub(crate) enum Keys {
+    /// No key yet.
+    Missing,
+    /// Encrypted on disk; waits for `unlock`.
+    Locked(LockedKey),
+    /// Usable.
+    Ready(ReadyKeys),
+}
+
+/// Unlocked keys.
+#[derive(Clone)]
+pub(crate) struct ReadyKeys {
+    /// The current identity key.
+    pub current: Arc<IdentityKey>,
+    /// Keys replaced by rotation, newest last.
+    pub old: Vec<Arc<IdentityKey>>,
+    /// Re-encrypts key files when a passphrase is set.
+    pub sealer: Option<Arc<Sealer>>,
+}
+
+/// The relay connection as the rest of the agent sees it.
+#[derive(Clone, Default)]
+pub(crate) struct Conn {
+    pub client: Option<Arc<RelayClient>>,
+    pub logged_in: bool,
+}
+
+#[derive(Default)]
+struct Flags {
+    login_needed: bool,
+    last_error: Option<String>,
+}
+
+/// Shared agent state.
+pub struct Agent {
+    pub(crate) config: AgentConfig,
+    pub(crate) store: Store,
+    keys: Mutex<Keys>,
+    conn: watch::Sender<Conn>,
+    flags: Mutex<Flags>,
+    pub(crate) events: broadcast::Sender<InboxMessage>,
+    pub(crate) reconnect: Notify,
+    /// Serialises register/login/rotate/trust so they don't interleave.
+    pub(crate) op_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("home", &self.config.paths.home)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An [`IpcError`] of `kind`.
+pub(crate) fn err(kind: IpcErrorKind, message: impl Into<String>) -> IpcError {
+    IpcError::new(kind, message)
+}
+
+impl From<StoreError> for IpcError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("store: {e}");
+        err(
+            IpcErrorKind::Storage,
+            format!("agentd's database failed: {e}"),
+        )
+    }
+}
+
+impl From<KeyStoreError> for IpcError {
+    fn from(e: KeyStoreError) -> Self {
+        match e {
+            KeyStoreError::WrongPassphrase => {
+                err(IpcErrorKind::WrongPassphrase, "wrong passphrase")
+            }
+            other => {
+                tracing::error!("key store: {other}");
+                err(IpcErrorKind::Storage, format!("key file: {other}"))
+            }
+        }
+    }
+}
+
+impl From<ClientError> for IpcError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Relay(reply) => {
+                let kind = match reply.code {
+                    ErrorCode::SessionExpired | ErrorCode::NotAuthenticated => {
+                        IpcErrorKind::LoginNeeded
+                    }
+                    _ => IpcErrorKind::Relay,
+                };
+                let mut out = err(kind, format!("the relay refused: {}", reply.message));
+                out.relay_code = Some(reply.code);
+                out
+            }
+            ClientError::Connect { .. } | ClientError::Connection(_) | ClientError::Stream(_) => {
+                err(
+                    IpcErrorKind::RelayUnavailable,
+                    format!("{e}; agentd keeps reconnecting, try again shortly"),
+                )
+            }
+            other => err(IpcErrorKind::Internal, other.to_string()),
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Load keys and open the store.
+    pub(crate) fn new(config: AgentConfig, store: Store) -> Result<Self, KeyStoreError> {
+        let keys = match keystore::load_identity(&config.paths.identity_key())? {
+            Loaded::Missing => Keys::Missing,
+            Loaded::Locked(l) => Keys::Locked(l),
+            Loaded::Plain(k) => {
+                let old = keystore::load_old_keys(&config.paths.old_keys(), None)?;
+                Keys::Ready(ReadyKeys {
+                    current: Arc::new(k),
+                    old: old.into_iter().map(Arc::new).collect(),
+                    sealer: None,
+                })
+            }
+        };
+        let (events, _) = broadcast::channel(256);
+        Ok(Self {
+            config,
+            store,
+            keys: Mutex::new(keys),
+            conn: watch::Sender::new(Conn::default()),
+            flags: Mutex::new(Flags::default()),
+            events,
+            reconnect: Notify::new(),
+            op_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The unlocked keys, or why there are none.
+    pub(crate) fn ready_keys(&self) -> Result<ReadyKeys, IpcError> {
+        match &*lock(&self.keys) {
+            Keys::Ready(k) => Ok(k.clone()),
+            Keys::Locked(_) => Err(err(
+                IpcErrorKind::Locked,
+                "the identity key is passphrase-protected; run `chat-cli unlock`",
+            )),
+            Keys::Missing => Err(err(
+                IpcErrorKind::NotRegistered,
+                "no identity key yet; run `chat-cli register <user> --email <addr>`",
+            )),
+        }
+    }
+
+    pub(crate) fn set_keys(&self, keys: Keys) {
+        *lock(&self.keys) = keys;
+    }
+
+    pub(crate) fn locked_key(&self) -> Option<LockedKey> {
+        match &*lock(&self.keys) {
+            Keys::Locked(l) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// The account name, once known.
+    pub(crate) fn username(&self) -> Option<String> {
+        self.store.setting("username").ok().flatten()
+    }
+
+    pub(crate) fn conn(&self) -> Conn {
+        self.conn.borrow().clone()
+    }
+
+    pub(crate) fn set_conn(&self, client: Option<Arc<RelayClient>>, logged_in: bool) {
+        self.conn.send_replace(Conn { client, logged_in });
+    }
+
+    pub(crate) fn set_logged_in(&self, logged_in: bool) {
+        self.conn.send_modify(|c| c.logged_in = logged_in);
+        if logged_in {
+            self.set_login_needed(false);
+        }
+    }
+
+    pub(crate) fn set_login_needed(&self, v: bool) {
+        lock(&self.flags).login_needed = v;
+    }
+
+    pub(crate) fn note_error(&self, e: impl std::fmt::Display) {
+        let text = e.to_string();
+        tracing::warn!("relay: {text}");
+        lock(&self.flags).last_error = Some(text);
+    }
+
+    fn relay_configured(&self) -> Result<(), IpcError> {
+        match self.config.relay {
+            Some(_) => Ok(()),
+            None => Err(err(
+                IpcErrorKind::NoRelay,
+                "agentd has no relay configured; restart it with --relay HOST:PORT \
+                 --relay-fingerprint SHA256 (or set them in agentd.toml)",
+            )),
+        }
+    }
+
+    fn unavailable(&self) -> IpcError {
+        let why = lock(&self.flags)
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no connection yet".into());
+        err(
+            IpcErrorKind::RelayUnavailable,
+            format!("agentd cannot reach the relay right now ({why}); it keeps retrying"),
+        )
+    }
+
+    /// A connection to the relay, logged in or not (waits a bounded time).
+    pub(crate) async fn any_client(&self) -> Result<Arc<RelayClient>, IpcError> {
+        self.relay_configured()?;
+        let mut rx = self.conn.subscribe();
+        let client =
+            match tokio::time::timeout(READY_WAIT, rx.wait_for(|c| c.client.is_some())).await {
+                Ok(Ok(c)) => c.client.clone(),
+                _ => None,
+            };
+        client.ok_or_else(|| self.unavailable())
+    }
+
+    /// A logged-in connection and the account name (waits a bounded time
+    /// for a reconnect; fails at once when no session exists).
+    pub(crate) async fn logged_in_client(&self) -> Result<(Arc<RelayClient>, String), IpcError> {
+        self.relay_configured()?;
+        let not_logged_in = || {
+            if lock(&self.flags).login_needed {
+                err(
+                    IpcErrorKind::LoginNeeded,
+                    "the session expired or was revoked; run `chat-cli login <user>`",
+                )
+            } else {
+                err(
+                    IpcErrorKind::NotLoggedIn,
+                    "not logged in; run `chat-cli login <user>`",
+                )
+            }
+        };
+        let has_session = self.config.paths.session().exists();
+        let conn = self.conn();
+        if !conn.logged_in && (!has_session || lock(&self.flags).login_needed) {
+            return Err(not_logged_in());
+        }
+        let mut rx = self.conn.subscribe();
+        let ready = tokio::time::timeout(
+            READY_WAIT,
+            rx.wait_for(|c| c.client.is_some() && c.logged_in),
+        )
+        .await;
+        let client = match ready {
+            Ok(Ok(c)) => c.client.clone(),
+            _ => None,
+        };
+        let Some(client) = client else {
+            if lock(&self.flags).login_needed {
+                return Err(not_logged_in());
+            }
+            return Err(self.unavailable());
+        };
+        let user = self.username().ok_or_else(not_logged_in)?;
+        Ok((client, user))
+    }
+
+    /// Look up `user` in the directory.
+    pub(crate) async fn directory_key(
+        &self,
+        client: &RelayClient,
+        user: &str,
+    ) -> Result<PublicKey, ClientError> {
+        let req = Request::LookupKey {
+            username: user.to_string(),
+        };
+        match client.call(&req).await? {
+            Response::Key { public_key, .. } => Ok(PublicKey::from_der(&public_key)?),
+            other => Err(ClientError::Unexpected(format!(
+                "wanted Key, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The key to seal for `user`: the pinned one, pinned now on first use;
+    /// a directory key that differs from the pin is refused.
+    pub(crate) async fn recipient_key(
+        &self,
+        client: &RelayClient,
+        user: &str,
+    ) -> Result<PublicKey, IpcError> {
+        let current = self.directory_key(client, user).await?;
+        match self.store.pin(user)? {
+            None => {
+                self.store.set_pin(user, current.as_der())?;
+                tracing::info!(
+                    "pinned the key of {user} on first use: {}",
+                    current.fingerprint()
+                );
+                Ok(current)
+            }
+            Some(der) if der == current.as_der() => Ok(current),
+            Some(der) => {
+                let pinned = PublicKey::from_der(&der)
+                    .map(|k| k.fingerprint().to_string())
+                    .unwrap_or_else(|_| "(unreadable)".into());
+                let now = current.fingerprint().to_string();
+                let mut e = err(
+                    IpcErrorKind::KeyChanged,
+                    format!(
+                        "the key of {user} has CHANGED and nothing was sent.\n  \
+                         pinned:    {pinned}\n  directory: {now}\n\
+                         This is expected if {user} ran rotate-key; otherwise the relay may be \
+                         lying. Check the new fingerprint with {user} out of band, then run \
+                         `chat-cli trust {user}`."
+                    ),
+                );
+                e.key_change = Some(KeyChange {
+                    user: user.to_string(),
+                    pinned,
+                    current: now,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Current status, for `chat-cli status`.
+    pub(crate) fn status(&self) -> Result<StatusInfo, IpcError> {
+        let conn = self.conn();
+        let (locked, has_key, fingerprint) = match &*lock(&self.keys) {
+            Keys::Missing => (false, false, None),
+            Keys::Locked(_) => (true, true, None),
+            Keys::Ready(k) => (
+                false,
+                true,
+                Some(k.current.public_key().fingerprint().to_string()),
+            ),
+        };
+        let flags = lock(&self.flags);
+        let connection = match (&self.config.relay, &conn.client, conn.logged_in) {
+            (None, _, _) => ConnectionState::NoRelay,
+            (_, None, _) => ConnectionState::Disconnected,
+            (_, Some(_), false) => ConnectionState::Connected,
+            (_, Some(_), true) => ConnectionState::LoggedIn,
+        };
+        Ok(StatusInfo {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            home: self.config.paths.home.display().to_string(),
+            socket: self.config.paths.socket.display().to_string(),
+            relay: self.config.relay.as_ref().map(|r| r.display.clone()),
+            connection,
+            username: self.username(),
+            login_needed: flags.login_needed,
+            locked,
+            has_key,
+            fingerprint,
+            unread: self.store.unread_count()?,
+            held: self.store.held_list()?,
+            rejected: self.store.rejected_list()?,
+            last_error: flags.last_error.clone(),
+        })
+    }
+}

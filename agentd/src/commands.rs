@@ -1,0 +1,443 @@
+//! What agentd does for each chat-cli request.
+
+use std::sync::Arc;
+
+use securechat_common::envelope::{seal, SealParams};
+use securechat_common::ipc::{
+    BroadcastFailure, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SentInfo,
+};
+use securechat_common::limits::{
+    validate_email, validate_password, validate_username, MAX_MESSAGE_LEN,
+};
+use securechat_common::protocol::{Request, Response};
+use securechat_common::{IdentityKey, MessageId};
+use zeroize::Zeroizing;
+
+use crate::agent::{err, now_ms, Agent, Keys, ReadyKeys};
+use crate::keystore::{self, Sealer, Session};
+use crate::receive::{deliver, open_any};
+use crate::relay_client::{ClientError, RelayClient};
+
+fn unexpected(what: &str, got: &Response) -> IpcError {
+    err(
+        IpcErrorKind::Internal,
+        format!("unexpected answer from the relay to {what}: {got:?}"),
+    )
+}
+
+fn invalid(e: String) -> IpcError {
+    err(IpcErrorKind::InvalidInput, e)
+}
+
+async fn generate(agent: &Agent) -> Result<IdentityKey, IpcError> {
+    let size = agent.config.key_size;
+    tokio::task::spawn_blocking(move || IdentityKey::generate(size))
+        .await
+        .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))?
+        .map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))
+}
+
+/// Answer one request (everything but `Hello` and `Watch`).
+pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcResponse, IpcError> {
+    match req {
+        IpcRequest::Register {
+            username,
+            email,
+            password,
+        } => register(agent, username, email, password).await,
+        IpcRequest::Verify { code } => verify(agent, code).await,
+        IpcRequest::Login {
+            username,
+            password,
+            totp,
+        } => login(agent, username, password, totp).await,
+        IpcRequest::Logout => logout(agent).await,
+        IpcRequest::Status => Ok(IpcResponse::Status(Box::new(agent.status()?))),
+        IpcRequest::Send { to, text } => {
+            let (client, me) = agent.logged_in_client().await?;
+            Ok(IpcResponse::Sent(
+                send_one(agent, &client, &me, &to, &text).await?,
+            ))
+        }
+        IpcRequest::Broadcast { text } => broadcast(agent, text).await,
+        IpcRequest::Inbox { all } => Ok(IpcResponse::Inbox {
+            messages: agent.store.take_inbox(all, None)?,
+        }),
+        IpcRequest::Online => {
+            let (client, _) = agent.logged_in_client().await?;
+            Ok(IpcResponse::Online {
+                users: online(&client).await?,
+            })
+        }
+        IpcRequest::Fingerprint { user } => fingerprint(agent, user).await,
+        IpcRequest::Trust { user } => trust(agent, user).await,
+        IpcRequest::RotateKey { password, totp } => rotate_key(agent, password, totp).await,
+        IpcRequest::Unlock { passphrase } => unlock(agent, passphrase).await,
+        IpcRequest::SetPassphrase { passphrase } => set_passphrase(agent, passphrase).await,
+        IpcRequest::Hello { .. } | IpcRequest::Watch { .. } => Err(err(
+            IpcErrorKind::BadRequest,
+            "this request is not allowed here",
+        )),
+        _ => Err(err(IpcErrorKind::BadRequest, "unknown request")),
+    }
+}
+
+async fn register(
+    agent: &Agent,
+    username: String,
+    email: String,
+    password: Zeroizing<String>,
+) -> Result<IpcResponse, IpcError> {
+    validate_username(&username).map_err(invalid)?;
+    validate_email(&email).map_err(invalid)?;
+    validate_password(&password).map_err(invalid)?;
+    let _op = agent.op_lock.lock().await;
+    if agent.conn().logged_in {
+        return Err(err(
+            IpcErrorKind::AlreadyLoggedIn,
+            "this agent is logged in to an account already; `chat-cli logout` first",
+        ));
+    }
+    let keys = match agent.ready_keys() {
+        Ok(k) => k,
+        Err(e) if e.kind == IpcErrorKind::NotRegistered => {
+            let key = generate(agent).await?;
+            keystore::save_key(&agent.config.paths.identity_key(), &key, None)?;
+            let keys = ReadyKeys {
+                current: Arc::new(key),
+                old: Vec::new(),
+                sealer: None,
+            };
+            agent.set_keys(Keys::Ready(keys.clone()));
+            keys
+        }
+        Err(e) => return Err(e),
+    };
+    let client = agent.any_client().await?;
+    let req = Request::Register {
+        username: username.clone(),
+        email,
+        password,
+        public_key: keys.current.public_key().as_der().to_vec(),
+    };
+    match client.call(&req).await? {
+        Response::RegisterPending { expires_in_secs } => {
+            agent.store.set_setting("pending_username", &username)?;
+            Ok(IpcResponse::RegisterPending {
+                username,
+                expires_in_secs,
+                fingerprint: keys.current.public_key().fingerprint().to_string(),
+            })
+        }
+        other => Err(unexpected("Register", &other)),
+    }
+}
+
+async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
+    let Some(username) = agent.store.setting("pending_username")? else {
+        return Err(err(
+            IpcErrorKind::NoPendingRegistration,
+            "no registration is waiting for a code; run `chat-cli register` first",
+        ));
+    };
+    let client = agent.any_client().await?;
+    let req = Request::Verify {
+        username: username.clone(),
+        code,
+    };
+    match client.call(&req).await? {
+        Response::Verified {
+            otpauth_uri,
+            secret_base32,
+        } => {
+            agent.store.set_setting("username", &username)?;
+            agent.store.set_setting("pending_username", "")?;
+            Ok(IpcResponse::Verified {
+                username,
+                otpauth_uri,
+                secret_base32,
+            })
+        }
+        other => Err(unexpected("Verify", &other)),
+    }
+}
+
+async fn login(
+    agent: &Agent,
+    username: String,
+    password: Zeroizing<String>,
+    totp: Zeroizing<String>,
+) -> Result<IpcResponse, IpcError> {
+    validate_username(&username).map_err(invalid)?;
+    let keys = agent.ready_keys()?;
+    let _op = agent.op_lock.lock().await;
+    if agent.conn().logged_in {
+        return Err(err(
+            IpcErrorKind::AlreadyLoggedIn,
+            "already logged in; agentd keeps the session (run `chat-cli logout` to end it)",
+        ));
+    }
+    let client = agent.any_client().await?;
+    let done = client
+        .login(&username, &password, &totp, &keys.current)
+        .await?;
+    let Some(token) = done.token else {
+        return Err(err(
+            IpcErrorKind::Internal,
+            "the relay sent no session token",
+        ));
+    };
+    keystore::save_session(
+        &agent.config.paths.session(),
+        &Session {
+            username: username.clone(),
+            token,
+        },
+    )?;
+    agent.store.set_setting("username", &username)?;
+    agent.set_logged_in(true);
+    Ok(IpcResponse::LoggedIn {
+        username,
+        unread: done.unread,
+    })
+}
+
+async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
+    let conn = agent.conn();
+    if let (Some(client), true) = (conn.client, conn.logged_in) {
+        if let Err(e) = client.call(&Request::Logout).await {
+            tracing::warn!("logout on the relay failed: {e}");
+        }
+    }
+    keystore::remove_session(&agent.config.paths.session())?;
+    agent.set_logged_in(false);
+    agent.reconnect.notify_waiters();
+    Ok(IpcResponse::Ok)
+}
+
+async fn online(client: &RelayClient) -> Result<Vec<String>, IpcError> {
+    match client.call(&Request::Online).await? {
+        Response::Online { users } => Ok(users),
+        other => Err(unexpected("Online", &other)),
+    }
+}
+
+pub(crate) async fn send_one(
+    agent: &Agent,
+    client: &RelayClient,
+    me: &str,
+    to: &str,
+    text: &str,
+) -> Result<SentInfo, IpcError> {
+    validate_username(to).map_err(|e| invalid(format!("recipient: {e}")))?;
+    if text.len() > MAX_MESSAGE_LEN {
+        return Err(invalid(format!(
+            "message of {} bytes is larger than the limit of {MAX_MESSAGE_LEN} bytes",
+            text.len()
+        )));
+    }
+    let keys = agent.ready_keys()?;
+    let recipient_key = agent.recipient_key(client, to).await?;
+    let id = MessageId::random().map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
+    let params = SealParams {
+        sender_key: &keys.current,
+        sender: me,
+        recipient: to,
+        recipient_key: &recipient_key,
+        id,
+        timestamp_ms: now_ms(),
+    };
+    let envelope =
+        seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
+    match client.call(&Request::Send { envelope }).await? {
+        Response::Stored { id, duplicate } => Ok(SentInfo {
+            to: to.to_string(),
+            id: id.to_string(),
+            duplicate,
+        }),
+        other => Err(unexpected("Send", &other)),
+    }
+}
+
+async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError> {
+    let (client, me) = agent.logged_in_client().await?;
+    let mut sent = Vec::new();
+    let mut failed = Vec::new();
+    for user in online(&client).await?.into_iter().filter(|u| *u != me) {
+        match send_one(agent, &client, &me, &user, &text).await {
+            Ok(s) => sent.push(s),
+            Err(error) => failed.push(BroadcastFailure { to: user, error }),
+        }
+    }
+    Ok(IpcResponse::Broadcast { sent, failed })
+}
+
+async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse, IpcError> {
+    let Some(user) = user else {
+        let keys = agent.ready_keys()?;
+        return Ok(IpcResponse::Fingerprint(FingerprintInfo {
+            user: agent.username(),
+            own: true,
+            pinned: Some(keys.current.public_key().fingerprint().to_string()),
+            directory: None,
+        }));
+    };
+    let pinned = agent
+        .store
+        .pin(&user)?
+        .and_then(|der| securechat_common::PublicKey::from_der(&der).ok())
+        .map(|k| k.fingerprint().to_string());
+    let conn = agent.conn();
+    let directory = match (conn.client, conn.logged_in) {
+        (Some(client), true) => match agent.directory_key(&client, &user).await {
+            Ok(k) => Some(k.fingerprint().to_string()),
+            Err(ClientError::Relay(r)) if pinned.is_none() => {
+                return Err(ClientError::Relay(r).into())
+            }
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    Ok(IpcResponse::Fingerprint(FingerprintInfo {
+        user: Some(user),
+        own: false,
+        pinned,
+        directory,
+    }))
+}
+
+async fn trust(agent: &Agent, user: String) -> Result<IpcResponse, IpcError> {
+    validate_username(&user).map_err(invalid)?;
+    let (client, me) = agent.logged_in_client().await?;
+    let _op = agent.op_lock.lock().await;
+    let key = agent.directory_key(&client, &user).await?;
+    agent.store.set_pin(&user, key.as_der())?;
+    tracing::info!("trusting the key of {user}: {}", key.fingerprint());
+    let keys = agent.ready_keys()?;
+    let mut released = 0;
+    for env in agent.store.held_from(&user)? {
+        match open_any(&env, &me, &keys, &key) {
+            Ok(body) => {
+                deliver(agent, &env, &body)?;
+                released += 1;
+            }
+            Err(e) => agent.store.reject(&env.id, &env.sender, &e.to_string())?,
+        }
+    }
+    Ok(IpcResponse::Trusted {
+        user,
+        fingerprint: key.fingerprint().to_string(),
+        released,
+    })
+}
+
+async fn rotate_key(
+    agent: &Agent,
+    password: Zeroizing<String>,
+    totp: Zeroizing<String>,
+) -> Result<IpcResponse, IpcError> {
+    let (_main, me) = agent.logged_in_client().await?;
+    let keys = agent.ready_keys()?;
+    let Some(relay) = agent.config.relay.clone() else {
+        return Err(err(IpcErrorKind::NoRelay, "no relay configured"));
+    };
+    let _op = agent.op_lock.lock().await;
+    let new_key = generate(agent).await?;
+    let paths = &agent.config.paths;
+    let pending = paths.home.join("identity.key.new");
+    let sealer = keys.sealer.as_deref();
+    keystore::save_key(&pending, &new_key, sealer)?;
+    // A fresh full login with the old key on a separate connection, then the
+    // new key proves possession and is published.
+    let side = RelayClient::connect(relay.addr, relay.trust.clone()).await?;
+    let result = async {
+        let done = side.login(&me, &password, &totp, &keys.current).await?;
+        side.publish_key(&me, &new_key).await?;
+        Ok::<_, ClientError>(done)
+    }
+    .await;
+    side.close("key rotated").await;
+    let done = match result {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&pending);
+            return Err(e.into());
+        }
+    };
+    keystore::archive_key(&paths.old_keys(), &keys.current, sealer)?;
+    std::fs::rename(&pending, paths.identity_key()).map_err(|e| {
+        err(
+            IpcErrorKind::Storage,
+            format!("installing the new key: {e}"),
+        )
+    })?;
+    if let Some(token) = done.token {
+        keystore::save_session(
+            &paths.session(),
+            &Session {
+                username: me,
+                token,
+            },
+        )?;
+    }
+    let old_fp = keys.current.public_key().fingerprint().to_string();
+    let new_fp = new_key.public_key().fingerprint().to_string();
+    let mut old = keys.old.clone();
+    old.push(keys.current.clone());
+    agent.set_keys(Keys::Ready(ReadyKeys {
+        current: Arc::new(new_key),
+        old,
+        sealer: keys.sealer.clone(),
+    }));
+    tracing::info!("identity key rotated: {old_fp} -> {new_fp}");
+    agent.reconnect.notify_waiters();
+    Ok(IpcResponse::KeyRotated {
+        old_fingerprint: old_fp,
+        new_fingerprint: new_fp,
+    })
+}
+
+async fn unlock(agent: &Agent, passphrase: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
+    let Some(locked) = agent.locked_key() else {
+        agent.ready_keys()?;
+        return Ok(IpcResponse::Ok);
+    };
+    let old_dir = agent.config.paths.old_keys();
+    let keys = tokio::task::spawn_blocking(move || {
+        let (key, sealer) = locked.unlock(&passphrase)?;
+        let old = keystore::load_old_keys(&old_dir, Some(&sealer))?;
+        Ok::<_, keystore::KeyStoreError>(ReadyKeys {
+            current: Arc::new(key),
+            old: old.into_iter().map(Arc::new).collect(),
+            sealer: Some(Arc::new(sealer)),
+        })
+    })
+    .await
+    .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))??;
+    agent.set_keys(Keys::Ready(keys));
+    agent.reconnect.notify_waiters();
+    Ok(IpcResponse::Ok)
+}
+
+async fn set_passphrase(
+    agent: &Agent,
+    passphrase: Option<Zeroizing<String>>,
+) -> Result<IpcResponse, IpcError> {
+    let keys = agent.ready_keys()?;
+    let _op = agent.op_lock.lock().await;
+    let sealer = match passphrase {
+        Some(p) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || Sealer::new(&p))
+                .await
+                .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))??,
+        )),
+        None => None,
+    };
+    let paths = &agent.config.paths;
+    for old in &keys.old {
+        keystore::archive_key(&paths.old_keys(), old, sealer.as_deref())?;
+    }
+    keystore::save_key(&paths.identity_key(), &keys.current, sealer.as_deref())?;
+    agent.set_keys(Keys::Ready(ReadyKeys { sealer, ..keys }));
+    Ok(IpcResponse::Ok)
+}

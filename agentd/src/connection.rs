@@ -1,0 +1,169 @@
+//! The connection manager: one persistent relay connection, reconnected with
+//! exponential backoff and resumed with the stored session token.
+//!
+//! ```text
+//!   ┌─► connect ──fail──► sleep(backoff: 0.2 s · 2ⁿ, cap 10 s, ± jitter) ─┐
+//!   │      │ok                                                            │
+//!   │   resume (token + challenge signature)  ── SessionExpired ─► "login needed"
+//!   │      │                                                              │
+//!   │   publish connection; read pushes until it closes ──────────────────┘
+//!   └── or until asked to reconnect (logout, rotate-key, unlock)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use securechat_common::crypto::random_bytes;
+use securechat_common::protocol::ErrorCode;
+
+use crate::agent::Agent;
+use crate::keystore;
+use crate::receive;
+use crate::relay_client::{ClientError, RelayClient};
+
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_START,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; doubles the next one up to the cap.
+    pub(crate) fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+        // Jitter: 75 % to 125 % of the base, so agents don't reconnect in step.
+        let r = random_bytes::<1>().map(|b| b[0]).unwrap_or(128);
+        base.mul_f64(0.75 + f64::from(r) / 510.0)
+    }
+
+    /// Back to the shortest delay after a good connection.
+    pub(crate) fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+}
+
+/// Run forever (until aborted): keep a relay connection up.
+pub(crate) async fn run(agent: Arc<Agent>) {
+    let Some(relay) = agent.config.relay.clone() else {
+        tracing::info!("no relay configured; only local commands will work");
+        return std::future::pending().await;
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let client = match RelayClient::connect(relay.addr, relay.trust.clone()).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                agent.note_error(&e);
+                tokio::time::sleep(backoff.step()).await;
+                continue;
+            }
+        };
+        let logged_in = match resume(&agent, &client).await {
+            Ok(v) => v,
+            Err(e) => {
+                agent.note_error(format!("resuming the session failed: {e}"));
+                client.close("resume failed").await;
+                tokio::time::sleep(backoff.step()).await;
+                continue;
+            }
+        };
+        tracing::info!(
+            "connected to the relay at {} ({})",
+            relay.display,
+            if logged_in {
+                "session resumed"
+            } else {
+                "not logged in"
+            }
+        );
+        backoff.reset();
+        agent.set_conn(Some(client.clone()), logged_in);
+        let reconnect = agent.reconnect.notified();
+        tokio::select! {
+            r = receive::push_loop(&agent, &client) => {
+                if let Err(e) = r {
+                    agent.note_error(format!("connection lost: {e}"));
+                }
+            }
+            _ = reconnect => {
+                tracing::info!("reconnecting as asked");
+                client.close("reconnecting").await;
+            }
+        }
+        agent.set_conn(None, false);
+        tokio::time::sleep(backoff.step()).await;
+    }
+}
+
+/// Resume the stored session on a fresh connection. `Ok(false)`: nothing to
+/// resume (or the session is gone and a login is needed); `Err`: try again.
+async fn resume(agent: &Agent, client: &RelayClient) -> Result<bool, ClientError> {
+    let Ok(keys) = agent.ready_keys() else {
+        return Ok(false);
+    };
+    let path = agent.config.paths.session();
+    let session = match keystore::load_session(&path) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            agent.note_error(format!("session file: {e}"));
+            return Ok(false);
+        }
+    };
+    match client
+        .resume(&session.username, &session.token, &keys.current)
+        .await
+    {
+        Ok(_) => {
+            agent.set_login_needed(false);
+            Ok(true)
+        }
+        Err(ClientError::Relay(reply))
+            if matches!(
+                reply.code,
+                ErrorCode::SessionExpired
+                    | ErrorCode::InvalidCredentials
+                    | ErrorCode::InvalidSignature
+                    | ErrorCode::UnknownUser
+                    | ErrorCode::NotAuthenticated
+            ) =>
+        {
+            agent.note_error(format!("the relay refused the session: {reply}"));
+            agent.set_login_needed(true);
+            if let Err(e) = keystore::remove_session(&path) {
+                agent.note_error(e);
+            }
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let first = b.step();
+        assert!(first >= BACKOFF_START.mul_f64(0.74) && first <= BACKOFF_START.mul_f64(1.26));
+        for _ in 0..20 {
+            assert!(b.step() <= BACKOFF_CAP.mul_f64(1.26));
+        }
+        b.reset();
+        assert!(b.step() <= BACKOFF_START.mul_f64(1.26));
+    }
+}

@@ -1,0 +1,185 @@
+//! The local socket server: JSON lines, a version check first, peers of
+//! another uid refused.
+//!
+//! The socket lives in a 0700 directory and is itself 0600; the peer
+//! credential check is the last line of defence.
+
+use std::sync::Arc;
+
+use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use securechat_common::ipc::{IpcErrorKind, IpcRequest, IpcResponse, IPC_VERSION};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::task::JoinSet;
+
+use crate::agent::{err, Agent};
+use crate::commands;
+use crate::files::ensure_private_dir;
+use crate::ipc_io::{read_line, write_msg, IoLineError};
+use crate::paths::Paths;
+use crate::AgentError;
+
+/// Create the socket directory (0700) and bind the socket, replacing a
+/// stale socket file but refusing if another agentd answers on it.
+pub(crate) fn bind(paths: &Paths) -> Result<Listener, AgentError> {
+    let dir = paths.socket_dir();
+    ensure_private_dir(dir).map_err(|e| AgentError::io(dir, e))?;
+    if paths.socket.exists() {
+        if std::os::unix::net::UnixStream::connect(&paths.socket).is_ok() {
+            return Err(AgentError::AlreadyRunning(paths.socket.clone()));
+        }
+        std::fs::remove_file(&paths.socket).map_err(|e| AgentError::io(&paths.socket, e))?;
+    }
+    let name = paths
+        .socket
+        .as_path()
+        .to_fs_name::<GenericFilePath>()
+        .map_err(|e| AgentError::io(&paths.socket, e))?;
+    ListenerOptions::new()
+        .name(name)
+        .mode(0o600)
+        .create_tokio()
+        .map_err(|e| AgentError::io(&paths.socket, e))
+}
+
+/// Accept connections until aborted; each runs in a task owned here.
+pub(crate) async fn serve(listener: Listener, agent: Arc<Agent>) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(stream) => {
+                    tasks.spawn(handle(agent.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!("local socket accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+async fn handle(agent: Arc<Agent>, stream: Stream) {
+    let me = rustix::process::geteuid().as_raw();
+    let peer = stream.peer_creds().ok().and_then(|c| c.euid());
+    let (r, mut w) = tokio::io::split(stream);
+    if peer != Some(me) {
+        tracing::warn!("refused a local connection from uid {peer:?}");
+        let e = err(
+            IpcErrorKind::PermissionDenied,
+            "this agentd belongs to another user",
+        );
+        let _ = write_msg(&mut w, &IpcResponse::Error(e)).await;
+        return;
+    }
+    let mut reader = BufReader::new(r);
+    if let Err(e) = serve_conn(&agent, &mut reader, &mut w).await {
+        tracing::debug!("local connection ended: {e}");
+    }
+}
+
+fn bad_request(message: String) -> IpcResponse {
+    IpcResponse::Error(err(IpcErrorKind::BadRequest, message))
+}
+
+async fn serve_conn<R, W>(
+    agent: &Arc<Agent>,
+    reader: &mut BufReader<R>,
+    w: &mut W,
+) -> Result<(), IoLineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeted = false;
+    loop {
+        let line = match read_line(reader).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            Err(IoLineError::Line(e)) => {
+                let resp = IpcResponse::Error(err(IpcErrorKind::TooLarge, e.to_string()));
+                return write_msg(w, &resp).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let req = match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                write_msg(w, &bad_request(format!("not a valid request: {e}"))).await?;
+                if !greeted {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        tracing::debug!("local request {req:?}");
+        if !greeted {
+            let resp = match req {
+                IpcRequest::Hello { version } if version == IPC_VERSION => IpcResponse::Hello {
+                    version: IPC_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                },
+                IpcRequest::Hello { version } => {
+                    let e = err(
+                        IpcErrorKind::VersionMismatch,
+                        format!(
+                            "chat-cli speaks local protocol {version}, this agentd speaks \
+                             {IPC_VERSION}; install matching versions and restart agentd"
+                        ),
+                    );
+                    return write_msg(w, &IpcResponse::Error(e)).await;
+                }
+                _ => return write_msg(w, &bad_request("send hello first".into())).await,
+            };
+            write_msg(w, &resp).await?;
+            greeted = true;
+            continue;
+        }
+        match req {
+            IpcRequest::Watch { from } => return watch(agent, from, reader, w).await,
+            req => {
+                let resp = commands::handle(agent, req)
+                    .await
+                    .unwrap_or_else(IpcResponse::Error);
+                write_msg(w, &resp).await?;
+            }
+        }
+    }
+}
+
+/// Stream unread messages (from `from`, if given) now and as they arrive,
+/// marking them read, until the client hangs up.
+async fn watch<R, W>(
+    agent: &Arc<Agent>,
+    from: Option<String>,
+    reader: &mut BufReader<R>,
+    w: &mut W,
+) -> Result<(), IoLineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut events = agent.events.subscribe();
+    loop {
+        let msgs = match agent.store.take_inbox(false, from.as_deref()) {
+            Ok(m) => m,
+            Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
+        };
+        for m in msgs {
+            write_msg(w, &IpcResponse::Message(m)).await?;
+        }
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            line = read_line(reader) => match line {
+                // The client sends nothing more; any input or EOF ends the watch.
+                Ok(_) | Err(_) => return Ok(()),
+            },
+        }
+    }
+}

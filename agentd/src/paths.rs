@@ -1,0 +1,103 @@
+//! Where agentd keeps its files and its socket; chat-cli uses the same rule.
+//!
+//! ```text
+//! home (0700)   --home DIR | $SECURECHAT_HOME | $XDG_DATA_HOME/securechat
+//! ├── identity.key    PKCS#8 DER, 0600 (or passphrase-encrypted)
+//! ├── old-keys/       keys replaced by rotate-key, to open older messages
+//! ├── agent.redb      inbox, pinned keys, seen ids, held messages
+//! ├── session         session token, 0600
+//! └── agentd.toml     relay address and certificate pin
+//! socket        <home>/agent.sock when a home was given explicitly,
+//!               else $XDG_RUNTIME_DIR/securechat/agent.sock (directory 0700)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable that names the home directory.
+pub const HOME_ENV: &str = "SECURECHAT_HOME";
+
+/// Why the paths could not be worked out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// Neither a home was given nor could the XDG data directory be found.
+    #[error("cannot find a home directory; pass --home DIR or set SECURECHAT_HOME")]
+    NoHome,
+}
+
+/// The resolved locations of agentd's files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    /// The home directory.
+    pub home: PathBuf,
+    /// The local socket.
+    pub socket: PathBuf,
+}
+
+impl Paths {
+    /// Resolve the paths. `home` is the `--home` flag or `SECURECHAT_HOME`
+    /// (clap reads both); when it is `None` the XDG defaults apply.
+    pub fn resolve(home: Option<PathBuf>) -> Result<Self, PathError> {
+        match home {
+            Some(home) => Ok(Self::in_home(home)),
+            None => {
+                let dirs = directories::BaseDirs::new().ok_or(PathError::NoHome)?;
+                let home = dirs.data_dir().join("securechat");
+                let socket = match dirs.runtime_dir() {
+                    Some(run) => run.join("securechat").join("agent.sock"),
+                    None => home.join("agent.sock"),
+                };
+                Ok(Self { home, socket })
+            }
+        }
+    }
+
+    /// Everything inside `home`, the socket included.
+    pub fn in_home(home: PathBuf) -> Self {
+        let socket = home.join("agent.sock");
+        Self { home, socket }
+    }
+
+    /// The identity key file.
+    pub fn identity_key(&self) -> PathBuf {
+        self.home.join("identity.key")
+    }
+
+    /// Directory of keys replaced by `rotate-key`.
+    pub fn old_keys(&self) -> PathBuf {
+        self.home.join("old-keys")
+    }
+
+    /// The redb database.
+    pub fn database(&self) -> PathBuf {
+        self.home.join("agent.redb")
+    }
+
+    /// The session token file.
+    pub fn session(&self) -> PathBuf {
+        self.home.join("session")
+    }
+
+    /// The configuration file.
+    pub fn config_file(&self) -> PathBuf {
+        self.home.join("agentd.toml")
+    }
+
+    /// The socket's directory.
+    pub fn socket_dir(&self) -> &Path {
+        self.socket.parent().unwrap_or(Path::new("/"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_home_holds_the_socket() {
+        let p = Paths::resolve(Some("/tmp/x".into())).unwrap();
+        assert_eq!(p.socket, Path::new("/tmp/x/agent.sock"));
+        assert_eq!(p.socket_dir(), Path::new("/tmp/x"));
+        assert_eq!(p.identity_key(), Path::new("/tmp/x/identity.key"));
+    }
+}

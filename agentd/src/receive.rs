@@ -1,0 +1,201 @@
+//! Receiving: every pushed envelope is verified with the sender's *pinned*
+//! key, opened, committed to the inbox, and only then acked.
+//!
+//! ```text
+//! Deliver(env) ─► seen before? ──yes──► Ack(Stored|Rejected) again
+//!      │no
+//!      ▼
+//! pinned key (or look up + pin on first contact)
+//!      ▼
+//! open(env) ──ok──► inbox commit ──► Ack(Stored) ──► watchers
+//!      │ bad signature, and the directory key differs from the pin
+//!      ├──────────► held (until `trust`) ──► Ack(Stored)
+//!      │ anything else
+//!      └──────────► rejected (status) ──► Ack(Rejected)
+//! ```
+//!
+//! A transient failure (relay unreachable during a lookup, database error)
+//! sends no ack: the relay keeps the message and pushes it again later.
+
+use std::sync::Arc;
+
+use securechat_common::crypto::CryptoError;
+use securechat_common::envelope::{open, Envelope};
+use securechat_common::ipc::InboxMessage;
+use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request};
+use securechat_common::PublicKey;
+use zeroize::Zeroizing;
+
+use crate::agent::{now_ms, Agent, ReadyKeys};
+use crate::relay_client::{ClientError, RelayClient};
+use crate::store::Seen;
+
+/// Read pushes until the connection ends.
+pub(crate) async fn push_loop(agent: &Arc<Agent>, client: &RelayClient) -> Result<(), ClientError> {
+    loop {
+        let mut pushes = client.accept_pushes().await?;
+        agent.set_logged_in(true);
+        while let Some(push) = pushes.next().await {
+            match push? {
+                Push::Deliver(env) => {
+                    let id = env.id;
+                    if let Some(outcome) = decide(agent, client, env).await? {
+                        client.call(&Request::Ack { id, outcome }).await?;
+                    }
+                }
+                other => tracing::debug!("ignoring push {other:?}"),
+            }
+        }
+    }
+}
+
+/// Decrypt with the current key, or an older one after a rotation.
+pub(crate) fn open_any(
+    env: &Envelope,
+    me: &str,
+    keys: &ReadyKeys,
+    sender: &PublicKey,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    match open(env, me, &keys.current, sender) {
+        Err(CryptoError::Decrypt) => {
+            for old in keys.old.iter().rev() {
+                if let Ok(body) = open(env, me, old, sender) {
+                    return Ok(body);
+                }
+            }
+            Err(CryptoError::Decrypt)
+        }
+        other => other,
+    }
+}
+
+/// Store a verified message and tell watchers.
+pub(crate) fn deliver(
+    agent: &Agent,
+    env: &Envelope,
+    body: &[u8],
+) -> Result<(), crate::store::StoreError> {
+    let msg = InboxMessage {
+        id: env.id.to_string(),
+        from: env.sender.clone(),
+        sent_ms: env.timestamp_ms,
+        received_ms: now_ms(),
+        text: String::from_utf8_lossy(body).into_owned(),
+        read: false,
+    };
+    if agent.store.add_to_inbox(&env.id, &msg)? {
+        tracing::info!("message {} from {} stored", env.id, env.sender);
+        let _ = agent.events.send(msg);
+    }
+    Ok(())
+}
+
+fn reject(agent: &Agent, env: &Envelope, reason: &str) -> Option<AckOutcome> {
+    tracing::warn!(
+        "rejected message {} from {:?}: {reason}",
+        env.id,
+        env.sender
+    );
+    match agent.store.reject(&env.id, &env.sender, reason) {
+        Ok(()) => Some(AckOutcome::Rejected),
+        Err(e) => {
+            tracing::error!("cannot record rejection: {e}");
+            None
+        }
+    }
+}
+
+/// What to answer for one envelope; `None` leaves it queued on the relay.
+async fn decide(
+    agent: &Agent,
+    client: &RelayClient,
+    env: Envelope,
+) -> Result<Option<AckOutcome>, ClientError> {
+    match agent.store.seen(&env.id) {
+        Ok(Some(Seen::Inbox | Seen::Held)) => return Ok(Some(AckOutcome::Stored)),
+        Ok(Some(Seen::Rejected)) => return Ok(Some(AckOutcome::Rejected)),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("store: {e}");
+            return Ok(None);
+        }
+    }
+    let (Some(me), Ok(keys)) = (agent.username(), agent.ready_keys()) else {
+        return Ok(None);
+    };
+    if let Err(e) = env.check_shape() {
+        return Ok(reject(agent, &env, &e.to_string()));
+    }
+    if env.recipient != me {
+        let why = format!("addressed to {:?}, not to us", env.recipient);
+        return Ok(reject(agent, &env, &why));
+    }
+    let pinned = match agent.store.pin(&env.sender) {
+        Ok(Some(der)) => match PublicKey::from_der(&der) {
+            Ok(k) => k,
+            Err(e) => return Ok(reject(agent, &env, &format!("pinned key unusable: {e}"))),
+        },
+        Ok(None) => match agent.directory_key(client, &env.sender).await {
+            Ok(k) => {
+                if let Err(e) = agent.store.set_pin(&env.sender, k.as_der()) {
+                    tracing::error!("store: {e}");
+                    return Ok(None);
+                }
+                k
+            }
+            Err(ClientError::Relay(r)) if r.code == ErrorCode::UnknownUser => {
+                return Ok(reject(agent, &env, "sender is not a known user"));
+            }
+            Err(ClientError::Crypto(e)) => {
+                return Ok(reject(agent, &env, &format!("sender's key unusable: {e}")));
+            }
+            Err(e) => return Err(e),
+        },
+        Err(e) => {
+            tracing::error!("store: {e}");
+            return Ok(None);
+        }
+    };
+    match open_any(&env, &me, &keys, &pinned) {
+        Ok(body) => match deliver(agent, &env, &body) {
+            Ok(()) => Ok(Some(AckOutcome::Stored)),
+            Err(e) => {
+                tracing::error!("store: {e}");
+                Ok(None)
+            }
+        },
+        Err(CryptoError::BadSignature) => {
+            // Either forged, or the sender rotated their key: ask the directory.
+            let current = match agent.directory_key(client, &env.sender).await {
+                Ok(k) => Some(k),
+                Err(ClientError::Relay(_) | ClientError::Crypto(_)) => None,
+                Err(e) => return Err(e),
+            };
+            match current {
+                Some(k) if k != pinned => {
+                    let reason = format!(
+                        "sender key changed (pinned {}, directory {}); run `chat-cli trust {}` \
+                         after checking it",
+                        pinned.fingerprint(),
+                        k.fingerprint(),
+                        env.sender
+                    );
+                    tracing::warn!("holding message {} from {}: {reason}", env.id, env.sender);
+                    match agent.store.hold(&env, &reason) {
+                        Ok(()) => Ok(Some(AckOutcome::Stored)),
+                        Err(e) => {
+                            tracing::error!("store: {e}");
+                            Ok(None)
+                        }
+                    }
+                }
+                _ => Ok(reject(
+                    agent,
+                    &env,
+                    "bad signature (not signed by the pinned key)",
+                )),
+            }
+        }
+        Err(e) => Ok(reject(agent, &env, &e.to_string())),
+    }
+}

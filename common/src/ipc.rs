@@ -1,0 +1,537 @@
+//! The local protocol between `chat-cli` and `agentd` (no I/O here).
+//!
+//! chat-cli connects to agentd's local socket (a Unix socket in a 0700
+//! directory; agentd refuses peers with another uid) and speaks JSON lines:
+//! one [`IpcRequest`] per line, answered by one [`IpcResponse`] per line.
+//!
+//! ```text
+//! chat-cli                                agentd
+//!   │ {"request":"hello","version":1} ──► │  version check first; a mismatch is
+//!   │ ◄── {"response":"hello",...}         │  a typed `version_mismatch` error
+//!   │ {"request":"send","to":"bob",...} ─► │  seal, sign, wait for the relay's Stored
+//!   │ ◄── {"response":"sent",...}          │
+//!   │ {"request":"watch","from":"bob"} ──► │  stream: one `message` line per new
+//!   │ ◄── {"response":"message",...} ...   │  inbox item until chat-cli hangs up
+//! ```
+//!
+//! Errors cross the socket as [`IpcError`] with a machine-readable
+//! [`IpcErrorKind`], never as bare strings. Every line on either side is
+//! bounded by [`MAX_LINE_LEN`]; a longer line ends the connection.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::protocol::ErrorCode;
+
+/// Version of this local protocol; the first request ([`IpcRequest::Hello`])
+/// carries it and agentd refuses any other.
+pub const IPC_VERSION: u32 = 1;
+
+/// Longest JSON line either side accepts, newline included.
+pub const MAX_LINE_LEN: usize = 256 * 1024;
+
+/// A request from chat-cli to agentd.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum IpcRequest {
+    /// Must come first on every connection.
+    Hello {
+        /// [`IPC_VERSION`] of the client.
+        version: u32,
+    },
+    /// Start registering an account (creates the identity key if needed).
+    Register {
+        /// Wanted username.
+        username: String,
+        /// Where the relay mails the one-time code.
+        email: String,
+        /// The account password.
+        password: Zeroizing<String>,
+    },
+    /// Finish the registration with the mailed code.
+    Verify {
+        /// The six-digit code.
+        code: Zeroizing<String>,
+    },
+    /// Full multi-factor login; agentd keeps the session from then on.
+    Login {
+        /// Account name.
+        username: String,
+        /// Account password.
+        password: Zeroizing<String>,
+        /// Current TOTP code.
+        totp: Zeroizing<String>,
+    },
+    /// End the session on the relay and forget the token.
+    Logout,
+    /// What agentd is doing.
+    Status,
+    /// Send one message.
+    Send {
+        /// Recipient username.
+        to: String,
+        /// Message text.
+        text: String,
+    },
+    /// Send one message to every other user online now (sealed for each).
+    Broadcast {
+        /// Message text.
+        text: String,
+    },
+    /// Read the local inbox; returned messages are marked read.
+    Inbox {
+        /// Include messages already read.
+        all: bool,
+    },
+    /// Users connected to the relay now.
+    Online,
+    /// A key fingerprint: our own (no user), or a contact's pinned and
+    /// directory keys.
+    Fingerprint {
+        /// Whose key; `None` for our own.
+        user: Option<String>,
+    },
+    /// Accept a contact's current directory key as the pinned one and
+    /// release messages held because of the change.
+    Trust {
+        /// The contact.
+        user: String,
+    },
+    /// Make a new key pair and publish it after a fresh MFA login.
+    RotateKey {
+        /// Account password.
+        password: Zeroizing<String>,
+        /// Current TOTP code.
+        totp: Zeroizing<String>,
+    },
+    /// Decrypt the passphrase-protected identity key.
+    Unlock {
+        /// The key passphrase.
+        passphrase: Zeroizing<String>,
+    },
+    /// Protect the identity key with a passphrase (`None` removes it).
+    SetPassphrase {
+        /// The new passphrase.
+        passphrase: Option<Zeroizing<String>>,
+    },
+    /// Stream new inbox messages (optionally from one user) as they arrive;
+    /// they are marked read when sent.
+    Watch {
+        /// Only messages from this user.
+        from: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for IpcRequest {
+    // Hand-written so passwords, codes and passphrases never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            IpcRequest::Hello { version } => return write!(f, "Hello {{ version: {version} }}"),
+            IpcRequest::Register { username, .. } => {
+                return write!(f, "Register {{ username: {username:?}, .. }}")
+            }
+            IpcRequest::Verify { .. } => "Verify",
+            IpcRequest::Login { username, .. } => {
+                return write!(f, "Login {{ username: {username:?}, .. }}")
+            }
+            IpcRequest::Logout => "Logout",
+            IpcRequest::Status => "Status",
+            IpcRequest::Send { to, .. } => return write!(f, "Send {{ to: {to:?}, .. }}"),
+            IpcRequest::Broadcast { .. } => "Broadcast",
+            IpcRequest::Inbox { all } => return write!(f, "Inbox {{ all: {all} }}"),
+            IpcRequest::Online => "Online",
+            IpcRequest::Fingerprint { user } => {
+                return write!(f, "Fingerprint {{ user: {user:?} }}")
+            }
+            IpcRequest::Trust { user } => return write!(f, "Trust {{ user: {user:?} }}"),
+            IpcRequest::RotateKey { .. } => "RotateKey",
+            IpcRequest::Unlock { .. } => "Unlock",
+            IpcRequest::SetPassphrase { .. } => "SetPassphrase",
+            IpcRequest::Watch { from } => return write!(f, "Watch {{ from: {from:?} }}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// agentd's answer to one [`IpcRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum IpcResponse {
+    /// Answer to `Hello`.
+    Hello {
+        /// agentd's [`IPC_VERSION`].
+        version: u32,
+        /// agentd's package version.
+        agent_version: String,
+    },
+    /// Done; nothing to report.
+    Ok,
+    /// A code was mailed; run `verify` with it.
+    RegisterPending {
+        /// Account name being registered.
+        username: String,
+        /// Seconds until the code expires.
+        expires_in_secs: u64,
+        /// Fingerprint of the identity key sent to the relay.
+        fingerprint: String,
+    },
+    /// The account is active.
+    Verified {
+        /// Account name.
+        username: String,
+        /// TOTP secret as an otpauth URI (for authenticator apps).
+        otpauth_uri: Zeroizing<String>,
+        /// The same secret, base32.
+        secret_base32: Zeroizing<String>,
+    },
+    /// Logged in; agentd resumes this session by itself from now on.
+    LoggedIn {
+        /// Account name.
+        username: String,
+        /// Messages waiting on the relay.
+        unread: u64,
+    },
+    /// agentd's state.
+    Status(Box<StatusInfo>),
+    /// The relay has durably stored the message.
+    Sent(SentInfo),
+    /// Result of a broadcast, per recipient.
+    Broadcast {
+        /// Delivered to the relay.
+        sent: Vec<SentInfo>,
+        /// Not sent, with the reason.
+        failed: Vec<BroadcastFailure>,
+    },
+    /// Inbox contents.
+    Inbox {
+        /// Messages, oldest first.
+        messages: Vec<InboxMessage>,
+    },
+    /// Users online now.
+    Online {
+        /// Usernames, sorted.
+        users: Vec<String>,
+    },
+    /// A key fingerprint.
+    Fingerprint(FingerprintInfo),
+    /// A contact's key is trusted now.
+    Trusted {
+        /// The contact.
+        user: String,
+        /// Fingerprint now pinned.
+        fingerprint: String,
+        /// Held messages verified and moved to the inbox.
+        released: u64,
+    },
+    /// The identity key was replaced.
+    KeyRotated {
+        /// Fingerprint of the previous key (kept to open older messages).
+        old_fingerprint: String,
+        /// Fingerprint of the new, published key.
+        new_fingerprint: String,
+    },
+    /// One message pushed on a `Watch` stream.
+    Message(InboxMessage),
+    /// The request failed.
+    Error(IpcError),
+}
+
+/// One message handed to the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentInfo {
+    /// Recipient.
+    pub to: String,
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// The relay had this id already.
+    pub duplicate: bool,
+}
+
+/// A broadcast recipient that was skipped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BroadcastFailure {
+    /// Recipient.
+    pub to: String,
+    /// Why.
+    pub error: IpcError,
+}
+
+/// A message in the local inbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxMessage {
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// Sender.
+    pub from: String,
+    /// Sender's timestamp, Unix milliseconds.
+    pub sent_ms: u64,
+    /// When agentd stored it, Unix milliseconds.
+    pub received_ms: u64,
+    /// The decrypted text.
+    pub text: String,
+    /// Whether it had been shown before this answer.
+    pub read: bool,
+}
+
+/// A key's fingerprints as agentd sees them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FingerprintInfo {
+    /// Whose key (our own username, if known, when asked for our own).
+    pub user: Option<String>,
+    /// True when this is our own identity key.
+    pub own: bool,
+    /// The pinned (trusted) fingerprint, or our own key's.
+    pub pinned: Option<String>,
+    /// What the relay's directory says now, if it could be asked.
+    pub directory: Option<String>,
+}
+
+/// How agentd's relay connection is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// No relay configured.
+    NoRelay,
+    /// Not connected; retrying with backoff.
+    Disconnected,
+    /// Connected but not logged in.
+    Connected,
+    /// Connected and logged in (pushes flow).
+    LoggedIn,
+}
+
+/// A message kept out of the inbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Message id.
+    pub id: String,
+    /// Claimed sender.
+    pub from: String,
+    /// What was wrong.
+    pub reason: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// agentd's state, for `chat-cli status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// agentd's package version.
+    pub agent_version: String,
+    /// Home directory.
+    pub home: String,
+    /// Local socket path.
+    pub socket: String,
+    /// Relay address, if configured.
+    pub relay: Option<String>,
+    /// Connection state.
+    pub connection: ConnectionState,
+    /// Account name, once registered or logged in.
+    pub username: Option<String>,
+    /// The session expired or was revoked: run `chat-cli login`.
+    pub login_needed: bool,
+    /// The identity key is passphrase-protected and not unlocked yet.
+    pub locked: bool,
+    /// Whether an identity key exists.
+    pub has_key: bool,
+    /// Fingerprint of the identity key, when unlocked.
+    pub fingerprint: Option<String>,
+    /// Unread inbox messages.
+    pub unread: u64,
+    /// Messages held because the sender's key changed (run `trust`).
+    pub held: Vec<Problem>,
+    /// Recently rejected messages (bad signature, tampered, misaddressed).
+    pub rejected: Vec<Problem>,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// A typed error sent over the socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcError {
+    /// Machine-readable reason.
+    pub kind: IpcErrorKind,
+    /// What happened and what to do about it.
+    pub message: String,
+    /// The relay's error code, when the relay refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_code: Option<ErrorCode>,
+    /// Details of a changed key, for [`IpcErrorKind::KeyChanged`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_change: Option<KeyChange>,
+}
+
+impl IpcError {
+    /// An error without details.
+    pub fn new(kind: IpcErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            relay_code: None,
+            key_change: None,
+        }
+    }
+}
+
+impl std::fmt::Display for IpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for IpcError {}
+
+/// The pinned and the new key of a contact whose key changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChange {
+    /// The contact.
+    pub user: String,
+    /// Fingerprint pinned earlier.
+    pub pinned: String,
+    /// Fingerprint the directory shows now.
+    pub current: String,
+}
+
+/// Why an IPC request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum IpcErrorKind {
+    /// The client speaks another [`IPC_VERSION`].
+    VersionMismatch,
+    /// The line is not a valid request, or `Hello` did not come first.
+    BadRequest,
+    /// The line is longer than [`MAX_LINE_LEN`].
+    TooLarge,
+    /// The connecting process belongs to another user.
+    PermissionDenied,
+    /// No account yet: run `register` (and `verify`).
+    NotRegistered,
+    /// There is no pending registration to verify.
+    NoPendingRegistration,
+    /// Not logged in: run `login`.
+    NotLoggedIn,
+    /// Already logged in; `logout` first.
+    AlreadyLoggedIn,
+    /// The session expired or was revoked; run `login` again.
+    LoginNeeded,
+    /// The identity key is passphrase-protected; run `unlock`.
+    Locked,
+    /// The passphrase is wrong.
+    WrongPassphrase,
+    /// agentd has no relay configured.
+    NoRelay,
+    /// agentd cannot reach the relay right now (it keeps retrying).
+    RelayUnavailable,
+    /// The relay refused; see `relay_code`.
+    Relay,
+    /// A contact's key differs from the pinned one; run `trust`.
+    KeyChanged,
+    /// The message cannot be sealed or a key is unusable.
+    Crypto,
+    /// Reading or writing agentd's files failed.
+    Storage,
+    /// Invalid input (username, message size, ...).
+    InvalidInput,
+    /// Anything else; agentd's log says more.
+    Internal,
+}
+
+/// Why a line could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LineError {
+    /// The line exceeds [`MAX_LINE_LEN`].
+    #[error("line of {0} bytes exceeds the limit of {MAX_LINE_LEN} bytes")]
+    TooLarge(usize),
+    /// The line is not valid JSON for the expected type.
+    #[error("malformed line: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Encode a message as one JSON line, newline included.
+pub fn encode_line<T: Serialize>(msg: &T) -> Result<Vec<u8>, LineError> {
+    let mut out = serde_json::to_vec(msg)?;
+    out.push(b'\n');
+    if out.len() > MAX_LINE_LEN {
+        return Err(LineError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Decode one line (with or without its trailing newline).
+pub fn decode_line<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, LineError> {
+    if line.len() > MAX_LINE_LEN {
+        return Err(LineError::TooLarge(line.len()));
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    Ok(serde_json::from_slice(line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let reqs = [
+            IpcRequest::Hello {
+                version: IPC_VERSION,
+            },
+            IpcRequest::Send {
+                to: "bob".into(),
+                text: "hi\nthere".into(),
+            },
+            IpcRequest::Login {
+                username: "alice".into(),
+                password: Zeroizing::new("pw".into()),
+                totp: Zeroizing::new("123456".into()),
+            },
+            IpcRequest::Watch { from: None },
+        ];
+        for req in reqs {
+            let line = encode_line(&req).unwrap();
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+            assert_eq!(decode_line::<IpcRequest>(&line).unwrap(), req);
+        }
+        let hello = String::from_utf8(encode_line(&IpcRequest::Status).unwrap()).unwrap();
+        assert_eq!(hello, "{\"request\":\"status\"}\n");
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        let mut e = IpcError::new(IpcErrorKind::KeyChanged, "changed");
+        e.key_change = Some(KeyChange {
+            user: "bob".into(),
+            pinned: "aa".into(),
+            current: "bb".into(),
+        });
+        let line = encode_line(&IpcResponse::Error(e.clone())).unwrap();
+        let text = String::from_utf8(line.clone()).unwrap();
+        assert!(text.contains("\"kind\":\"key_changed\""), "{text}");
+        assert_eq!(
+            decode_line::<IpcResponse>(&line).unwrap(),
+            IpcResponse::Error(e)
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_oversize_is_refused() {
+        let req = IpcRequest::Login {
+            username: "alice".into(),
+            password: Zeroizing::new("hunter22".into()),
+            totp: Zeroizing::new("123456".into()),
+        };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("hunter22") && !shown.contains("123456"));
+        let big = vec![b'x'; MAX_LINE_LEN + 1];
+        assert!(matches!(
+            decode_line::<IpcRequest>(&big),
+            Err(LineError::TooLarge(_))
+        ));
+        assert!(decode_line::<IpcRequest>(b"{\"request\":\"nope\"}").is_err());
+    }
+}
