@@ -1,1 +1,241 @@
-fn main() {}
+//! The `relay` binary: parse the command line and the TOML config file,
+//! build a [`securechat_relay::Config`], run the library until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use securechat_relay::config::{
+    DEFAULT_CODE_TTL, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_MESSAGES, DEFAULT_RETENTION,
+    DEFAULT_SESSION_TTL,
+};
+use securechat_relay::mail::MailConfig;
+use securechat_relay::tls::{TlsIdentity, TlsSource};
+use securechat_relay::{Config, Relay};
+use serde::Deserialize;
+
+/// securechat relay: registration, MFA login, key directory and durable
+/// ciphertext queues over QUIC.
+///
+/// Settings come from command-line flags, then the TOML file given with
+/// --config (same names, with underscores: `listen`, `data_dir`,
+/// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
+/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`), then the
+/// defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `relay: certificate sha256:..` and, if enabled, the status page URL on
+/// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "relay", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// TOML config file; flags given on the command line win over it.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+
+    /// Directory for the database (relay.redb), TLS files (tls/) and the mail
+    /// outbox (outbox/). Default: $XDG_DATA_HOME/securechat-relay, i.e.
+    /// ~/.local/share/securechat-relay.
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+
+    /// TLS certificate chain (PEM, leaf first). Default: a self-signed
+    /// certificate made on first start in <data-dir>/tls/ (names localhost,
+    /// 127.0.0.1, securechat-relay); clients pin its SHA-256.
+    #[arg(long, value_name = "FILE", requires = "key", global = true)]
+    cert: Option<PathBuf>,
+
+    /// Private key for --cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "cert", global = true)]
+    key: Option<PathBuf>,
+
+    /// QUIC (UDP) address to listen on. Default: 127.0.0.1:7443 (this
+    /// machine only); use 0.0.0.0:7443 or [::]:7443 to serve the network.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// HTTP address of the status page (counts only, no names), or `off`.
+    /// Default: 127.0.0.1:7444.
+    #[arg(long, value_name = "ADDR|off")]
+    status_listen: Option<String>,
+
+    /// SMTP server for verification mail: smtp://host:port (plain),
+    /// smtp://host:587?tls=required (STARTTLS), smtps://host:465 (TLS),
+    /// optionally with user:password@. Default: none — mails are written as
+    /// .eml files into <data-dir>/outbox/.
+    #[arg(long, value_name = "URL")]
+    smtp_url: Option<String>,
+
+    /// From address of verification mail.
+    /// Default: "securechat relay <relay@localhost>".
+    #[arg(long, value_name = "ADDR")]
+    mail_from: Option<String>,
+
+    /// How long an undelivered message is kept (e.g. 30d, 12h, or seconds).
+    /// Default: 30d.
+    #[arg(long, value_name = "DURATION")]
+    retention: Option<String>,
+
+    /// Most messages waiting for one recipient. Default: 10000.
+    #[arg(long, value_name = "N")]
+    quota_messages: Option<u64>,
+
+    /// Most envelope bytes waiting for one recipient. Default: 268435456 (256 MiB).
+    #[arg(long, value_name = "N")]
+    quota_bytes: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the TLS certificate's SHA-256 as `sha256:<64 hex digits>` and
+    /// exit; makes the self-signed certificate first if there is none yet.
+    Fingerprint,
+}
+
+/// The TOML config file; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    status_listen: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    smtp_url: Option<String>,
+    mail_from: Option<String>,
+    retention: Option<String>,
+    quota_messages: Option<u64>,
+    quota_bytes: Option<u64>,
+    code_ttl: Option<String>,
+    session_ttl: Option<String>,
+}
+
+fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
+    if let Ok(secs) = text.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text.trim())
+        .with_context(|| format!("{what}: {text:?} is not a duration like 30d, 12h or 3600"))
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    directories::BaseDirs::new()
+        .map(|d| d.data_dir().join("securechat-relay"))
+        .context("cannot find the home directory for the default data directory; pass --data-dir")
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+fn build_config(cli: &Cli) -> anyhow::Result<Config> {
+    let file = match &cli.config {
+        Some(path) => load_file(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = match cli.data_dir.clone().or(file.data_dir) {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let mut config = Config::new(data_dir);
+    if let Some(listen) = cli.listen.or(file.listen) {
+        config.listen = listen;
+    }
+    if let Some(status) = cli.status_listen.clone().or(file.status_listen) {
+        config.status_listen = if status == "off" {
+            None
+        } else {
+            Some(status.parse().with_context(|| {
+                format!("status_listen: {status:?} is neither an ip:port address nor `off`")
+            })?)
+        };
+    }
+    match (cli.cert.clone().or(file.cert), cli.key.clone().or(file.key)) {
+        (Some(cert), Some(key)) => config.tls = TlsSource::Files { cert, key },
+        (None, None) => {}
+        _ => bail!("cert and key must be given together"),
+    }
+    config.mail = MailConfig {
+        smtp_url: cli.smtp_url.clone().or(file.smtp_url),
+        from: cli
+            .mail_from
+            .clone()
+            .or(file.mail_from)
+            .unwrap_or(MailConfig::default().from),
+    };
+    config.retention = match cli.retention.clone().or(file.retention) {
+        Some(text) => parse_duration("retention", &text)?,
+        None => DEFAULT_RETENTION,
+    };
+    config.quota.messages = cli
+        .quota_messages
+        .or(file.quota_messages)
+        .unwrap_or(DEFAULT_QUOTA_MESSAGES);
+    config.quota.bytes = cli
+        .quota_bytes
+        .or(file.quota_bytes)
+        .unwrap_or(DEFAULT_QUOTA_BYTES);
+    config.code_ttl = match file.code_ttl {
+        Some(text) => parse_duration("code_ttl", &text)?,
+        None => DEFAULT_CODE_TTL,
+    };
+    config.session_ttl = match file.session_ttl {
+        Some(text) => parse_duration("session_ttl", &text)?,
+        None => DEFAULT_SESSION_TTL,
+    };
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the relay");
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("signal received");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = build_config(&cli)?;
+
+    if let Some(Command::Fingerprint) = cli.command {
+        securechat_relay::server::create_private_dir(&config.data_dir)?;
+        let identity = TlsIdentity::load_or_create(&config.tls, &config.data_dir)
+            .context("loading the TLS certificate")?;
+        println!("sha256:{}", hex::encode(identity.fingerprint()));
+        return Ok(());
+    }
+
+    let relay = Relay::bind(config).await.context("starting the relay")?;
+    for line in relay.banner() {
+        println!("{line}");
+    }
+    relay
+        .run(shutdown_signal())
+        .await
+        .context("running the relay")?;
+    Ok(())
+}

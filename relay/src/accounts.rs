@@ -1,0 +1,201 @@
+//! Account secrets: password hashes, TOTP, emailed codes, session tokens.
+//!
+//! * passwords: argon2id with the OWASP parameters (19 MiB, 2 passes, 1 lane),
+//!   stored as a PHC string; hashing is slow on purpose, so callers run it on
+//!   the blocking pool. [`Passwords::verify_unknown_user`] spends the same time
+//!   on a dummy hash, so an unknown name and a wrong password look alike;
+//! * TOTP: RFC 6238, SHA-1, 6 digits, 30 s steps, ±1 step accepted; the
+//!   matched step is returned so the caller can refuse it the second time;
+//! * emailed codes: 6 random digits, only their SHA-256 is stored;
+//! * session tokens: 32 random bytes, only their SHA-256 is stored.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use securechat_common::crypto::{random_bytes, sha256, CryptoError};
+use totp_rs::TOTP;
+use zeroize::Zeroizing;
+
+/// TOTP issuer shown in authenticator apps.
+pub const TOTP_ISSUER: &str = "securechat";
+/// TOTP time step, seconds.
+pub const TOTP_STEP_SECS: u64 = 30;
+/// TOTP secret length, bytes (160 bits, as RFC 4226 recommends).
+pub const TOTP_SECRET_LEN: usize = 20;
+
+/// Why an account secret operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccountError {
+    /// The system random generator failed.
+    #[error("random generation failed")]
+    Random(#[from] CryptoError),
+    /// argon2 refused the parameters or input.
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    /// The TOTP parameters were refused.
+    #[error("TOTP setup failed: {0}")]
+    Totp(String),
+}
+
+/// argon2id hashing with fixed parameters and a dummy hash for unknown users.
+pub struct Passwords {
+    argon: Argon2<'static>,
+    dummy_phc: String,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passwords(argon2id)")
+    }
+}
+
+impl Passwords {
+    /// Set up the hasher (computes the dummy hash once; slow).
+    pub fn new() -> Result<Self, AccountError> {
+        let params =
+            Params::new(19 * 1024, 2, 1, None).map_err(|e| AccountError::Hash(e.to_string()))?;
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let mut this = Self {
+            argon,
+            dummy_phc: String::new(),
+        };
+        let dummy = hex::encode(random_bytes::<16>()?);
+        this.dummy_phc = this.hash(&dummy)?;
+        Ok(this)
+    }
+
+    /// Hash a password into a PHC string with a fresh random salt.
+    pub fn hash(&self, password: &str) -> Result<String, AccountError> {
+        let salt = SaltString::encode_b64(&random_bytes::<16>()?)
+            .map_err(|e| AccountError::Hash(e.to_string()))?;
+        self.argon
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| AccountError::Hash(e.to_string()))
+    }
+
+    /// Check a password against a stored PHC string.
+    pub fn verify(&self, phc: &str, password: &str) -> bool {
+        match PasswordHash::new(phc) {
+            Ok(hash) => self
+                .argon
+                .verify_password(password.as_bytes(), &hash)
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Spend the time of one verification for a user that does not exist.
+    pub fn verify_unknown_user(&self, password: &str) {
+        let _ = self.verify(&self.dummy_phc, password);
+    }
+}
+
+/// A new random TOTP secret.
+pub fn new_totp_secret() -> Result<Zeroizing<Vec<u8>>, AccountError> {
+    Ok(Zeroizing::new(random_bytes::<TOTP_SECRET_LEN>()?.to_vec()))
+}
+
+/// The TOTP generator for an account.
+pub fn totp(secret: &[u8], username: &str) -> Result<TOTP, AccountError> {
+    TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        TOTP_STEP_SECS,
+        secret.to_vec(),
+        Some(TOTP_ISSUER.into()),
+        username.to_string(),
+    )
+    .map_err(|e| AccountError::Totp(e.to_string()))
+}
+
+/// If `code` is valid at `now` (±1 step), the time step it belongs to.
+pub fn check_totp(totp: &TOTP, code: &str, now_unix: u64) -> Option<u64> {
+    if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let step = now_unix / TOTP_STEP_SECS;
+    let mut matched = None;
+    // Check every candidate so the time does not depend on which matched.
+    for candidate in [step.saturating_sub(1), step, step + 1] {
+        let expected = totp.generate(candidate * TOTP_STEP_SECS);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(expected.as_bytes(), code.as_bytes())
+            .is_ok()
+        {
+            matched = Some(candidate);
+        }
+    }
+    matched
+}
+
+/// A fresh six-digit verification code.
+pub fn new_code() -> Result<Zeroizing<String>, AccountError> {
+    // 2^64 is so much larger than 10^6 that the modulo bias is negligible.
+    let n = u64::from_be_bytes(random_bytes::<8>()?) % 1_000_000;
+    Ok(Zeroizing::new(format!("{n:06}")))
+}
+
+/// What is stored for a verification code.
+pub fn code_hash(code: &str) -> [u8; 32] {
+    sha256(code.trim().as_bytes())
+}
+
+/// Compare a submitted code with a stored hash in constant time.
+pub fn code_matches(code: &str, stored: &[u8; 32]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(&code_hash(code), stored).is_ok()
+}
+
+/// A new session token and the hash it is stored under.
+pub fn new_token() -> Result<(Zeroizing<Vec<u8>>, [u8; 32]), AccountError> {
+    let token = Zeroizing::new(random_bytes::<32>()?.to_vec());
+    let hash = sha256(&token);
+    Ok((token, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hash_round_trip() {
+        let pw = Passwords::new().unwrap();
+        let phc = pw.hash("correct horse").unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(pw.verify(&phc, "correct horse"));
+        assert!(!pw.verify(&phc, "wrong horse"));
+        assert!(!pw.verify("not a phc string", "correct horse"));
+        pw.verify_unknown_user("anything");
+    }
+
+    #[test]
+    fn totp_accepts_adjacent_steps_only() {
+        let secret = new_totp_secret().unwrap();
+        let t = totp(&secret, "alice").unwrap();
+        let now = 1_700_000_000;
+        let step = now / TOTP_STEP_SECS;
+        for (offset, ok) in [(-2i64, false), (-1, true), (0, true), (1, true), (2, false)] {
+            let at = ((step as i64 + offset) as u64) * TOTP_STEP_SECS;
+            let code = t.generate(at);
+            let got = check_totp(&t, &code, now);
+            if ok {
+                assert_eq!(got, Some((step as i64 + offset) as u64));
+            } else {
+                assert_ne!(got, Some((step as i64 + offset) as u64));
+            }
+        }
+        assert_eq!(check_totp(&t, "12345", now), None);
+        assert_eq!(check_totp(&t, "abcdef", now), None);
+        assert!(t.get_url().starts_with("otpauth://totp/securechat:alice?"));
+    }
+
+    #[test]
+    fn codes_are_six_digits_and_hashed() {
+        let code = new_code().unwrap();
+        assert_eq!(code.len(), 6);
+        assert!(code.bytes().all(|b| b.is_ascii_digit()));
+        let stored = code_hash(&code);
+        assert!(code_matches(&code, &stored));
+        assert!(!code_matches("999999x", &stored));
+    }
+}

@@ -1,0 +1,101 @@
+//! The relay's typed configuration, with the documented defaults.
+//!
+//! The binary builds a [`Config`] from its command line and TOML file; the
+//! library never reads files or the environment for configuration.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::mail::MailConfig;
+use crate::ratelimit::Limit;
+use crate::store::Quota;
+use crate::tls::TlsSource;
+
+/// Default QUIC (UDP) listen address: loopback only, port 7443. Use
+/// `0.0.0.0:7443` (or `[::]:7443`) to serve other machines.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7443);
+/// Default status page (HTTP) address: loopback only, port 7444.
+pub const DEFAULT_STATUS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7444);
+/// Default queue retention: 30 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default per-recipient quota: messages.
+pub const DEFAULT_QUOTA_MESSAGES: u64 = 10_000;
+/// Default per-recipient quota: bytes (256 MiB).
+pub const DEFAULT_QUOTA_BYTES: u64 = 256 * 1024 * 1024;
+/// Default lifetime of an emailed code: 10 minutes.
+pub const DEFAULT_CODE_TTL: Duration = Duration::from_secs(600);
+/// Default wrong codes allowed per registration.
+pub const DEFAULT_MAX_CODE_ATTEMPTS: u32 = 5;
+/// Default session lifetime: 30 days.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Everything the relay needs to run.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// Directory for the database, TLS files and mail outbox.
+    pub data_dir: PathBuf,
+    /// QUIC (UDP) listen address.
+    pub listen: SocketAddr,
+    /// Status page (HTTP) listen address; `None` disables it.
+    pub status_listen: Option<SocketAddr>,
+    /// Where the TLS certificate comes from.
+    pub tls: TlsSource,
+    /// Where verification mail goes.
+    pub mail: MailConfig,
+    /// How long an undelivered message is kept.
+    pub retention: Duration,
+    /// Per-recipient queue limits.
+    pub quota: Quota,
+    /// How long an emailed code is valid.
+    pub code_ttl: Duration,
+    /// Wrong codes allowed before a registration is locked.
+    pub max_code_attempts: u32,
+    /// How long a session token is valid.
+    pub session_ttl: Duration,
+    /// Failed logins allowed per account per window.
+    pub login_failures_per_account: Limit,
+    /// Login, resume, register and verify attempts allowed per peer IP per window.
+    pub attempts_per_ip: Limit,
+    /// How often expired messages, registrations and sessions are swept.
+    pub sweep_interval: Duration,
+    /// QUIC idle timeout (clients send keep-alives well within it).
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight requests and commits.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// The defaults, with data kept in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN,
+            status_listen: Some(DEFAULT_STATUS_LISTEN),
+            tls: TlsSource::SelfSigned,
+            mail: MailConfig::default(),
+            retention: DEFAULT_RETENTION,
+            quota: Quota {
+                messages: DEFAULT_QUOTA_MESSAGES,
+                bytes: DEFAULT_QUOTA_BYTES,
+            },
+            code_ttl: DEFAULT_CODE_TTL,
+            max_code_attempts: DEFAULT_MAX_CODE_ATTEMPTS,
+            session_ttl: DEFAULT_SESSION_TTL,
+            login_failures_per_account: Limit {
+                max: 5,
+                window: Duration::from_secs(300),
+            },
+            attempts_per_ip: Limit {
+                max: 30,
+                window: Duration::from_secs(60),
+            },
+            sweep_interval: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}

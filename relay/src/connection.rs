@@ -1,0 +1,305 @@
+//! One QUIC connection: its request streams, login state and push stream.
+//!
+//! ```text
+//!  connection task
+//!    ├─ accept_bi ─► request task: read ≤ MAX_FRAME_LEN+4 bytes → decode
+//!    │                 → handlers::dispatch → one Response frame → finish
+//!    └─ after login: push task ─► uni stream: Push::Deliver(queued…, then new…)
+//! ```
+//!
+//! Bad frames get a typed error reply; a connection that keeps sending them
+//! is closed with a reason. When the connection ends, in-flight requests are
+//! allowed to finish (so a `Send` being committed is committed) before the
+//! task returns.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use securechat_common::codec::{self, CodecError};
+use securechat_common::limits::MAX_FRAME_LEN;
+use securechat_common::protocol::{
+    ErrorCode, ErrorReply, Push, Request, Response, BINDING_LEN, EXPORTER_LABEL,
+};
+use securechat_common::Envelope;
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::handlers;
+use crate::server::Shared;
+use crate::store::blocking;
+
+/// Malformed frames tolerated per connection before it is closed.
+const MAX_BAD_FRAMES: u32 = 8;
+/// QUIC application close code for a connection that sent too many bad frames.
+const BAD_FRAMES_CODE: u32 = 3;
+/// Envelopes read from the store per push batch.
+const PUSH_BATCH: usize = 64;
+
+/// Who is logged in on a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Auth {
+    pub(crate) username: String,
+    /// When a full (password + TOTP) login happened here; `None` after a resume.
+    pub(crate) full_login_at: Option<Instant>,
+    /// SHA-256 of the session token in use.
+    pub(crate) token_hash: [u8; 32],
+}
+
+/// Per-connection state.
+pub(crate) struct ConnState {
+    pub(crate) id: u64,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) peer_ip: IpAddr,
+    challenge: Mutex<Option<[u8; BINDING_LEN]>>,
+    auth: Mutex<Option<Auth>>,
+    bad_frames: AtomicU32,
+    push_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only plain values live behind these locks; a panic cannot break them.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ConnState {
+    /// Store a fresh challenge nonce, replacing any unused one.
+    pub(crate) fn set_challenge(&self, nonce: [u8; BINDING_LEN]) {
+        *lock(&self.challenge) = Some(nonce);
+    }
+
+    /// Take the challenge (each is good for one attempt).
+    pub(crate) fn take_challenge(&self) -> Option<[u8; BINDING_LEN]> {
+        lock(&self.challenge).take()
+    }
+
+    /// The TLS exporter value both ends compute for this connection.
+    pub(crate) fn tls_binding(&self) -> Option<[u8; BINDING_LEN]> {
+        let mut out = [0u8; BINDING_LEN];
+        self.conn
+            .export_keying_material(&mut out, EXPORTER_LABEL, b"")
+            .ok()
+            .map(|()| out)
+    }
+
+    /// Who is logged in here.
+    pub(crate) fn auth(&self) -> Option<Auth> {
+        lock(&self.auth).clone()
+    }
+
+    /// Record a login.
+    pub(crate) fn set_auth(&self, auth: Option<Auth>) {
+        *lock(&self.auth) = auth;
+    }
+
+    /// Start the push task unless one runs already.
+    pub(crate) fn start_push(self: &Arc<Self>, shared: &Arc<Shared>, username: &str) {
+        let mut slot = lock(&self.push_task);
+        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let notify = shared.hub.register(username, self.id, self.conn.clone());
+        *slot = Some(tokio::spawn(push_loop(
+            Arc::clone(shared),
+            Arc::clone(self),
+            username.to_string(),
+            notify,
+        )));
+    }
+
+    /// Stop the push task (logout or connection end) and go offline.
+    pub(crate) async fn stop_push(&self, shared: &Shared) {
+        let task = lock(&self.push_task).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some(auth) = self.auth() {
+            shared.hub.unregister(&auth.username, self.id);
+        }
+    }
+}
+
+/// Serve one incoming connection until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let _open = shared.stats.connection_guard();
+    let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, conn = id, "connection open");
+    let state = Arc::new(ConnState {
+        id,
+        conn: conn.clone(),
+        peer_ip: peer.ip(),
+        challenge: Mutex::new(None),
+        auth: Mutex::new(None),
+        bad_frames: AtomicU32::new(0),
+        push_task: Mutex::new(None),
+    });
+
+    let mut requests = JoinSet::new();
+    let reason = loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    requests.spawn(serve_request(Arc::clone(&shared), Arc::clone(&state), send, recv));
+                }
+                Err(e) => break e,
+            },
+            Some(done) = requests.join_next(), if !requests.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(conn = id, error = %e, "request task failed");
+                }
+            }
+        }
+    };
+    // Let in-flight requests (a commit, say) finish before going away.
+    if tokio::time::timeout(shared.config.shutdown_grace, async {
+        while requests.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        requests.abort_all();
+        while requests.join_next().await.is_some() {}
+    }
+    state.stop_push(&shared).await;
+    tracing::debug!(%peer, conn = id, %reason, "connection closed");
+}
+
+async fn serve_request(
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let response = match recv.read_to_end(MAX_FRAME_LEN + 4).await {
+        Ok(bytes) => match codec::decode::<Request>(&bytes) {
+            Ok(request) => {
+                tracing::debug!(conn = state.id, ?request, "request");
+                handlers::dispatch(&shared, &state, request).await
+            }
+            Err(e) => bad_frame(&state, &e),
+        },
+        Err(quinn::ReadToEndError::TooLong) => bad_frame(
+            &state,
+            &CodecError::TooLarge {
+                len: MAX_FRAME_LEN + 5,
+                max: MAX_FRAME_LEN,
+            },
+        ),
+        Err(quinn::ReadToEndError::Read(e)) => {
+            tracing::debug!(conn = state.id, error = %e, "request stream failed");
+            return;
+        }
+    };
+    // Whatever the client still sends on this stream is not wanted.
+    let _ = recv.stop(0u32.into());
+    if let Response::Error(e) = &response {
+        tracing::debug!(conn = state.id, code = ?e.code, "request refused");
+    }
+    let frame = match codec::encode(&response) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(conn = state.id, error = %e, "cannot encode a response");
+            return;
+        }
+    };
+    if let Err(e) = send.write_all(&frame).await {
+        tracing::debug!(conn = state.id, error = %e, "cannot write the response");
+        return;
+    }
+    let _ = send.finish();
+    if state.bad_frames.load(Ordering::Relaxed) >= MAX_BAD_FRAMES {
+        tracing::info!(
+            conn = state.id,
+            "closing a connection that sent too many bad frames"
+        );
+        state
+            .conn
+            .close(BAD_FRAMES_CODE.into(), b"too many malformed requests");
+    }
+}
+
+fn bad_frame(state: &ConnState, e: &CodecError) -> Response {
+    state.bad_frames.fetch_add(1, Ordering::Relaxed);
+    let code = match e {
+        CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        CodecError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        _ => ErrorCode::BadRequest,
+    };
+    Response::Error(ErrorReply::new(
+        code,
+        format!("cannot read the request: {e}"),
+    ))
+}
+
+async fn push_loop(
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    username: String,
+    notify: Arc<Notify>,
+) {
+    let mut send = match state.conn.open_uni().await {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(conn = state.id, error = %e, "cannot open the push stream");
+            return;
+        }
+    };
+    // Everything up to `cursor` has been pushed on this connection; unacked
+    // messages stay queued and are pushed again on the next login.
+    let mut cursor = 0u64;
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        loop {
+            let user = username.clone();
+            let batch = match blocking(&shared.store, move |s| {
+                s.queued_after(&user, cursor, PUSH_BATCH)
+            })
+            .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(conn = state.id, error = %e, "cannot read the queue");
+                    state.conn.close(0u32.into(), b"relay storage error");
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for queued in batch {
+                cursor = queued.seq;
+                let frame = postcard::from_bytes::<Envelope>(&queued.envelope)
+                    .map_err(CodecError::from)
+                    .and_then(|env| codec::encode(&Push::Deliver(env)));
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::error!(conn = state.id, id = %queued.id, error = %e, "skipping an undecodable queued envelope");
+                        continue;
+                    }
+                };
+                if let Err(e) = send.write_all(&frame).await {
+                    tracing::debug!(conn = state.id, error = %e, "push stream closed");
+                    return;
+                }
+                tracing::debug!(conn = state.id, id = %queued.id, "pushed");
+            }
+        }
+        tokio::select! {
+            () = &mut woken => {}
+            _ = state.conn.closed() => return,
+        }
+    }
+}

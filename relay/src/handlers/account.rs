@@ -1,0 +1,492 @@
+//! Registration, login, sessions and key replacement.
+//!
+//! Login checks, in order: rate limits, the connection's challenge, password
+//! (an unknown user costs the same argon2 time and gets the same answer),
+//! TOTP (±1 step), the signature over the challenge transcript bound to this
+//! TLS session, and finally records the TOTP step so the code cannot be used
+//! again. Only after the password has matched does an error say which factor
+//! failed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use securechat_common::crypto::{login_transcript, random_bytes, sha256, LoginPurpose};
+use securechat_common::limits::{
+    validate_email, validate_password, validate_username, FRESH_LOGIN_SECS,
+};
+use securechat_common::protocol::{ErrorCode, ErrorReply, Response, BINDING_LEN};
+use securechat_common::PublicKey;
+use zeroize::Zeroizing;
+
+use super::{fail, internal, limit_peer, require_auth, Reply};
+use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
+use crate::clock::unix_now;
+use crate::connection::{Auth, ConnState};
+use crate::mail::Mailer;
+use crate::server::Shared;
+use crate::store::{blocking, Account, PendingRegistration, Session};
+
+fn username_taken(username: &str) -> ErrorReply {
+    fail(
+        ErrorCode::UsernameTaken,
+        format!("the username {username:?} is taken (or a registration for it is pending)"),
+    )
+}
+
+pub(super) async fn register(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    username: String,
+    email: String,
+    password: Zeroizing<String>,
+    public_key: Vec<u8>,
+) -> Reply {
+    limit_peer(shared, state)?;
+    validate_username(&username).map_err(|m| fail(ErrorCode::InvalidUsername, m))?;
+    validate_email(&email).map_err(|m| fail(ErrorCode::InvalidEmail, m))?;
+    Mailer::check_address(&email).map_err(|e| fail(ErrorCode::InvalidEmail, e.to_string()))?;
+    validate_password(&password).map_err(|m| fail(ErrorCode::WeakPassword, m))?;
+    PublicKey::from_der(&public_key)
+        .map_err(|e| fail(ErrorCode::InvalidPublicKey, e.to_string()))?;
+
+    let now = unix_now();
+    let name = username.clone();
+    let taken = blocking(&shared.store, move |s| {
+        Ok(s.account(&name)?.is_some() || s.pending(&name)?.is_some_and(|p| p.expires_unix > now))
+    })
+    .await
+    .map_err(|e| internal("registration lookup failed", e))?;
+    if taken {
+        return Err(username_taken(&username));
+    }
+
+    let hasher = Arc::clone(shared);
+    let password_phc = tokio::task::spawn_blocking(move || hasher.passwords.hash(&password))
+        .await
+        .map_err(|e| internal("password hashing task failed", e))?
+        .map_err(|e| internal("password hashing failed", e))?;
+    let code = new_code().map_err(|e| internal("code generation failed", e))?;
+    let ttl = shared.config.code_ttl;
+    let pending = PendingRegistration {
+        username: username.clone(),
+        email: email.clone(),
+        password_phc,
+        public_key,
+        code_hash: code_hash(&code),
+        expires_unix: now + ttl.as_secs(),
+        attempts: 0,
+    };
+    let inserted = blocking(&shared.store, move |s| s.insert_pending(&pending, now))
+        .await
+        .map_err(|e| internal("storing a registration failed", e))?;
+    if !inserted {
+        return Err(username_taken(&username));
+    }
+    if let Err(e) = shared.mailer.send_code(&email, &username, &code, ttl).await {
+        tracing::warn!(%username, error = %e, "verification mail failed; registration dropped");
+        let name = username.clone();
+        if let Err(e) = blocking(&shared.store, move |s| s.remove_pending(&name)).await {
+            tracing::error!(%username, error = %e, "cannot drop the failed registration");
+        }
+        return Err(fail(
+            ErrorCode::MailFailed,
+            "the relay could not send the verification mail; nothing was registered, try again later",
+        ));
+    }
+    tracing::info!(%username, "registration pending");
+    Ok(Response::RegisterPending {
+        expires_in_secs: ttl.as_secs(),
+    })
+}
+
+pub(super) async fn verify(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    username: String,
+    code: Zeroizing<String>,
+) -> Reply {
+    limit_peer(shared, state)?;
+    let no_pending = || {
+        fail(
+            ErrorCode::NoPendingRegistration,
+            format!("no registration is waiting for {username:?}; register first"),
+        )
+    };
+    if validate_username(&username).is_err() {
+        return Err(no_pending());
+    }
+    let name = username.clone();
+    let pending = blocking(&shared.store, move |s| s.pending(&name))
+        .await
+        .map_err(|e| internal("registration lookup failed", e))?
+        .ok_or_else(no_pending)?;
+    let now = unix_now();
+    let max = shared.config.max_code_attempts;
+    if now >= pending.expires_unix {
+        let name = username.clone();
+        blocking(&shared.store, move |s| s.remove_pending(&name))
+            .await
+            .map_err(|e| internal("dropping an expired registration failed", e))?;
+        return Err(fail(
+            ErrorCode::CodeExpired,
+            "the code has expired; register again for a new one",
+        ));
+    }
+    let locked = || {
+        fail(
+            ErrorCode::TooManyAttempts,
+            format!(
+                "too many wrong codes; register again after {} seconds",
+                pending.expires_unix.saturating_sub(now)
+            ),
+        )
+    };
+    if pending.attempts >= max {
+        return Err(locked());
+    }
+    if !code_matches(&code, &pending.code_hash) {
+        let mut updated = pending.clone();
+        updated.attempts += 1;
+        let attempts = updated.attempts;
+        blocking(&shared.store, move |s| s.update_pending(&updated))
+            .await
+            .map_err(|e| internal("recording a wrong code failed", e))?;
+        tracing::info!(%username, attempts, "wrong verification code");
+        if attempts >= max {
+            return Err(locked());
+        }
+        return Err(fail(
+            ErrorCode::WrongCode,
+            format!(
+                "wrong code; {} attempt(s) left",
+                max.saturating_sub(attempts)
+            ),
+        ));
+    }
+
+    let secret =
+        crate::accounts::new_totp_secret().map_err(|e| internal("TOTP secret failed", e))?;
+    let generator = totp(&secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
+    let account = Account {
+        username: username.clone(),
+        email: pending.email,
+        password_phc: pending.password_phc,
+        public_key: pending.public_key,
+        totp_secret: secret,
+        created_unix: now,
+    };
+    let created = blocking(&shared.store, move |s| s.activate(&account))
+        .await
+        .map_err(|e| internal("activating an account failed", e))?;
+    if !created {
+        return Err(username_taken(&username));
+    }
+    tracing::info!(%username, "account activated");
+    Ok(Response::Verified {
+        otpauth_uri: Zeroizing::new(generator.get_url()),
+        secret_base32: Zeroizing::new(generator.get_secret_base32()),
+    })
+}
+
+pub(super) fn challenge(state: &ConnState) -> Reply {
+    let nonce =
+        random_bytes::<BINDING_LEN>().map_err(|e| internal("nonce generation failed", e))?;
+    state.set_challenge(nonce);
+    Ok(Response::Challenge {
+        nonce: nonce.to_vec(),
+    })
+}
+
+/// Check and consume this connection's challenge, and refuse a login as a
+/// second user on the same connection.
+fn take_challenge(
+    state: &ConnState,
+    username: &str,
+) -> Result<([u8; BINDING_LEN], [u8; BINDING_LEN]), ErrorReply> {
+    if let Some(auth) = state.auth() {
+        if auth.username != username {
+            return Err(fail(
+                ErrorCode::BadRequest,
+                format!(
+                    "this connection is logged in as {:?}; open a new connection for another user",
+                    auth.username
+                ),
+            ));
+        }
+    }
+    let nonce = state.take_challenge().ok_or_else(|| {
+        fail(
+            ErrorCode::NoChallenge,
+            "ask for a Challenge first; each challenge is good for one attempt",
+        )
+    })?;
+    let binding = state
+        .tls_binding()
+        .ok_or_else(|| internal("TLS exporter failed", "no keying material"))?;
+    Ok((nonce, binding))
+}
+
+fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
+    if shared
+        .account_limiter
+        .is_limited(&username.to_string(), Instant::now())
+    {
+        return Err(fail(
+            ErrorCode::RateLimited,
+            "too many failed logins for this account; wait a few minutes and retry",
+        ));
+    }
+    Ok(())
+}
+
+fn failed(shared: &Shared, username: &str, reply: ErrorReply) -> ErrorReply {
+    shared
+        .account_limiter
+        .record(&username.to_string(), Instant::now());
+    tracing::info!(%username, code = ?reply.code, "login refused");
+    reply
+}
+
+fn bad_signature() -> ErrorReply {
+    fail(
+        ErrorCode::InvalidSignature,
+        "the signature over the challenge does not verify with the account key \
+         (wrong key, or signed for another connection or challenge)",
+    )
+}
+
+pub(super) async fn login(
+    shared: &Arc<Shared>,
+    state: &Arc<ConnState>,
+    username: String,
+    password: Zeroizing<String>,
+    totp_code: Zeroizing<String>,
+    signature: Vec<u8>,
+) -> Reply {
+    limit_peer(shared, state)?;
+    limit_account(shared, &username)?;
+    let (nonce, binding) = take_challenge(state, &username)?;
+
+    let name = username.clone();
+    let account = if validate_username(&username).is_ok() {
+        blocking(&shared.store, move |s| s.account(&name))
+            .await
+            .map_err(|e| internal("account lookup failed", e))?
+    } else {
+        None
+    };
+    let checker = Arc::clone(shared);
+    let phc = account.as_ref().map(|a| a.password_phc.clone());
+    let password_ok = tokio::task::spawn_blocking(move || match phc {
+        Some(phc) => checker.passwords.verify(&phc, &password),
+        None => {
+            checker.passwords.verify_unknown_user(&password);
+            false
+        }
+    })
+    .await
+    .map_err(|e| internal("password check task failed", e))?;
+    let account = match account {
+        Some(account) if password_ok => account,
+        _ => {
+            return Err(failed(
+                shared,
+                &username,
+                fail(
+                    ErrorCode::InvalidCredentials,
+                    "unknown user or wrong password",
+                ),
+            ))
+        }
+    };
+
+    let generator =
+        totp(&account.totp_secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
+    let Some(step) = check_totp(&generator, totp_code.trim(), unix_now()) else {
+        return Err(failed(
+            shared,
+            &username,
+            fail(
+                ErrorCode::InvalidTotp,
+                "the TOTP code is wrong (check the authenticator and the clock)",
+            ),
+        ));
+    };
+
+    let key =
+        PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
+    let transcript = login_transcript(LoginPurpose::Login, &username, &nonce, &binding);
+    if key.verify(&transcript, &signature).is_err() {
+        return Err(failed(shared, &username, bad_signature()));
+    }
+
+    let name = username.clone();
+    let fresh = blocking(&shared.store, move |s| s.accept_totp_step(&name, step))
+        .await
+        .map_err(|e| internal("recording the TOTP step failed", e))?;
+    if !fresh {
+        return Err(failed(
+            shared,
+            &username,
+            fail(
+                ErrorCode::TotpReused,
+                "this TOTP code was already used; wait for the next one",
+            ),
+        ));
+    }
+
+    let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;
+    let expires = unix_now() + shared.config.session_ttl.as_secs();
+    let session = Session {
+        username: username.clone(),
+        expires_unix: expires,
+    };
+    blocking(&shared.store, move |s| s.put_session(&token_hash, &session))
+        .await
+        .map_err(|e| internal("storing the session failed", e))?;
+    shared.account_limiter.clear(&username);
+    let unread = go_online(
+        shared,
+        state,
+        Auth {
+            username: username.clone(),
+            full_login_at: Some(Instant::now()),
+            token_hash,
+        },
+    )
+    .await?;
+    tracing::info!(%username, conn = state.id, unread, "logged in");
+    Ok(Response::LoggedIn {
+        username,
+        token: Some(token),
+        session_expires_unix: expires,
+        unread,
+    })
+}
+
+/// Mark the connection logged in, start pushing, and count the queue.
+async fn go_online(
+    shared: &Arc<Shared>,
+    state: &Arc<ConnState>,
+    auth: Auth,
+) -> Result<u64, ErrorReply> {
+    let username = auth.username.clone();
+    state.set_auth(Some(auth));
+    state.start_push(shared, &username);
+    blocking(&shared.store, move |s| s.queue_len(&username))
+        .await
+        .map_err(|e| internal("queue count failed", e))
+}
+
+pub(super) async fn resume(
+    shared: &Arc<Shared>,
+    state: &Arc<ConnState>,
+    username: String,
+    token: Zeroizing<Vec<u8>>,
+    signature: Vec<u8>,
+) -> Reply {
+    limit_peer(shared, state)?;
+    limit_account(shared, &username)?;
+    let (nonce, binding) = take_challenge(state, &username)?;
+    let token_hash = sha256(&token);
+    let name = username.clone();
+    let found = blocking(&shared.store, move |s| {
+        let session = s.session(&token_hash)?;
+        let account = s.account(&name)?;
+        Ok((session, account))
+    })
+    .await
+    .map_err(|e| internal("session lookup failed", e))?;
+    let now = unix_now();
+    let (session, account) = match found {
+        (Some(session), Some(account))
+            if session.username == username && session.expires_unix > now =>
+        {
+            (session, account)
+        }
+        _ => {
+            return Err(failed(
+                shared,
+                &username,
+                fail(
+                    ErrorCode::SessionExpired,
+                    "the session token is unknown, revoked or expired; log in again",
+                ),
+            ))
+        }
+    };
+    let key =
+        PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
+    let transcript = login_transcript(LoginPurpose::Resume, &username, &nonce, &binding);
+    if key.verify(&transcript, &signature).is_err() {
+        return Err(failed(shared, &username, bad_signature()));
+    }
+    let unread = go_online(
+        shared,
+        state,
+        Auth {
+            username: username.clone(),
+            full_login_at: None,
+            token_hash,
+        },
+    )
+    .await?;
+    tracing::info!(%username, conn = state.id, unread, "session resumed");
+    Ok(Response::LoggedIn {
+        username,
+        token: None,
+        session_expires_unix: session.expires_unix,
+        unread,
+    })
+}
+
+pub(super) async fn logout(shared: &Arc<Shared>, state: &ConnState) -> Reply {
+    let auth = require_auth(state)?;
+    let hash = auth.token_hash;
+    blocking(&shared.store, move |s| s.remove_session(&hash))
+        .await
+        .map_err(|e| internal("revoking the session failed", e))?;
+    state.stop_push(shared).await;
+    state.set_auth(None);
+    tracing::info!(username = %auth.username, conn = state.id, "logged out");
+    Ok(Response::Ok)
+}
+
+pub(super) async fn publish_key(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    public_key: Vec<u8>,
+    signature: Vec<u8>,
+) -> Reply {
+    let auth = require_auth(state)?;
+    let fresh = auth
+        .full_login_at
+        .is_some_and(|t| t.elapsed().as_secs() < FRESH_LOGIN_SECS);
+    if !fresh {
+        return Err(fail(
+            ErrorCode::FreshLoginRequired,
+            format!(
+                "replacing the key needs a full login (password + TOTP) on this connection \
+                 within the last {FRESH_LOGIN_SECS} seconds"
+            ),
+        ));
+    }
+    let (nonce, binding) = take_challenge(state, &auth.username)?;
+    let key = PublicKey::from_der(&public_key)
+        .map_err(|e| fail(ErrorCode::InvalidPublicKey, e.to_string()))?;
+    let transcript = login_transcript(LoginPurpose::PublishKey, &auth.username, &nonce, &binding);
+    if key.verify(&transcript, &signature).is_err() {
+        return Err(fail(
+            ErrorCode::InvalidSignature,
+            "the new key's signature over the challenge does not verify",
+        ));
+    }
+    let name = auth.username.clone();
+    blocking(&shared.store, move |s| {
+        s.set_public_key(&name, key.as_der())
+    })
+    .await
+    .map_err(|e| internal("storing the new key failed", e))?;
+    tracing::info!(username = %auth.username, "public key replaced");
+    Ok(Response::Ok)
+}

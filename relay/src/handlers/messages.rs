@@ -1,0 +1,128 @@
+//! Directory lookups, the online list, and the message queue (send / ack).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use securechat_common::crypto::CryptoError;
+use securechat_common::limits::validate_username;
+use securechat_common::protocol::{AckOutcome, ErrorCode, Response};
+use securechat_common::{Envelope, MessageId};
+
+use super::{fail, internal, require_auth, Reply};
+use crate::clock::unix_now;
+use crate::connection::ConnState;
+use crate::server::Shared;
+use crate::store::{blocking, EnqueueOutcome};
+
+pub(super) async fn lookup(shared: &Arc<Shared>, state: &ConnState, username: String) -> Reply {
+    require_auth(state)?;
+    let unknown = || {
+        fail(
+            ErrorCode::UnknownUser,
+            format!("no user named {username:?}"),
+        )
+    };
+    if validate_username(&username).is_err() {
+        return Err(unknown());
+    }
+    let name = username.clone();
+    let account = blocking(&shared.store, move |s| s.account(&name))
+        .await
+        .map_err(|e| internal("directory lookup failed", e))?
+        .ok_or_else(unknown)?;
+    Ok(Response::Key {
+        username,
+        public_key: account.public_key,
+    })
+}
+
+pub(super) fn online(shared: &Shared, state: &ConnState) -> Reply {
+    require_auth(state)?;
+    Ok(Response::Online {
+        users: shared.hub.online(),
+    })
+}
+
+pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {
+    let auth = require_auth(state)?;
+    if envelope.sender != auth.username {
+        return Err(fail(
+            ErrorCode::NotSender,
+            format!(
+                "the envelope's sender is {:?}, but this connection is logged in as {:?}",
+                envelope.sender, auth.username
+            ),
+        ));
+    }
+    envelope.check_shape().map_err(|e| match e {
+        CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
+        other => fail(ErrorCode::BadRequest, other.to_string()),
+    })?;
+    let recipient = envelope.recipient.clone();
+    let unknown = || {
+        fail(
+            ErrorCode::UnknownUser,
+            format!("no user named {recipient:?}"),
+        )
+    };
+    if validate_username(&recipient).is_err() {
+        return Err(unknown());
+    }
+    let bytes =
+        postcard::to_stdvec(&envelope).map_err(|e| internal("envelope encoding failed", e))?;
+    let id = envelope.id;
+    let quota = shared.config.quota;
+    let now = unix_now();
+    let to = recipient.clone();
+    let outcome = blocking(&shared.store, move |s| {
+        if s.account(&to)?.is_none() {
+            return Ok(None);
+        }
+        s.enqueue(&to, &id, &bytes, now, quota).map(Some)
+    })
+    .await
+    .map_err(|e| internal("storing a message failed", e))?
+    .ok_or_else(unknown)?;
+    match outcome {
+        EnqueueOutcome::Stored => {
+            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.hub.notify(&recipient);
+            tracing::debug!(%id, "message stored");
+            Ok(Response::Stored {
+                id,
+                duplicate: false,
+            })
+        }
+        EnqueueOutcome::Duplicate => Ok(Response::Stored {
+            id,
+            duplicate: true,
+        }),
+        EnqueueOutcome::QuotaExceeded { messages, bytes } => Err(fail(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "the queue of {recipient:?} is full ({messages} messages, {bytes} bytes waiting; \
+                 limit {} messages or {} bytes); it drains as they come online, try again later",
+                quota.messages, quota.bytes
+            ),
+        )),
+    }
+}
+
+pub(super) async fn ack(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    id: MessageId,
+    outcome: AckOutcome,
+) -> Reply {
+    let auth = require_auth(state)?;
+    let name = auth.username.clone();
+    let now = unix_now();
+    let removed = blocking(&shared.store, move |s| s.ack(&name, &id, now))
+        .await
+        .map_err(|e| internal("acknowledging a message failed", e))?;
+    if removed {
+        shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%id, ?outcome, "message acknowledged");
+    }
+    Ok(Response::Ok)
+}

@@ -1,0 +1,104 @@
+//! Request handlers: one function per [`Request`] kind, each returning the
+//! [`Response`] or a typed [`ErrorReply`].
+//!
+//! * [`account`] — register, verify, challenge, login, resume, logout, publish key;
+//! * [`messages`] — directory lookup, online list, send, ack.
+//!
+//! Internal failures are logged with their cause and answered with a bare
+//! `Internal` error: the client learns nothing about the relay's insides.
+
+mod account;
+mod messages;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
+
+use crate::connection::{Auth, ConnState};
+use crate::server::Shared;
+
+/// A handler's result.
+pub(crate) type Reply = Result<Response, ErrorReply>;
+
+/// Answer one request.
+pub(crate) async fn dispatch(
+    shared: &Arc<Shared>,
+    state: &Arc<ConnState>,
+    request: Request,
+) -> Response {
+    let result = match request {
+        Request::Register {
+            username,
+            email,
+            password,
+            public_key,
+        } => account::register(shared, state, username, email, password, public_key).await,
+        Request::Verify { username, code } => account::verify(shared, state, username, code).await,
+        Request::Challenge => account::challenge(state),
+        Request::Login {
+            username,
+            password,
+            totp,
+            signature,
+        } => account::login(shared, state, username, password, totp, signature).await,
+        Request::Resume {
+            username,
+            token,
+            signature,
+        } => account::resume(shared, state, username, token, signature).await,
+        Request::Logout => account::logout(shared, state).await,
+        Request::PublishKey {
+            public_key,
+            signature,
+        } => account::publish_key(shared, state, public_key, signature).await,
+        Request::LookupKey { username } => messages::lookup(shared, state, username).await,
+        Request::Online => messages::online(shared, state),
+        Request::Send { envelope } => messages::send(shared, state, envelope).await,
+        Request::Ack { id, outcome } => messages::ack(shared, state, id, outcome).await,
+        _ => Err(fail(
+            ErrorCode::BadRequest,
+            "this relay does not know that request",
+        )),
+    };
+    result.unwrap_or_else(Response::Error)
+}
+
+/// A typed error reply.
+pub(crate) fn fail(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, message)
+}
+
+/// Log an internal failure and answer without details.
+pub(crate) fn internal(what: &str, error: impl std::fmt::Display) -> ErrorReply {
+    tracing::error!(error = %error, "{what}");
+    fail(
+        ErrorCode::Internal,
+        "internal relay error; the relay's log has the details",
+    )
+}
+
+/// The logged-in user, or `NotAuthenticated`.
+pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
+    state.auth().ok_or_else(|| {
+        fail(
+            ErrorCode::NotAuthenticated,
+            "log in (or resume a session) on this connection first",
+        )
+    })
+}
+
+/// Count an attempt from the peer's address; refuse past the limit.
+pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
+    if shared
+        .ip_limiter
+        .try_acquire(&state.peer_ip, Instant::now())
+    {
+        Ok(())
+    } else {
+        Err(fail(
+            ErrorCode::RateLimited,
+            "too many attempts from your address; wait a minute and retry",
+        ))
+    }
+}

@@ -1,0 +1,219 @@
+//! Verification mail: SMTP through lettre, or an outbox folder.
+//!
+//! With an SMTP URL (`smtp://host:port` plain, `smtp://host?tls=required`
+//! STARTTLS, `smtps://host` implicit TLS, optionally `user:pass@`), codes go
+//! out through lettre's async transport. Without one, each mail is written
+//! as an `.eml` file (mode 0600) into `<data-dir>/outbox/` and the log says
+//! where — enough for a single-machine setup or a test.
+//!
+//! Every mail body contains a line exactly `Verification code: NNNNNN`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lettre::message::header::ContentType;
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+/// How long one SMTP delivery may take.
+const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where verification mail goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailConfig {
+    /// SMTP server URL; `None` writes mail to the outbox folder.
+    pub smtp_url: Option<String>,
+    /// The From address.
+    pub from: String,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            from: "securechat relay <relay@localhost>".into(),
+        }
+    }
+}
+
+/// Why a mail could not be sent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MailError {
+    /// The SMTP URL or From address is unusable.
+    #[error("mail configuration: {0}")]
+    Config(String),
+    /// The recipient address is not acceptable to the mailer.
+    #[error("invalid recipient address: {0}")]
+    Address(String),
+    /// Building the message failed.
+    #[error("cannot build the mail: {0}")]
+    Build(String),
+    /// The SMTP server refused or could not be reached.
+    #[error("SMTP delivery failed: {0}")]
+    Smtp(String),
+    /// Writing to the outbox failed.
+    #[error("cannot write to the outbox {path}: {source}")]
+    Outbox {
+        /// The outbox folder.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Outbox(PathBuf),
+}
+
+/// Sends verification codes.
+pub struct Mailer {
+    transport: Transport,
+    from: Mailbox,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.transport {
+            Transport::Smtp(_) => f.write_str("Mailer(smtp)"),
+            Transport::Outbox(dir) => write!(f, "Mailer(outbox {})", dir.display()),
+        }
+    }
+}
+
+impl Mailer {
+    /// Build the mailer; with no SMTP URL the outbox is `<data_dir>/outbox`.
+    pub fn new(config: &MailConfig, data_dir: &Path) -> Result<Self, MailError> {
+        let from: Mailbox = config
+            .from
+            .parse()
+            .map_err(|e| MailError::Config(format!("From address {:?}: {e}", config.from)))?;
+        let transport = match &config.smtp_url {
+            Some(url) => Transport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    // The URL may hold credentials: do not echo it.
+                    .map_err(|e| MailError::Config(format!("SMTP URL: {e}")))?
+                    .timeout(Some(SMTP_TIMEOUT))
+                    .build(),
+            ),
+            None => Transport::Outbox(data_dir.join("outbox")),
+        };
+        Ok(Self { transport, from })
+    }
+
+    /// The outbox folder, when mail is not sent over SMTP.
+    pub fn outbox_dir(&self) -> Option<&Path> {
+        match &self.transport {
+            Transport::Outbox(dir) => Some(dir),
+            Transport::Smtp(_) => None,
+        }
+    }
+
+    /// Check that `addr` is an address the mailer can send to.
+    pub fn check_address(addr: &str) -> Result<(), MailError> {
+        addr.parse::<Mailbox>()
+            .map(drop)
+            .map_err(|e| MailError::Address(e.to_string()))
+    }
+
+    /// Mail a verification code for `username` to `to`.
+    pub async fn send_code(
+        &self,
+        to: &str,
+        username: &str,
+        code: &str,
+        valid_for: Duration,
+    ) -> Result<(), MailError> {
+        let to_box: Mailbox = to
+            .parse()
+            .map_err(|e: lettre::address::AddressError| MailError::Address(e.to_string()))?;
+        let minutes = valid_for.as_secs().div_ceil(60);
+        let body = format!(
+            "Hello {username},\n\n\
+             someone (hopefully you) registered the securechat account \"{username}\" \
+             with this address.\n\n\
+             Verification code: {code}\n\n\
+             The code is valid for {minutes} minutes. If this was not you, ignore this mail.\n"
+        );
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to_box)
+            .subject(format!("securechat verification code for {username}"))
+            .header(ContentType::TEXT_PLAIN)
+            .body(body)
+            .map_err(|e| MailError::Build(e.to_string()))?;
+        match &self.transport {
+            Transport::Smtp(smtp) => {
+                smtp.send(message)
+                    .await
+                    .map_err(|e| MailError::Smtp(e.to_string()))?;
+                tracing::info!(%username, "verification mail sent over SMTP");
+            }
+            Transport::Outbox(dir) => {
+                let path = write_outbox(dir.clone(), username, message.formatted()).await?;
+                tracing::info!(%username, path = %path.display(), "verification mail written to the outbox");
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn write_outbox(dir: PathBuf, username: &str, bytes: Vec<u8>) -> Result<PathBuf, MailError> {
+    let suffix = securechat_common::crypto::random_bytes::<4>()
+        .map(hex::encode)
+        .unwrap_or_default();
+    let now = crate::clock::unix_now();
+    let path = dir.join(format!("{now}-{username}-{suffix}.eml"));
+    let outbox_err = |dir: &Path| {
+        let path = dir.to_path_buf();
+        move |source| MailError::Outbox { path, source }
+    };
+    let file = path.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        crate::tls::write_private(&file, &bytes)
+    })
+    .await
+    .map_err(|e| MailError::Build(e.to_string()))?
+    .map_err(outbox_err(path.parent().unwrap_or(Path::new("."))))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outbox_mail_holds_the_code_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = Mailer::new(&MailConfig::default(), dir.path()).unwrap();
+        mailer
+            .send_code(
+                "alice@example.org",
+                "alice",
+                "012345",
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        let outbox = mailer.outbox_dir().unwrap();
+        let entry = std::fs::read_dir(outbox).unwrap().next().unwrap().unwrap();
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        assert!(text
+            .lines()
+            .any(|l| l.trim_end() == "Verification code: 012345"));
+    }
+
+    #[test]
+    fn bad_from_address_is_a_config_error() {
+        let config = MailConfig {
+            smtp_url: None,
+            from: "not an address".into(),
+        };
+        assert!(matches!(
+            Mailer::new(&config, Path::new("/tmp")),
+            Err(MailError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,335 @@
+//! The relay process: binding, the accept loop, background tasks, shutdown.
+//!
+//! ```text
+//!  Relay::bind ── opens store, TLS identity, mailer, UDP + TCP sockets
+//!  Relay::run
+//!    ├─ accept loop ──► JoinSet<connection task>   (one per QUIC connection)
+//!    ├─ sweeper (expired messages, registrations, sessions)
+//!    └─ status page (axum)
+//!  shutdown future fires
+//!    └─ stop accepting → close every connection ("relay shutting down")
+//!       → wait (bounded) for in-flight requests and their commits → return
+//! ```
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounts::{AccountError, Passwords};
+use crate::config::Config;
+use crate::connection;
+use crate::hub::Hub;
+use crate::mail::{MailError, Mailer};
+use crate::ratelimit::RateLimiter;
+use crate::status::Stats;
+use crate::store::{blocking, RedbStore, Store, StoreError};
+use crate::tls::{TlsError, TlsIdentity};
+
+/// Close reason sent to every client when the relay stops.
+pub const SHUTDOWN_REASON: &[u8] = b"relay shutting down";
+/// QUIC application close code sent when the relay stops.
+pub const SHUTDOWN_CODE: u32 = 1;
+
+/// Why the relay could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The database could not be opened.
+    #[error("database {path}: {source}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: StoreError,
+    },
+    /// The TLS identity could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The mail settings are unusable.
+    #[error(transparent)]
+    Mail(#[from] MailError),
+    /// Setting up password hashing failed.
+    #[error(transparent)]
+    Accounts(#[from] AccountError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every connection and background task.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) mailer: Mailer,
+    pub(crate) passwords: Passwords,
+    pub(crate) hub: Hub,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) ip_limiter: RateLimiter<IpAddr>,
+    pub(crate) account_limiter: RateLimiter<String>,
+    pub(crate) next_conn_id: AtomicU64,
+}
+
+/// A bound relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    status: Option<tokio::net::TcpListener>,
+    fingerprint: [u8; 32],
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("local_addr", &self.local_addr())
+            .field("fingerprint", &hex::encode(self.fingerprint))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Open the data directory, database and TLS identity and bind the
+    /// sockets. Must be called inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Self, RelayError> {
+        let data_dir = config.data_dir.clone();
+        create_private_dir(&data_dir)?;
+        let db_path = data_dir.join("relay.redb");
+        let store: Arc<dyn Store> = {
+            let path = db_path.clone();
+            let opened = tokio::task::spawn_blocking(move || RedbStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))
+                .and_then(|r| r);
+            Arc::new(opened.map_err(|source| RelayError::Store {
+                path: db_path.clone(),
+                source,
+            })?)
+        };
+        let identity = TlsIdentity::load_or_create(&config.tls, &data_dir)?;
+        let server_config = identity.server_config(config.idle_timeout)?;
+        let mailer = Mailer::new(&config.mail, &data_dir)?;
+        let passwords = tokio::task::spawn_blocking(Passwords::new)
+            .await
+            .map_err(|e| AccountError::Hash(e.to_string()))??;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            RelayError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let status = match config.status_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            ip_limiter: RateLimiter::new(config.attempts_per_ip),
+            account_limiter: RateLimiter::new(config.login_failures_per_account),
+            config,
+            store,
+            mailer,
+            passwords,
+            hub: Hub::default(),
+            stats: Arc::new(Stats::default()),
+            next_conn_id: AtomicU64::new(1),
+        });
+        Ok(Self {
+            shared,
+            endpoint,
+            status,
+            fingerprint: identity.fingerprint(),
+        })
+    }
+
+    /// The bound QUIC (UDP) address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// The bound status page address, if enabled.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// SHA-256 of the TLS certificate (DER), which clients pin.
+    pub fn cert_fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Where verification mail is written when no SMTP server is configured.
+    pub fn outbox_dir(&self) -> Option<&Path> {
+        self.shared.mailer.outbox_dir()
+    }
+
+    /// The start-up lines the binary prints on stdout (scripts parse them):
+    ///
+    /// ```text
+    /// relay: listening on 127.0.0.1:7443
+    /// relay: certificate sha256:<64 lowercase hex digits>
+    /// relay: status page http://127.0.0.1:7444/
+    /// relay: no SMTP configured; verification mails go to <dir>
+    /// ```
+    pub fn banner(&self) -> Vec<String> {
+        let mut lines = vec![
+            format!("relay: listening on {}", self.local_addr()),
+            format!(
+                "relay: certificate sha256:{}",
+                hex::encode(self.fingerprint)
+            ),
+        ];
+        if let Some(addr) = self.status_addr() {
+            lines.push(format!("relay: status page http://{addr}/"));
+        }
+        if let Some(dir) = self.outbox_dir() {
+            lines.push(format!(
+                "relay: no SMTP configured; verification mails go to {}",
+                dir.display()
+            ));
+        }
+        lines
+    }
+
+    /// Serve until `shutdown` resolves, then close every connection with a
+    /// reason and wait (bounded by the configured grace) for in-flight work.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+        let Relay {
+            shared,
+            endpoint,
+            status,
+            ..
+        } = self;
+        let grace = shared.config.shutdown_grace;
+        let stop_background = CancellationToken::new();
+        let mut background = JoinSet::new();
+        background.spawn(sweeper(Arc::clone(&shared), stop_background.clone()));
+        if let Some(listener) = status {
+            let router = crate::status::router(Arc::clone(&shared));
+            let stop = stop_background.clone();
+            background.spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "status page stopped");
+                }
+            });
+        }
+
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        connections.spawn(connection::serve(Arc::clone(&shared), incoming));
+                    }
+                    None => break,
+                },
+                Some(done) = connections.join_next(), if !connections.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "connection task failed");
+                    }
+                }
+            }
+        }
+
+        tracing::info!(
+            connections = connections.len(),
+            "shutting down: closing connections"
+        );
+        endpoint.set_server_config(None);
+        endpoint.close(SHUTDOWN_CODE.into(), SHUTDOWN_REASON);
+        let drained = tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace period over; abandoning remaining requests");
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+        }
+        stop_background.cancel();
+        if tokio::time::timeout(grace, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            background.abort_all();
+            while background.join_next().await.is_some() {}
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// Bind and serve with `config` until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+    let relay = Relay::bind(config).await?;
+    for line in relay.banner() {
+        tracing::info!("{line}");
+    }
+    relay.run(shutdown).await
+}
+
+/// Create the data directory (mode 0700) if it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<(), RelayError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| RelayError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let retention = shared.config.retention.as_secs();
+        let now = crate::clock::unix_now();
+        match blocking(&shared.store, move |s| s.sweep(now, retention)).await {
+            Ok(stats) if stats != Default::default() => tracing::info!(
+                expired_messages = stats.expired_messages,
+                expired_registrations = stats.expired_registrations,
+                expired_sessions = stats.expired_sessions,
+                "swept expired records"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}

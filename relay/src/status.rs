@@ -1,0 +1,178 @@
+//! Live counters and the HTTP status page.
+//!
+//! `GET /` is a small HTML page that refreshes itself every 5 seconds;
+//! `GET /status.json` has the same numbers for machines. Neither shows a
+//! username, address or secret — only counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+use crate::server::Shared;
+use crate::store::{blocking, StoreCounts};
+
+/// Counters kept since start.
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    /// Envelopes accepted (committed, not duplicates).
+    pub accepted: AtomicU64,
+    /// Envelopes acknowledged by their recipient.
+    pub delivered: AtomicU64,
+    /// QUIC connections open now.
+    pub open_connections: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Stats {
+    /// Count one more open connection until the guard drops.
+    pub fn connection_guard(self: &Arc<Self>) -> ConnectionGuard {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(self))
+    }
+}
+
+/// Decrements the open-connection count when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Stats>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The numbers on the status page.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    /// Active accounts.
+    pub accounts: u64,
+    /// Registrations waiting for their code.
+    pub pending_registrations: u64,
+    /// Users with a logged-in connection.
+    pub online_users: u64,
+    /// QUIC connections open.
+    pub open_connections: u64,
+    /// Messages waiting in queues.
+    pub queued_messages: u64,
+    /// Bytes waiting in queues.
+    pub queued_bytes: u64,
+    /// Messages accepted since start.
+    pub messages_accepted: u64,
+    /// Messages delivered (acknowledged) since start.
+    pub messages_delivered: u64,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+/// Gather the current numbers.
+pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store::StoreError> {
+    let counts: StoreCounts = blocking(&shared.store, |s| s.counts()).await?;
+    let stats = &shared.stats;
+    Ok(StatusReport {
+        accounts: counts.accounts,
+        pending_registrations: counts.pending_registrations,
+        online_users: shared.hub.len() as u64,
+        open_connections: stats.open_connections.load(Ordering::Relaxed),
+        queued_messages: counts.queued_messages,
+        queued_bytes: counts.queued_bytes,
+        messages_accepted: stats.accepted.load(Ordering::Relaxed),
+        messages_delivered: stats.delivered.load(Ordering::Relaxed),
+        uptime_secs: stats.started.elapsed().as_secs(),
+    })
+}
+
+/// The status page routes.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(html))
+        .route("/status.json", get(json))
+        .with_state(shared)
+}
+
+fn unavailable(e: crate::store::StoreError) -> Response {
+    tracing::warn!(error = %e, "status page: cannot read the store");
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "status unavailable\n",
+    )
+        .into_response()
+}
+
+async fn json(State(shared): State<Arc<Shared>>) -> Response {
+    match report(&shared).await {
+        Ok(r) => match serde_json::to_string_pretty(&r) {
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(e) => {
+                tracing::warn!(error = %e, "status page: cannot encode");
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        },
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn html(State(shared): State<Arc<Shared>>) -> Response {
+    let r = match report(&shared).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let rows = [
+        ("Accounts", r.accounts.to_string()),
+        ("Pending registrations", r.pending_registrations.to_string()),
+        ("Online users", r.online_users.to_string()),
+        ("Open connections", r.open_connections.to_string()),
+        ("Queued messages", r.queued_messages.to_string()),
+        ("Queued bytes", r.queued_bytes.to_string()),
+        (
+            "Messages accepted since start",
+            r.messages_accepted.to_string(),
+        ),
+        (
+            "Messages delivered since start",
+            r.messages_delivered.to_string(),
+        ),
+        ("Uptime", uptime(r.uptime_secs)),
+    ];
+    let mut table = String::new();
+    for (name, value) in rows {
+        table.push_str(&format!("<tr><th>{name}</th><td>{value}</td></tr>\n"));
+    }
+    Html(format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"5\">\
+         <title>securechat relay</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:2em}}\
+         td{{text-align:right;font-variant-numeric:tabular-nums}}</style></head>\n\
+         <body><h1>securechat relay</h1>\n<table>\n{table}</table>\n\
+         <p>Refreshes every 5 seconds. Machine-readable: <a href=\"/status.json\">/status.json</a></p>\
+         </body></html>\n"
+    ))
+    .into_response()
+}
+
+fn uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d {h:02}h {m:02}m")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}")
+    }
+}

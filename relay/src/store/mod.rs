@@ -1,0 +1,280 @@
+//! Durable state behind a small storage trait.
+//!
+//! ```text
+//!  handlers ──spawn_blocking──► dyn Store ──► RedbStore (<data-dir>/relay.redb)
+//!                                        └──► (later) a Redis backend for several relays
+//! ```
+//!
+//! The trait is synchronous on purpose: the embedded backend blocks on disk
+//! I/O, so callers run it on tokio's blocking pool (see [`blocking`]). Every
+//! method that changes state has committed durably when it returns `Ok`.
+//!
+//! What is kept:
+//! * accounts (username → email, argon2id PHC, public key, TOTP secret);
+//! * pending registrations (username → hashed one-time code, expiry, attempts);
+//! * sessions, keyed by the SHA-256 of the token (the token itself is never stored);
+//! * the last accepted TOTP time step per account (a code works once);
+//! * per-recipient message queues in arrival order, a dedupe index on
+//!   (recipient, message id) and per-recipient totals for the quota.
+
+mod redb_store;
+
+use std::sync::Arc;
+
+use securechat_common::MessageId;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use redb_store::RedbStore;
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database reported an error (I/O, corruption, lock).
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The blocking task running the operation failed.
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+redb_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// An active account.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Account {
+    /// Account name (validated, lowercase).
+    pub username: String,
+    /// Verified email address.
+    pub email: String,
+    /// argon2id hash in PHC string format.
+    pub password_phc: String,
+    /// RSA public key, SubjectPublicKeyInfo DER.
+    pub public_key: Vec<u8>,
+    /// The raw TOTP secret (20 bytes).
+    pub totp_secret: Zeroizing<Vec<u8>>,
+    /// Unix seconds when the account was activated.
+    pub created_unix: u64,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("username", &self.username)
+            .field("created_unix", &self.created_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A registration waiting for its emailed code.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingRegistration {
+    /// Wanted account name.
+    pub username: String,
+    /// Where the code was sent.
+    pub email: String,
+    /// argon2id hash of the chosen password.
+    pub password_phc: String,
+    /// The account's public key.
+    pub public_key: Vec<u8>,
+    /// SHA-256 of the six-digit code.
+    pub code_hash: [u8; 32],
+    /// Unix seconds after which the code is refused.
+    pub expires_unix: u64,
+    /// Wrong codes tried so far.
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for PendingRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRegistration")
+            .field("username", &self.username)
+            .field("expires_unix", &self.expires_unix)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session created by a full login.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Session {
+    /// Whose session.
+    pub username: String,
+    /// Unix seconds after which the token is refused.
+    pub expires_unix: u64,
+}
+
+/// Per-recipient queue limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// Most messages waiting for one recipient.
+    pub messages: u64,
+    /// Most envelope bytes waiting for one recipient.
+    pub bytes: u64,
+}
+
+/// What [`Store::enqueue`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Stored and committed.
+    Stored,
+    /// This (recipient, id) was stored before; nothing was added.
+    Duplicate,
+    /// The recipient's queue is full; nothing was added.
+    QuotaExceeded {
+        /// Messages waiting now.
+        messages: u64,
+        /// Bytes waiting now.
+        bytes: u64,
+    },
+}
+
+/// One queued envelope.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    /// Position in the recipient's queue (grows with arrival).
+    pub seq: u64,
+    /// The message id.
+    pub id: MessageId,
+    /// The envelope, postcard-encoded as received.
+    pub envelope: Vec<u8>,
+}
+
+/// Totals for the status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreCounts {
+    /// Active accounts.
+    pub accounts: u64,
+    /// Pending registrations (expired ones included until swept).
+    pub pending_registrations: u64,
+    /// Messages waiting in all queues.
+    pub queued_messages: u64,
+    /// Envelope bytes waiting in all queues.
+    pub queued_bytes: u64,
+}
+
+/// What a [`Store::sweep`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Messages older than the retention time.
+    pub expired_messages: u64,
+    /// Expired pending registrations.
+    pub expired_registrations: u64,
+    /// Expired sessions.
+    pub expired_sessions: u64,
+}
+
+/// The relay's durable state. All methods block; call them through
+/// [`blocking`]. Methods that write have committed when they return `Ok`.
+pub trait Store: Send + Sync + 'static {
+    /// The active account called `username`.
+    fn account(&self, username: &str) -> Result<Option<Account>, StoreError>;
+
+    /// Store a pending registration unless the name is taken by an account
+    /// or by a pending registration that has not expired at `now`.
+    /// Returns `false` (and stores nothing) when taken.
+    fn insert_pending(&self, pending: &PendingRegistration, now: u64) -> Result<bool, StoreError>;
+
+    /// The pending registration for `username`.
+    fn pending(&self, username: &str) -> Result<Option<PendingRegistration>, StoreError>;
+
+    /// Overwrite a pending registration (attempt counter).
+    fn update_pending(&self, pending: &PendingRegistration) -> Result<(), StoreError>;
+
+    /// Forget a pending registration.
+    fn remove_pending(&self, username: &str) -> Result<(), StoreError>;
+
+    /// Atomically drop the pending registration and create the account.
+    /// Returns `false` if an account of that name exists already.
+    fn activate(&self, account: &Account) -> Result<bool, StoreError>;
+
+    /// Replace an account's public key.
+    fn set_public_key(&self, username: &str, public_key: &[u8]) -> Result<(), StoreError>;
+
+    /// Record `step` as the account's last accepted TOTP time step if it is
+    /// later than the one recorded; `false` means it was used already.
+    fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError>;
+
+    /// Store a session under the SHA-256 of its token.
+    fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError>;
+
+    /// The session with this token hash.
+    fn session(&self, token_hash: &[u8; 32]) -> Result<Option<Session>, StoreError>;
+
+    /// Revoke a session.
+    fn remove_session(&self, token_hash: &[u8; 32]) -> Result<(), StoreError>;
+
+    /// Queue an envelope for `recipient`, deduplicated on `id` and limited by
+    /// `quota`; committed durably before returning.
+    fn enqueue(
+        &self,
+        recipient: &str,
+        id: &MessageId,
+        envelope: &[u8],
+        now: u64,
+        quota: Quota,
+    ) -> Result<EnqueueOutcome, StoreError>;
+
+    /// Up to `limit` queued envelopes for `recipient` with `seq > after`, oldest first.
+    fn queued_after(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError>;
+
+    /// Messages waiting for `recipient`.
+    fn queue_len(&self, recipient: &str) -> Result<u64, StoreError>;
+
+    /// Delete an acknowledged message; `false` if it was not queued. The id
+    /// stays known for dedupe until the retention time has passed.
+    fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError>;
+
+    /// Remove messages stored before `now - retention_secs`, dedupe entries
+    /// of that age, and expired registrations and sessions.
+    fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError>;
+
+    /// Totals for the status page.
+    fn counts(&self) -> Result<StoreCounts, StoreError>;
+}
+
+/// Run a store operation on tokio's blocking pool.
+pub async fn blocking<T, F>(store: &Arc<dyn Store>, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// Encode a record for storage.
+pub(crate) fn to_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Decode a stored record.
+pub(crate) fn from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

@@ -1,0 +1,378 @@
+//! The embedded [`Store`] backend: one redb file, one write transaction per
+//! change (redb commits are durable: fsync before `commit` returns).
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use securechat_common::MessageId;
+
+use super::{
+    from_bytes, to_bytes, Account, EnqueueOutcome, PendingRegistration, Queued, Quota, Session,
+    Store, StoreCounts, StoreError, SweepStats,
+};
+
+/// username → postcard [`Account`].
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+/// username → postcard [`PendingRegistration`].
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_registrations");
+/// SHA-256(token) → postcard [`Session`].
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+/// username → last accepted TOTP time step.
+const TOTP_STEPS: TableDefinition<&str, u64> = TableDefinition::new("totp_steps");
+/// (recipient, seq) → (stored unix secs, postcard envelope).
+const QUEUE: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("queue");
+/// (recipient, message id) → (seq, stored unix secs); seq 0 = delivered.
+const DEDUPE: TableDefinition<(&str, &[u8]), (u64, u64)> = TableDefinition::new("queue_dedupe");
+/// recipient → (messages, bytes) waiting.
+const TOTALS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queue_totals");
+/// Counters: "next_seq".
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Sequence number meaning "delivered, kept only for dedupe".
+const DELIVERED: u64 = 0;
+
+/// The redb-backed store.
+#[derive(Debug)]
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Open (or create) the database file and make sure every table exists.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(ACCOUNTS)?;
+            tx.open_table(PENDING)?;
+            tx.open_table(SESSIONS)?;
+            tx.open_table(TOTP_STEPS)?;
+            tx.open_table(QUEUE)?;
+            tx.open_table(DEDUPE)?;
+            tx.open_table(TOTALS)?;
+            tx.open_table(META)?;
+        }
+        tx.commit()?;
+        Ok(Self { db })
+    }
+}
+
+fn is_live_pending(bytes: &[u8], now: u64) -> Result<bool, StoreError> {
+    let p: PendingRegistration = from_bytes(bytes)?;
+    Ok(p.expires_unix > now)
+}
+
+impl Store for RedbStore {
+    fn account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(ACCOUNTS)?;
+        let found = table.get(username)?;
+        found.map(|g| from_bytes(g.value())).transpose()
+    }
+
+    fn insert_pending(&self, pending: &PendingRegistration, now: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            if tx
+                .open_table(ACCOUNTS)?
+                .get(pending.username.as_str())?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            let mut table = tx.open_table(PENDING)?;
+            let existing = table
+                .get(pending.username.as_str())?
+                .map(|g| g.value().to_vec());
+            if let Some(bytes) = existing {
+                if is_live_pending(&bytes, now)? {
+                    return Ok(false);
+                }
+            }
+            table.insert(pending.username.as_str(), to_bytes(pending)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn pending(&self, username: &str) -> Result<Option<PendingRegistration>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(PENDING)?;
+        let found = table.get(username)?;
+        found.map(|g| from_bytes(g.value())).transpose()
+    }
+
+    fn update_pending(&self, pending: &PendingRegistration) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(PENDING)?
+            .insert(pending.username.as_str(), to_bytes(pending)?.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn remove_pending(&self, username: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(PENDING)?.remove(username)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn activate(&self, account: &Account) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut accounts = tx.open_table(ACCOUNTS)?;
+            if accounts.get(account.username.as_str())?.is_some() {
+                return Ok(false);
+            }
+            accounts.insert(account.username.as_str(), to_bytes(account)?.as_slice())?;
+            tx.open_table(PENDING)?.remove(account.username.as_str())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn set_public_key(&self, username: &str, public_key: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut accounts = tx.open_table(ACCOUNTS)?;
+            let existing = accounts.get(username)?.map(|g| g.value().to_vec());
+            let Some(bytes) = existing else {
+                return Err(StoreError::Corrupt(format!("no account {username:?}")));
+            };
+            let mut account: Account = from_bytes(&bytes)?;
+            account.public_key = public_key.to_vec();
+            accounts.insert(username, to_bytes(&account)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut steps = tx.open_table(TOTP_STEPS)?;
+            let last = steps.get(username)?.map(|g| g.value());
+            if last.is_some_and(|last| step <= last) {
+                return Ok(false);
+            }
+            steps.insert(username, step)?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(SESSIONS)?
+            .insert(token_hash.as_slice(), to_bytes(session)?.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn session(&self, token_hash: &[u8; 32]) -> Result<Option<Session>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SESSIONS)?;
+        let found = table.get(token_hash.as_slice())?;
+        found.map(|g| from_bytes(g.value())).transpose()
+    }
+
+    fn remove_session(&self, token_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(SESSIONS)?.remove(token_hash.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn enqueue(
+        &self,
+        recipient: &str,
+        id: &MessageId,
+        envelope: &[u8],
+        now: u64,
+        quota: Quota,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut dedupe = tx.open_table(DEDUPE)?;
+            if dedupe.get((recipient, id.0.as_slice()))?.is_some() {
+                return Ok(EnqueueOutcome::Duplicate);
+            }
+            let mut totals = tx.open_table(TOTALS)?;
+            let (messages, bytes) = totals.get(recipient)?.map(|g| g.value()).unwrap_or((0, 0));
+            let size = envelope.len() as u64;
+            if messages + 1 > quota.messages || bytes + size > quota.bytes {
+                return Ok(EnqueueOutcome::QuotaExceeded { messages, bytes });
+            }
+            let mut meta = tx.open_table(META)?;
+            let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
+            meta.insert("next_seq", seq + 1)?;
+            tx.open_table(QUEUE)?
+                .insert((recipient, seq), (now, envelope))?;
+            dedupe.insert((recipient, id.0.as_slice()), (seq, now))?;
+            totals.insert(recipient, (messages + 1, bytes + size))?;
+        }
+        tx.commit()?;
+        Ok(EnqueueOutcome::Stored)
+    }
+
+    fn queued_after(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let queue = tx.open_table(QUEUE)?;
+        let mut out = Vec::new();
+        if after == u64::MAX {
+            return Ok(out);
+        }
+        for entry in queue.range((recipient, after + 1)..=(recipient, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            let (_, seq) = key.value();
+            let (_, envelope) = value.value();
+            let env: securechat_common::Envelope = from_bytes(envelope)?;
+            out.push(Queued {
+                seq,
+                id: env.id,
+                envelope: envelope.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn queue_len(&self, recipient: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let totals = tx.open_table(TOTALS)?;
+        let found = totals.get(recipient)?;
+        Ok(found.map(|g| g.value().0).unwrap_or(0))
+    }
+
+    fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut dedupe = tx.open_table(DEDUPE)?;
+            let entry = dedupe.get((recipient, id.0.as_slice()))?.map(|g| g.value());
+            let Some((seq, _stored)) = entry else {
+                return Ok(false);
+            };
+            if seq == DELIVERED {
+                return Ok(false);
+            }
+            let removed = tx
+                .open_table(QUEUE)?
+                .remove((recipient, seq))?
+                .map(|g| g.value().1.len() as u64);
+            // Keep the id (as delivered) so a late resend is still a duplicate.
+            dedupe.insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
+            if let Some(size) = removed {
+                subtract_totals(&mut tx.open_table(TOTALS)?, recipient, 1, size)?;
+            }
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError> {
+        let cutoff = now.saturating_sub(retention_secs);
+        let mut stats = SweepStats::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut queue = tx.open_table(QUEUE)?;
+            let mut expired: Vec<(String, u64, u64)> = Vec::new();
+            for entry in queue.iter()? {
+                let (key, value) = entry?;
+                let (stored, envelope) = value.value();
+                if stored < cutoff {
+                    let (recipient, seq) = key.value();
+                    expired.push((recipient.to_string(), seq, envelope.len() as u64));
+                }
+            }
+            let mut totals = tx.open_table(TOTALS)?;
+            for (recipient, seq, size) in &expired {
+                queue.remove((recipient.as_str(), *seq))?;
+                subtract_totals(&mut totals, recipient, 1, *size)?;
+            }
+            stats.expired_messages = expired.len() as u64;
+
+            // Dedupe entries live as long as the messages they guard.
+            let mut dedupe = tx.open_table(DEDUPE)?;
+            let mut old: Vec<(String, Vec<u8>)> = Vec::new();
+            for entry in dedupe.iter()? {
+                let (key, value) = entry?;
+                let (_, stored) = value.value();
+                if stored < cutoff {
+                    let (recipient, id) = key.value();
+                    old.push((recipient.to_string(), id.to_vec()));
+                }
+            }
+            for (recipient, id) in &old {
+                dedupe.remove((recipient.as_str(), id.as_slice()))?;
+            }
+
+            let mut pending = tx.open_table(PENDING)?;
+            let mut dead: Vec<String> = Vec::new();
+            for entry in pending.iter()? {
+                let (key, value) = entry?;
+                if !is_live_pending(value.value(), now)? {
+                    dead.push(key.value().to_string());
+                }
+            }
+            for name in &dead {
+                pending.remove(name.as_str())?;
+            }
+            stats.expired_registrations = dead.len() as u64;
+
+            let mut sessions = tx.open_table(SESSIONS)?;
+            let mut gone: Vec<Vec<u8>> = Vec::new();
+            for entry in sessions.iter()? {
+                let (key, value) = entry?;
+                let session: Session = from_bytes(value.value())?;
+                if session.expires_unix <= now {
+                    gone.push(key.value().to_vec());
+                }
+            }
+            for key in &gone {
+                sessions.remove(key.as_slice())?;
+            }
+            stats.expired_sessions = gone.len() as u64;
+        }
+        tx.commit()?;
+        Ok(stats)
+    }
+
+    fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut counts = StoreCounts {
+            accounts: tx.open_table(ACCOUNTS)?.len()?,
+            pending_registrations: tx.open_table(PENDING)?.len()?,
+            ..StoreCounts::default()
+        };
+        for entry in tx.open_table(TOTALS)?.iter()? {
+            let (_, value) = entry?;
+            let (messages, bytes) = value.value();
+            counts.queued_messages += messages;
+            counts.queued_bytes += bytes;
+        }
+        Ok(counts)
+    }
+}
+
+fn subtract_totals(
+    totals: &mut redb::Table<&str, (u64, u64)>,
+    recipient: &str,
+    messages: u64,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    let (m, b) = totals.get(recipient)?.map(|g| g.value()).unwrap_or((0, 0));
+    let (m, b) = (m.saturating_sub(messages), b.saturating_sub(bytes));
+    if m == 0 {
+        totals.remove(recipient)?;
+    } else {
+        totals.insert(recipient, (m, b))?;
+    }
+    Ok(())
+}
