@@ -150,7 +150,7 @@ where
     }
 }
 
-/// Stream unread messages (from `from`, if given) now and as they arrive,
+/// Answer `Ok`, then stream unread messages (from `from`, if given) now and as they arrive,
 /// marking them read, until the client hangs up.
 async fn watch<R, W>(
     agent: &Arc<Agent>,
@@ -163,6 +163,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut events = agent.events.subscribe();
+    write_msg(w, &IpcResponse::Ok).await?;
     loop {
         let msgs = match agent.store.take_inbox(false, from.as_deref()) {
             Ok(m) => m,

@@ -10,7 +10,7 @@
 //!   │ ◄── {"response":"hello",...}         │  a typed `version_mismatch` error
 //!   │ {"request":"send","to":"bob",...} ─► │  seal, sign, wait for the relay's Stored
 //!   │ ◄── {"response":"sent",...}          │
-//!   │ {"request":"watch","from":"bob"} ──► │  stream: one `message` line per new
+//!   │ {"request":"watch","from":"bob"} ──► │  `ok`, then one `message` line per
 //!   │ ◄── {"response":"message",...} ...   │  inbox item until chat-cli hangs up
 //! ```
 //!
@@ -115,8 +115,9 @@ pub enum IpcRequest {
         /// The new passphrase.
         passphrase: Option<Zeroizing<String>>,
     },
-    /// Stream new inbox messages (optionally from one user) as they arrive;
-    /// they are marked read when sent.
+    /// Stream unread inbox messages (optionally from one user) now and as
+    /// they arrive: answered with `Ok`, then one `Message` line each; they
+    /// are marked read when sent. Ends when the client hangs up.
     Watch {
         /// Only messages from this user.
         from: Option<String>,
