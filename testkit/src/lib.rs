@@ -1,1 +1,67 @@
-//! stub
+//! # securechat-testkit
+//!
+//! Shared helpers for the integration tests, built from real parts only:
+//!
+//! ```text
+//!  SmtpServer ── python3 -m aiosmtpd (Maildir) ◄── relay mails codes here
+//!  TestRelay  ── securechat_relay::Relay on 127.0.0.1:0, temp data dir
+//!  TestUser   ── identity key, password, TOTP from the relay's otpauth URI
+//!      └─ register / login through agentd's real QUIC RelayClient
+//! ```
+//!
+//! * [`smtp`] — a real SMTP server process that stores mail in a Maildir.
+//! * [`relay`] — an in-process relay that can be stopped and restarted.
+//! * [`user`] — test accounts: registration with the mailed code, MFA login.
+#![forbid(unsafe_code)]
+
+pub mod relay;
+pub mod smtp;
+pub mod user;
+
+pub use relay::TestRelay;
+pub use smtp::SmtpServer;
+pub use user::TestUser;
+
+pub use user::error_code;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use securechat_agentd::relay_client::RelayClient;
+use securechat_common::codec;
+use securechat_common::limits::MAX_FRAME_LEN;
+use securechat_common::protocol::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Write raw `bytes` as one request stream (no encoding) and decode the
+/// relay's answer: for feeding the relay garbage.
+pub async fn raw_request(client: &RelayClient, bytes: &[u8]) -> anyhow::Result<Response> {
+    let (mut send, mut recv) = client.connection().open_bi().await?;
+    // The relay may stop reading early (oversized frames); its answer counts.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let answer = recv
+        .read_to_end(MAX_FRAME_LEN + 4)
+        .await
+        .context("reading the relay's answer")?;
+    Ok(codec::decode::<Response>(&answer)?)
+}
+
+/// A minimal HTTP/1.0 GET; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("HTTP answer without a header end")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("HTTP GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
