@@ -79,7 +79,13 @@ impl IpcClient {
 
     /// Send one request and read its answer; an error answer is `Err`.
     pub async fn request(&mut self, req: &IpcRequest) -> Result<IpcResponse, IpcClientError> {
-        write_msg(&mut self.writer, req).await?;
+        if let Err(e) = write_msg(&mut self.writer, req).await {
+            // agentd may have refused and closed already; its reason wins.
+            return match self.next().await {
+                Err(IpcClientError::Agent(refusal)) => Err(IpcClientError::Agent(refusal)),
+                _ => Err(e.into()),
+            };
+        }
         self.next().await
     }
 

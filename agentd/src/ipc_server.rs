@@ -66,8 +66,12 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
     let me = rustix::process::geteuid().as_raw();
     let peer = stream.peer_creds().ok().and_then(|c| c.euid());
     let (r, mut w) = tokio::io::split(stream);
+    let mut reader = BufReader::new(r);
     if peer != Some(me) {
         tracing::warn!("refused a local connection from uid {peer:?}");
+        // Read the hello first (bounded) so the refusal is not lost to a reset.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), read_line(&mut reader)).await;
         let e = err(
             IpcErrorKind::PermissionDenied,
             "this agentd belongs to another user",
@@ -75,7 +79,6 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
         let _ = write_msg(&mut w, &IpcResponse::Error(e)).await;
         return;
     }
-    let mut reader = BufReader::new(r);
     if let Err(e) = serve_conn(&agent, &mut reader, &mut w).await {
         tracing::debug!("local connection ended: {e}");
     }

@@ -1,0 +1,438 @@
+//! Test harness: the real `relay`, `agentd` and `chat-cli` binaries as
+//! separate processes on loopback, each in a temporary directory.
+//!
+//! Waits are polls with a bounded deadline, never fixed sleeps asserting
+//! timing.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Generous bound for anything that should happen "soon".
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Directory holding the built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_chat-cli"));
+    exe.parent().unwrap().to_path_buf()
+}
+
+/// Path of a built binary; fails with advice when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// Poll `f` until it returns `Some`, or fail after [`WAIT`] with `what`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status();
+}
+
+/// Send SIGTERM and wait for the process to exit.
+pub fn terminate(child: &mut Child) {
+    signal(child, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running relay.
+pub struct Relay {
+    pub dir: PathBuf,
+    pub addr: String,
+    pub fingerprint: String,
+    child: Option<Child>,
+}
+
+impl Relay {
+    /// Start a relay with its data in `dir/relay` on 127.0.0.1:0.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "127.0.0.1:0")
+    }
+
+    fn start_on(dir: &Path, listen: &str) -> Self {
+        let data = dir.join("relay");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("relay.log"))
+            .unwrap();
+        let mut child = Command::new(bin("relay"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", listen, "--status-listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let (mut addr, mut fingerprint) = (None, None);
+        let deadline = Instant::now() + WAIT;
+        while addr.is_none() || fingerprint.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("relay did not print its address and fingerprint");
+            if let Some(a) = line.strip_prefix("relay: listening on ") {
+                addr = Some(a.trim().to_string());
+            }
+            if let Some(f) = line.strip_prefix("relay: certificate ") {
+                fingerprint = Some(f.trim().to_string());
+            }
+        }
+        Self {
+            dir: dir.to_path_buf(),
+            addr: addr.unwrap(),
+            fingerprint: fingerprint.unwrap(),
+            child: Some(child),
+        }
+    }
+
+    /// Stop gracefully (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// Start again on the same address with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Self::start_on(&self.dir, &self.addr);
+        assert_eq!(again.fingerprint, self.fingerprint);
+        self.child = again.into_child();
+    }
+
+    fn into_child(mut self) -> Option<Child> {
+        self.child.take()
+    }
+
+    /// The relay's database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("relay").join("relay.redb")
+    }
+
+    /// The newest verification code mailed to `email`.
+    pub fn code_for(&self, email: &str) -> String {
+        let outbox = self.dir.join("relay").join("outbox");
+        wait_for(&format!("a verification mail to {email}"), || {
+            let mut newest: Option<(SystemTime, String)> = None;
+            for entry in std::fs::read_dir(&outbox).ok()?.flatten() {
+                let text = std::fs::read_to_string(entry.path()).ok()?;
+                if !text.contains(email) {
+                    continue;
+                }
+                let code = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Verification code: "))
+                    .map(|c| c.trim().to_string())?;
+                let mtime = entry.metadata().ok()?.modified().ok()?;
+                if newest.as_ref().is_none_or(|(t, _)| mtime >= *t) {
+                    newest = Some((mtime, code));
+                }
+            }
+            newest.map(|(_, c)| c)
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One user's agentd and home directory.
+pub struct Agent {
+    pub name: String,
+    pub home: PathBuf,
+    relay_addr: String,
+    relay_fp: String,
+    child: Option<Child>,
+    pub secret: Option<String>,
+}
+
+/// The test password of every user.
+pub fn password(_name: &str) -> &'static str {
+    "correct horse battery staple"
+}
+
+impl Agent {
+    /// Start agentd for `name` in `dir/name`.
+    pub fn start(dir: &Path, name: &str, relay: &Relay) -> Self {
+        let mut agent = Self {
+            name: name.to_string(),
+            home: dir.join(name),
+            relay_addr: relay.addr.clone(),
+            relay_fp: relay.fingerprint.clone(),
+            child: None,
+            secret: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(self.home.parent().unwrap()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.with_extension("log"))
+            .unwrap();
+        let child = Command::new(bin("agentd"))
+            .arg("--home")
+            .arg(&self.home)
+            .args(["--relay", &self.relay_addr])
+            .args(["--relay-fingerprint", &self.relay_fp])
+            .args(["--key-bits", "2048"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for(&format!("{}'s agentd to answer", self.name), || {
+            self.cli(&["status"]).status.success().then_some(())
+        });
+    }
+
+    /// Stop gracefully (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// Kill without warning (SIGKILL).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Start again with the same home.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Run chat-cli against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, "")
+    }
+
+    /// Run chat-cli with `stdin` as its input.
+    pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = Command::new(bin("chat-cli"))
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Run chat-cli with `--json`, require success, parse stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "chat-cli {args:?} failed for {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Run chat-cli with `--json`, require failure, return the error object.
+    pub fn json_err(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            !out.status.success(),
+            "chat-cli {args:?} should have failed for {}",
+            self.name
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap_or_else(|_| {
+            panic!(
+                "stderr is not JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        v["error"].clone()
+    }
+
+    /// Register, verify with the mailed code, and log in with a TOTP code.
+    pub fn onboard(&mut self, relay: &Relay) {
+        let email = format!("{}@example.org", self.name);
+        let out = self.cli_stdin(
+            &[
+                "register",
+                &self.name,
+                "--email",
+                &email,
+                "--password-stdin",
+            ],
+            &format!("{}\n", password(&self.name)),
+        );
+        assert!(
+            out.status.success(),
+            "register {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let code = relay.code_for(&email);
+        let verified = self.json(&["verify", &code]);
+        let secret = verified["secret_base32"].as_str().unwrap().to_string();
+        assert!(verified["otpauth_uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("otpauth://totp/"));
+        self.secret = Some(secret);
+        self.login(0);
+    }
+
+    /// Log in with the TOTP code of the current step plus `step_offset`.
+    pub fn login(&self, step_offset: u64) {
+        let code = self.totp(step_offset);
+        let out = self.cli_stdin(
+            &["login", &self.name, "--password-stdin", "--totp", &code],
+            &format!("{}\n", password(&self.name)),
+        );
+        assert!(
+            out.status.success(),
+            "login {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The TOTP code for now plus `step_offset` 30-second steps.
+    pub fn totp(&self, step_offset: u64) -> String {
+        let secret = self.secret.clone().expect("onboarded");
+        let bytes = totp_rs::Secret::Encoded(secret).to_bytes().unwrap();
+        let totp = totp_rs::TOTP::new_unchecked(
+            totp_rs::Algorithm::SHA1,
+            6,
+            1,
+            30,
+            bytes,
+            None,
+            String::new(),
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        totp.generate(now + 30 * step_offset)
+    }
+
+    /// Status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        self.json(&["status"])
+    }
+
+    /// Wait until agentd is connected and logged in.
+    pub fn wait_logged_in(&self) {
+        wait_for(&format!("{} to be logged in", self.name), || {
+            let out = self.cli(&["--json", "status"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["connection"] == "logged_in").then_some(())
+        });
+    }
+
+    /// Send, retrying while the relay is unreachable (bounded).
+    pub fn send(&self, to: &str, text: &str) {
+        wait_for(&format!("{} to send to {to}", self.name), || {
+            let out = self.cli(&["--json", "send", to, text]);
+            if out.status.success() {
+                return Some(());
+            }
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(
+                err.contains("relay_unavailable"),
+                "send {} -> {to} failed: {err}",
+                self.name
+            );
+            None
+        });
+    }
+
+    /// Wait until the inbox (all messages) holds `text`.
+    pub fn wait_message(&self, from: &str, text: &str) {
+        wait_for(&format!("{} to receive {text:?}", self.name), || {
+            let v = self.json(&["inbox", "--all"]);
+            v["messages"]
+                .as_array()?
+                .iter()
+                .any(|m| m["from"] == from && m["text"] == text)
+                .then_some(())
+        });
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The permission bits of a path.
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
