@@ -154,6 +154,7 @@ pub fn new_token() -> Result<(Zeroizing<Vec<u8>>, [u8; 32]), AccountError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

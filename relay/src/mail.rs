@@ -181,6 +181,7 @@ async fn write_outbox(dir: PathBuf, username: &str, bytes: Vec<u8>) -> Result<Pa
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

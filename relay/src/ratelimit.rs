@@ -94,6 +94,7 @@ fn expire(events: &mut VecDeque<Instant>, now: Instant, window: Duration) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

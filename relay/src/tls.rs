@@ -185,6 +185,7 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

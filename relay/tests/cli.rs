@@ -2,6 +2,8 @@
 //! `relay fingerprint`, the start-up lines on stdout, and a clean exit on
 //! SIGTERM.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 

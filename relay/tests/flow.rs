@@ -2,6 +2,8 @@
 //! QUIC client: register → verify → MFA login → lookup → send → push → ack,
 //! a relay restart in between, resume, logout and supersede.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use securechat_agentd::relay_client::{ClientError, PushStream, RelayClient};

@@ -1,6 +1,8 @@
 //! Everything the relay must refuse, each with a typed error, while it keeps
 //! serving everyone else and stores nothing for the refused request.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use securechat_agentd::relay_client::{ClientError, RelayClient};

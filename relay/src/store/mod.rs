@@ -33,7 +33,7 @@ pub use redb_store::RedbStore;
 pub enum StoreError {
     /// The database reported an error (I/O, corruption, lock).
     #[error("database error: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     /// A stored record could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
@@ -46,12 +46,13 @@ macro_rules! redb_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
+                StoreError::Db(Box::new(e.into()))
             }
         }
     )*};
 }
 redb_errors!(
+    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

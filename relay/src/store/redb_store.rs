@@ -378,6 +378,7 @@ fn subtract_totals(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use zeroize::Zeroizing;
