@@ -36,7 +36,12 @@ struct Args {
 
     /// SHA-256 of the relay certificate, as printed by the relay at start or
     /// by `relay fingerprint` (`sha256:` prefix, spaces and colons allowed).
-    #[arg(long, value_name = "SHA256", conflicts_with = "relay_cert")]
+    #[arg(
+        long,
+        env = "SECURECHAT_RELAY_FINGERPRINT",
+        value_name = "SHA256",
+        conflicts_with = "relay_cert"
+    )]
     relay_fingerprint: Option<String>,
 
     /// PEM file with the CA certificate of a relay that has a proper certificate.

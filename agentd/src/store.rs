@@ -36,7 +36,7 @@ const KEEP_REJECTED: u64 = 50;
 pub enum StoreError {
     /// redb failed (I/O, corruption, locked by another agentd).
     #[error("database: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     /// A stored record does not decode.
     #[error("database record is damaged: {0}")]
     Corrupt(String),
@@ -45,11 +45,12 @@ pub enum StoreError {
 macro_rules! db_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+            fn from(e: $t) -> Self { StoreError::Db(Box::new(e.into())) }
         }
     )*};
 }
 db_from!(
+    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

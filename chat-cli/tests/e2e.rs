@@ -267,3 +267,85 @@ fn current_euid() -> u32 {
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(1)
 }
+
+#[test]
+fn chat_mode_and_broadcast() {
+    use std::io::{BufRead, Write};
+    let w = world();
+    w.alice.send("bob", "pins");
+    w.bob.wait_message("alice", "pins");
+
+    let mut chat = std::process::Command::new(common::bin("chat-cli"))
+        .arg("--home")
+        .arg(&w.bob.home)
+        .args(["chat", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = chat.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "typed in chat mode").unwrap();
+    w.alice.wait_message("bob", "typed in chat mode");
+    w.alice.send("bob", "shown live in the chat");
+    let shown = rx
+        .recv_timeout(common::WAIT)
+        .expect("the chat shows incoming messages");
+    assert!(shown.contains("alice: shown live in the chat"), "{shown}");
+    drop(stdin);
+    assert!(chat.wait().unwrap().success());
+
+    let sent = w.alice.json(&["broadcast", "to everyone online"]);
+    assert_eq!(sent["sent"].as_array().unwrap().len(), 1, "{sent}");
+    w.bob.wait_message("alice", "to everyone online");
+}
+
+#[test]
+fn passphrase_protected_key_waits_for_unlock() {
+    let mut w = world();
+    let out = w
+        .alice
+        .cli_stdin(&["passphrase", "--passphrase-stdin"], "open sesame\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read(w.alice.home.join("identity.key")).unwrap();
+    assert!(key.starts_with(b"SCKEY1"));
+    assert_eq!(mode(&w.alice.home.join("identity.key")), 0o600);
+
+    w.alice.restart();
+    assert_eq!(w.alice.status()["locked"], true);
+    let err = w.alice.json_err(&["send", "bob", "locked"]);
+    assert!(
+        err["kind"] == "locked" || err["kind"] == "relay_unavailable",
+        "{err}"
+    );
+    let wrong = w
+        .alice
+        .cli_stdin(&["unlock", "--passphrase-stdin"], "wrong\n");
+    assert!(!wrong.status.success());
+    let out = w
+        .alice
+        .cli_stdin(&["unlock", "--passphrase-stdin"], "open sesame\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Unlocking resumes the stored session: no new login.
+    w.alice.wait_logged_in();
+    w.alice.send("bob", "after unlock");
+    w.bob.wait_message("alice", "after unlock");
+}
