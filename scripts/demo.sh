@@ -8,7 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { printf '$ %s\n' "$*"; "$@"; }
+show() { # print the command as typed (quoting arguments with spaces), then run it
+  local arg line='$'
+  for arg in "$@"; do
+    if [[ "$arg" == *[[:space:]]* ]]; then line+=" \"$arg\""; else line+=" $arg"; fi
+  done
+  printf '%s\n' "$line"
+  "$@"
+}
 
 step "Building relay, agentd and chat-cli (first build takes a few minutes)"
 cargo build --locked --bins --quiet
@@ -41,6 +48,7 @@ wait_for 30 grep -q '^relay: listening on ' "$WORK/relay.out"
 cat "$WORK/relay.out"
 RELAY_ADDR="$(sed -n 's/^relay: listening on //p' "$WORK/relay.out")"
 RELAY_FP="$(sed -n 's/^relay: certificate //p' "$WORK/relay.out")"
+STATUS_URL="$(sed -n 's/^relay: status page //p' "$WORK/relay.out")"
 
 start_agent() { # start_agent NAME
   agentd --home "$WORK/$1" --relay "$RELAY_ADDR" --relay-fingerprint "$RELAY_FP" \
@@ -106,5 +114,8 @@ show chat-cli --home "$WORK/alice" inbox --all
 step "Fingerprints to compare out of band"
 show chat-cli --home "$WORK/alice" fingerprint
 show chat-cli --home "$WORK/alice" fingerprint bob
+
+step "The operator's status page ($STATUS_URL) shows live counts, never names or content"
+python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + "status.json").read().decode())' "$STATUS_URL"
 
 step "Done: the relay only ever held ciphertext. Cleaning up $WORK"
