@@ -24,7 +24,7 @@ use crate::clock::unix_now;
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
 use crate::server::Shared;
-use crate::store::{blocking, Account, PendingRegistration, Session};
+use crate::store::{blocking, Account, CodeAttempt, PendingRegistration, Session};
 
 fn username_taken(username: &str) -> ErrorReply {
     fail(
@@ -115,45 +115,37 @@ pub(super) async fn verify(
     if validate_username(&username).is_err() {
         return Err(no_pending());
     }
-    let name = username.clone();
-    let pending = blocking(&shared.store, move |s| s.pending(&name))
-        .await
-        .map_err(|e| internal("registration lookup failed", e))?
-        .ok_or_else(no_pending)?;
     let now = unix_now();
     let max = shared.config.max_code_attempts;
-    if now >= pending.expires_unix {
-        let name = username.clone();
-        blocking(&shared.store, move |s| s.remove_pending(&name))
-            .await
-            .map_err(|e| internal("dropping an expired registration failed", e))?;
-        return Err(fail(
-            ErrorCode::CodeExpired,
-            "the code has expired; register again for a new one",
-        ));
-    }
-    let locked = || {
+    let name = username.clone();
+    let attempt = blocking(&shared.store, move |s| s.take_code_attempt(&name, now, max))
+        .await
+        .map_err(|e| internal("registration lookup failed", e))?;
+    let locked = |expires_unix: u64| {
         fail(
             ErrorCode::TooManyAttempts,
             format!(
                 "too many wrong codes; register again after {} seconds",
-                pending.expires_unix.saturating_sub(now)
+                expires_unix.saturating_sub(now)
             ),
         )
     };
-    if pending.attempts >= max {
-        return Err(locked());
-    }
+    let pending = match attempt {
+        CodeAttempt::NoPending => return Err(no_pending()),
+        CodeAttempt::Expired => {
+            return Err(fail(
+                ErrorCode::CodeExpired,
+                "the code has expired; register again for a new one",
+            ))
+        }
+        CodeAttempt::Locked { expires_unix } => return Err(locked(expires_unix)),
+        CodeAttempt::Counted(pending) => pending,
+    };
     if !code_matches(&code, &pending.code_hash) {
-        let mut updated = pending.clone();
-        updated.attempts += 1;
-        let attempts = updated.attempts;
-        blocking(&shared.store, move |s| s.update_pending(&updated))
-            .await
-            .map_err(|e| internal("recording a wrong code failed", e))?;
+        let attempts = pending.attempts;
         tracing::info!(%username, attempts, "wrong verification code");
         if attempts >= max {
-            return Err(locked());
+            return Err(locked(pending.expires_unix));
         }
         return Err(fail(
             ErrorCode::WrongCode,

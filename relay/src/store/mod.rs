@@ -115,6 +115,23 @@ impl std::fmt::Debug for PendingRegistration {
     }
 }
 
+/// What [`Store::take_code_attempt`] found.
+#[derive(Clone, Debug)]
+pub enum CodeAttempt {
+    /// No registration is pending for the name.
+    NoPending,
+    /// The code had expired; the registration is gone.
+    Expired,
+    /// The attempts are used up; the registration stays locked until it expires.
+    Locked {
+        /// When it expires.
+        expires_unix: u64,
+    },
+    /// The attempt was counted; compare the code against this record
+    /// (whose `attempts` includes this one).
+    Counted(PendingRegistration),
+}
+
 /// A session created by a full login.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Session {
@@ -198,8 +215,15 @@ pub trait Store: Send + Sync + 'static {
     /// The pending registration for `username`.
     fn pending(&self, username: &str) -> Result<Option<PendingRegistration>, StoreError>;
 
-    /// Overwrite a pending registration (attempt counter).
-    fn update_pending(&self, pending: &PendingRegistration) -> Result<(), StoreError>;
+    /// Count one code attempt for `username`, atomically, before the code
+    /// is compared: concurrent guesses cannot exceed `max_attempts`.
+    /// An expired registration is removed.
+    fn take_code_attempt(
+        &self,
+        username: &str,
+        now: u64,
+        max_attempts: u32,
+    ) -> Result<CodeAttempt, StoreError>;
 
     /// Forget a pending registration.
     fn remove_pending(&self, username: &str) -> Result<(), StoreError>;

@@ -7,8 +7,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use securechat_common::MessageId;
 
 use super::{
-    from_bytes, to_bytes, Account, EnqueueOutcome, PendingRegistration, Queued, Quota, Session,
-    Store, StoreCounts, StoreError, SweepStats,
+    from_bytes, to_bytes, Account, CodeAttempt, EnqueueOutcome, PendingRegistration, Queued, Quota,
+    Session, Store, StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -102,12 +102,37 @@ impl Store for RedbStore {
         found.map(|g| from_bytes(g.value())).transpose()
     }
 
-    fn update_pending(&self, pending: &PendingRegistration) -> Result<(), StoreError> {
+    fn take_code_attempt(
+        &self,
+        username: &str,
+        now: u64,
+        max_attempts: u32,
+    ) -> Result<CodeAttempt, StoreError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(PENDING)?
-            .insert(pending.username.as_str(), to_bytes(pending)?.as_slice())?;
+        let outcome = {
+            let mut table = tx.open_table(PENDING)?;
+            let existing = table.get(username)?.map(|g| g.value().to_vec());
+            match existing {
+                None => CodeAttempt::NoPending,
+                Some(bytes) => {
+                    let mut pending: PendingRegistration = from_bytes(&bytes)?;
+                    if now >= pending.expires_unix {
+                        table.remove(username)?;
+                        CodeAttempt::Expired
+                    } else if pending.attempts >= max_attempts {
+                        CodeAttempt::Locked {
+                            expires_unix: pending.expires_unix,
+                        }
+                    } else {
+                        pending.attempts += 1;
+                        table.insert(username, to_bytes(&pending)?.as_slice())?;
+                        CodeAttempt::Counted(pending)
+                    }
+                }
+            }
+        };
         tx.commit()?;
-        Ok(())
+        Ok(outcome)
     }
 
     fn remove_pending(&self, username: &str) -> Result<(), StoreError> {
@@ -444,6 +469,31 @@ mod tests {
         assert!(!store.activate(&account("alice")).unwrap());
         assert!(!store.insert_pending(&pending("alice", 999), 500).unwrap());
         assert_eq!(store.counts().unwrap().accounts, 1);
+    }
+
+    #[test]
+    fn code_attempts_are_counted_then_locked_and_expire() {
+        let (_dir, store) = open();
+        assert!(matches!(
+            store.take_code_attempt("carol", 10, 2).unwrap(),
+            CodeAttempt::NoPending
+        ));
+        store.insert_pending(&pending("carol", 100), 0).unwrap();
+        for n in 1..=2 {
+            match store.take_code_attempt("carol", 10, 2).unwrap() {
+                CodeAttempt::Counted(p) => assert_eq!(p.attempts, n),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            store.take_code_attempt("carol", 10, 2).unwrap(),
+            CodeAttempt::Locked { expires_unix: 100 }
+        ));
+        assert!(matches!(
+            store.take_code_attempt("carol", 100, 2).unwrap(),
+            CodeAttempt::Expired
+        ));
+        assert!(store.pending("carol").unwrap().is_none());
     }
 
     #[test]
