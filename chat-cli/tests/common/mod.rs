@@ -1,5 +1,7 @@
 //! Test harness: the real `relay`, `agentd` and `chat-cli` binaries as
-//! separate processes on loopback, each in a temporary directory.
+//! separate processes on loopback, each in a temporary directory, and a real
+//! SMTP server (aiosmtpd, from `securechat-testkit`) that receives the
+//! verification mails.
 //!
 //! Waits are polls with a bounded deadline, never fixed sleeps asserting
 //! timing.
@@ -65,6 +67,7 @@ pub fn terminate(child: &mut Child) {
 /// A running relay.
 pub struct Relay {
     pub dir: PathBuf,
+    smtp: std::sync::Arc<securechat_testkit::smtp::SmtpServer>,
     pub addr: String,
     pub fingerprint: String,
     child: Option<Child>,
@@ -73,10 +76,16 @@ pub struct Relay {
 impl Relay {
     /// Start a relay with its data in `dir/relay` on 127.0.0.1:0.
     pub fn start(dir: &Path) -> Self {
-        Self::start_on(dir, "127.0.0.1:0")
+        let smtp = securechat_testkit::smtp::SmtpServer::start()
+            .expect("a real SMTP server for the verification mails");
+        Self::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp))
     }
 
-    fn start_on(dir: &Path, listen: &str) -> Self {
+    fn start_on(
+        dir: &Path,
+        listen: &str,
+        smtp: std::sync::Arc<securechat_testkit::smtp::SmtpServer>,
+    ) -> Self {
         let data = dir.join("relay");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -87,6 +96,8 @@ impl Relay {
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", listen, "--status-listen", "127.0.0.1:0"])
+            .args(["--smtp-url", &smtp.url()])
+            .args(["--mail-from", "securechat@example.org"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -116,6 +127,7 @@ impl Relay {
         }
         Self {
             dir: dir.to_path_buf(),
+            smtp,
             addr: addr.unwrap(),
             fingerprint: fingerprint.unwrap(),
             child: Some(child),
@@ -132,7 +144,7 @@ impl Relay {
     /// Start again on the same address with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        let again = Self::start_on(&self.dir, &self.addr);
+        let again = Self::start_on(&self.dir, &self.addr, self.smtp.clone());
         assert_eq!(again.fingerprint, self.fingerprint);
         self.child = again.into_child();
     }
@@ -146,27 +158,14 @@ impl Relay {
         self.dir.join("relay").join("relay.redb")
     }
 
-    /// The newest verification code mailed to `email`.
+    /// The verification code mailed to `email` (received by the SMTP server).
     pub fn code_for(&self, email: &str) -> String {
-        let outbox = self.dir.join("relay").join("outbox");
-        wait_for(&format!("a verification mail to {email}"), || {
-            let mut newest: Option<(SystemTime, String)> = None;
-            for entry in std::fs::read_dir(&outbox).ok()?.flatten() {
-                let text = std::fs::read_to_string(entry.path()).ok()?;
-                if !text.contains(email) {
-                    continue;
-                }
-                let code = text
-                    .lines()
-                    .find_map(|l| l.trim().strip_prefix("Verification code: "))
-                    .map(|c| c.trim().to_string())?;
-                let mtime = entry.metadata().ok()?.modified().ok()?;
-                if newest.as_ref().is_none_or(|(t, _)| mtime >= *t) {
-                    newest = Some((mtime, code));
-                }
-            }
-            newest.map(|(_, c)| c)
-        })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(self.smtp.wait_for_code(email, WAIT))
+            .unwrap_or_else(|e| panic!("verification mail to {email}: {e:#}"))
     }
 }
 
