@@ -263,14 +263,14 @@ mod tests {
     fn any_change_to_a_bound_field_fails() {
         let p = keys();
         let env = sealed(&p, b"hi bob");
-        let mutations: Vec<Box<dyn Fn(&mut Envelope)>> = vec![
-            Box::new(|e| e.id.0[0] ^= 1),
-            Box::new(|e| e.sender = "mallory".into()),
-            Box::new(|e| e.timestamp_ms += 1),
-            Box::new(|e| e.wrapped_key[5] ^= 1),
-            Box::new(|e| e.nonce[0] ^= 1),
-            Box::new(|e| e.ciphertext[0] ^= 1),
-            Box::new(|e| e.signature[9] ^= 1),
+        let mutations: [fn(&mut Envelope); 7] = [
+            |e| e.id.0[0] ^= 1,
+            |e| e.sender = "mallory".into(),
+            |e| e.timestamp_ms += 1,
+            |e| e.wrapped_key[5] ^= 1,
+            |e| e.nonce[0] ^= 1,
+            |e| e.ciphertext[0] ^= 1,
+            |e| e.signature[9] ^= 1,
         ];
         for mutate in mutations {
             let mut bad = env.clone();
