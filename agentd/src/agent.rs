@@ -280,6 +280,8 @@ impl Agent {
                 )
             }
         };
+        // Without an unlocked key no session can be resumed: say why at once.
+        self.ready_keys()?;
         let has_session = self.config.paths.session().exists();
         let conn = self.conn();
         if !conn.logged_in && (!has_session || lock(&self.flags).login_needed) {
