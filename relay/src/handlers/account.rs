@@ -218,10 +218,13 @@ fn take_challenge(
     Ok((nonce, binding))
 }
 
+/// Count a login attempt against the account before any check runs (so
+/// concurrent guesses cannot slip past the limit); a success clears it, so
+/// in effect only failures accumulate.
 fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
-    if shared
+    if !shared
         .account_limiter
-        .is_limited(&username.to_string(), Instant::now())
+        .try_acquire(&username.to_string(), Instant::now())
     {
         return Err(fail(
             ErrorCode::RateLimited,
@@ -231,10 +234,7 @@ fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
     Ok(())
 }
 
-fn failed(shared: &Shared, username: &str, reply: ErrorReply) -> ErrorReply {
-    shared
-        .account_limiter
-        .record(&username.to_string(), Instant::now());
+fn failed(username: &str, reply: ErrorReply) -> ErrorReply {
     tracing::info!(%username, code = ?reply.code, "login refused");
     reply
 }
@@ -282,7 +282,6 @@ pub(super) async fn login(
         Some(account) if password_ok => account,
         _ => {
             return Err(failed(
-                shared,
                 &username,
                 fail(
                     ErrorCode::InvalidCredentials,
@@ -296,7 +295,6 @@ pub(super) async fn login(
         totp(&account.totp_secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
     let Some(step) = check_totp(&generator, totp_code.trim(), unix_now()) else {
         return Err(failed(
-            shared,
             &username,
             fail(
                 ErrorCode::InvalidTotp,
@@ -309,7 +307,7 @@ pub(super) async fn login(
         PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
     let transcript = login_transcript(LoginPurpose::Login, &username, &nonce, &binding);
     if key.verify(&transcript, &signature).is_err() {
-        return Err(failed(shared, &username, bad_signature()));
+        return Err(failed(&username, bad_signature()));
     }
 
     let name = username.clone();
@@ -318,7 +316,6 @@ pub(super) async fn login(
         .map_err(|e| internal("recording the TOTP step failed", e))?;
     if !fresh {
         return Err(failed(
-            shared,
             &username,
             fail(
                 ErrorCode::TotpReused,
@@ -398,7 +395,6 @@ pub(super) async fn resume(
         }
         _ => {
             return Err(failed(
-                shared,
                 &username,
                 fail(
                     ErrorCode::SessionExpired,
@@ -411,8 +407,9 @@ pub(super) async fn resume(
         PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
     let transcript = login_transcript(LoginPurpose::Resume, &username, &nonce, &binding);
     if key.verify(&transcript, &signature).is_err() {
-        return Err(failed(shared, &username, bad_signature()));
+        return Err(failed(&username, bad_signature()));
     }
+    shared.account_limiter.clear(&username);
     let unread = go_online(
         shared,
         state,
