@@ -15,7 +15,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use securechat_common::codec::{self, CodecError};
 use securechat_common::limits::MAX_FRAME_LEN;
@@ -34,6 +34,8 @@ use crate::store::blocking;
 const MAX_BAD_FRAMES: u32 = 8;
 /// QUIC application close code for a connection that sent too many bad frames.
 const BAD_FRAMES_CODE: u32 = 3;
+/// How long a client may take to send one whole request.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Envelopes read from the store per push batch.
 const PUSH_BATCH: usize = 64;
 
@@ -180,7 +182,17 @@ async fn serve_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let response = match recv.read_to_end(MAX_FRAME_LEN + 4).await {
+    let read = tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_to_end(MAX_FRAME_LEN + 4));
+    let Ok(read) = read.await else {
+        tracing::debug!(
+            conn = state.id,
+            "request not finished in time; dropping the stream"
+        );
+        let _ = recv.stop(0u32.into());
+        let _ = send.reset(0u32.into());
+        return;
+    };
+    let response = match read {
         Ok(bytes) => match codec::decode::<Request>(&bytes) {
             Ok(request) => {
                 tracing::debug!(conn = state.id, ?request, "request");
