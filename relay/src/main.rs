@@ -1,5 +1,8 @@
 //! The `relay` binary: parse the command line and the TOML config file,
 //! build a [`securechat_relay::Config`], run the library until SIGINT/SIGTERM.
+// The doc comments on the CLI types are `--help` text, written for a
+// terminal rather than rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
