@@ -134,7 +134,9 @@ async fn register(
 }
 
 async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
-    let Some(username) = agent.store.setting("pending_username")? else {
+    // A finished registration leaves the setting empty: nothing is pending.
+    let pending = agent.store.setting("pending_username")?;
+    let Some(username) = pending.filter(|u| !u.is_empty()) else {
         return Err(err(
             IpcErrorKind::NoPendingRegistration,
             "no registration is waiting for a code; run `chat-cli register` first",
