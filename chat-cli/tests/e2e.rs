@@ -6,31 +6,8 @@
 
 mod common;
 
-use common::{mode, wait_for, Agent, Relay};
+use common::{mode, wait_for, world, Agent, Relay};
 use securechat_relay::store::Store as _;
-
-struct World {
-    _tmp: tempfile::TempDir,
-    relay: Relay,
-    alice: Agent,
-    bob: Agent,
-}
-
-/// A relay and two onboarded users (registered, verified, logged in).
-fn world() -> World {
-    let tmp = tempfile::tempdir().unwrap();
-    let relay = Relay::start(tmp.path());
-    let mut alice = Agent::start(tmp.path(), "alice", &relay);
-    let mut bob = Agent::start(tmp.path(), "bob", &relay);
-    alice.onboard(&relay);
-    bob.onboard(&relay);
-    World {
-        _tmp: tmp,
-        relay,
-        alice,
-        bob,
-    }
-}
 
 #[test]
 fn demo_story_with_offline_delivery_and_file_modes() {

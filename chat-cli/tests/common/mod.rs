@@ -377,6 +377,40 @@ impl Agent {
         totp.generate(now + 30 * step_offset)
     }
 
+    /// `chat-cli rotate-key` with a fresh full login (TOTP of the current
+    /// step plus `step_offset`); returns the JSON answer.
+    pub fn rotate_key(&self, step_offset: u64) -> serde_json::Value {
+        let out = self.cli_stdin(
+            &[
+                "--json",
+                "rotate-key",
+                "--password-stdin",
+                "--totp",
+                &self.totp(step_offset),
+            ],
+            &format!("{}\n", password(&self.name)),
+        );
+        assert!(
+            out.status.success(),
+            "rotate-key {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The relay session token agentd stored (`session` file, second line).
+    pub fn session_token(&self) -> Vec<u8> {
+        let text = std::fs::read_to_string(self.home.join("session")).unwrap();
+        let hex_token = text.lines().nth(1).expect("a token line");
+        hex::decode(hex_token.trim()).unwrap()
+    }
+
+    /// The path of agentd's local socket.
+    pub fn socket(&self) -> PathBuf {
+        self.home.join("agent.sock")
+    }
+
     /// Status as JSON.
     pub fn status(&self) -> serde_json::Value {
         self.json(&["status"])
@@ -427,6 +461,31 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A relay and two onboarded users (registered, verified, logged in).
+pub struct World {
+    /// Holds every process's files; removed on drop.
+    pub tmp: tempfile::TempDir,
+    pub relay: Relay,
+    pub alice: Agent,
+    pub bob: Agent,
+}
+
+/// Start a relay and onboard alice and bob.
+pub fn world() -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = Relay::start(tmp.path());
+    let mut alice = Agent::start(tmp.path(), "alice", &relay);
+    let mut bob = Agent::start(tmp.path(), "bob", &relay);
+    alice.onboard(&relay);
+    bob.onboard(&relay);
+    World {
+        tmp,
+        relay,
+        alice,
+        bob,
     }
 }
 
