@@ -37,7 +37,7 @@ fn user_mistakes_give_clear_errors_and_a_failing_exit_status() {
     assert!(err.contains("nobody"), "{err}");
     assert!(err.contains("no user"), "{err}");
     let json = alice.json_err(&["send", "nobody", "hello?"]);
-    assert_eq!(json["relay_code"], "UnknownUser", "{json}");
+    assert_eq!(json["relay_code"], "unknown_user", "{json}");
     // Nothing was pinned for a user that does not exist.
     let fp = alice.cli(&["--json", "fingerprint", "nobody"]);
     assert!(!fp.status.success());

@@ -312,7 +312,11 @@ impl std::fmt::Display for ErrorReply {
 impl std::error::Error for ErrorReply {}
 
 /// Why a request failed.
+///
+/// On the wire postcard encodes the variant index; the snake_case names are
+/// what JSON output (chat-cli `--json`) shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorCode {
     /// The frame could not be decoded, or the request makes no sense here.
