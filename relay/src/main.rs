@@ -194,21 +194,20 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+/// Resolves on SIGINT or SIGTERM. The handlers are installed before this
+/// returns, so a signal sent as soon as the start-up lines are out (before
+/// the relay first polls the future) still stops the relay cleanly.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the relay");
-            let _ = ctrl_c.await;
-        }
-    }
-    tracing::info!("signal received");
+        tracing::info!("signal received");
+    })
 }
 
 #[tokio::main]
@@ -232,13 +231,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let shutdown = shutdown_signal()?;
     let relay = Relay::bind(config).await.context("starting the relay")?;
     for line in relay.banner() {
         println!("{line}");
     }
-    relay
-        .run(shutdown_signal())
-        .await
-        .context("running the relay")?;
+    relay.run(shutdown).await.context("running the relay")?;
     Ok(())
 }
