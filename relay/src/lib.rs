@@ -21,7 +21,8 @@
 //! * `connection` — one QUIC connection: request streams, login state, pushes.
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
-//! * [`store`] — the [`store::Store`] trait and its redb backend.
+//! * [`store`] — the [`store::Store`] trait, its redb backend, and the
+//!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
 //! * [`hub`] — online users; the newest connection of a user wins.
 //! * [`ratelimit`] — sliding-window limits per address and per account.

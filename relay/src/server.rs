@@ -4,11 +4,13 @@
 //!  Relay::bind ── opens store, TLS identity, mailer, UDP + TCP sockets
 //!  Relay::run
 //!    ├─ accept loop ──► JoinSet<connection task>   (one per QUIC connection)
+//!    ├─ queue writer (group commit of sends and acks)
 //!    ├─ sweeper (expired messages, registrations, sessions)
 //!    └─ status page (axum)
 //!  shutdown future fires
 //!    └─ stop accepting → close every connection ("relay shutting down")
-//!       → wait (bounded) for in-flight requests and their commits → return
+//!       → wait (bounded) for in-flight requests and their commits
+//!       → stop background tasks; the queue writer commits what is queued → return
 //! ```
 
 use std::future::Future;
@@ -28,7 +30,8 @@ use crate::hub::Hub;
 use crate::mail::{MailError, Mailer};
 use crate::ratelimit::RateLimiter;
 use crate::status::Stats;
-use crate::store::{blocking, RedbStore, Store, StoreError};
+use crate::store::writer::queue_writer;
+use crate::store::{blocking, QueueWriter, RedbStore, Store, StoreError, WriterTask};
 use crate::tls::{TlsError, TlsIdentity};
 
 /// Close reason sent to every client when the relay stops.
@@ -79,6 +82,8 @@ pub enum RelayError {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
+    /// Sends and acks, batched into group commits.
+    pub(crate) queue: QueueWriter,
     pub(crate) mailer: Mailer,
     pub(crate) passwords: Passwords,
     pub(crate) hub: Hub,
@@ -93,6 +98,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     status: Option<tokio::net::TcpListener>,
+    writer: WriterTask,
     fingerprint: [u8; 32],
 }
 
@@ -143,11 +149,13 @@ impl Relay {
             ),
             None => None,
         };
+        let (queue, writer) = queue_writer(Arc::clone(&store), config.quota);
         let shared = Arc::new(Shared {
             ip_limiter: RateLimiter::new(config.attempts_per_ip),
             account_limiter: RateLimiter::new(config.login_failures_per_account),
             config,
             store,
+            queue,
             mailer,
             passwords,
             hub: Hub::default(),
@@ -158,6 +166,7 @@ impl Relay {
             shared,
             endpoint,
             status,
+            writer,
             fingerprint: identity.fingerprint(),
         })
     }
@@ -219,11 +228,15 @@ impl Relay {
             shared,
             endpoint,
             status,
+            writer,
             ..
         } = self;
         let grace = shared.config.shutdown_grace;
         let stop_background = CancellationToken::new();
         let mut background = JoinSet::new();
+        // Stopped with the other background tasks, after the connections
+        // have drained: it still commits whatever they left queued.
+        background.spawn(writer.run(stop_background.clone()));
         background.spawn(sweeper(Arc::clone(&shared), stop_background.clone()));
         if let Some(listener) = status {
             let router = crate::status::router(Arc::clone(&shared));

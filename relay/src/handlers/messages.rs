@@ -73,16 +73,12 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
     let id = envelope.id;
     let quota = shared.config.quota;
     let now = unix_now();
-    let to = recipient.clone();
-    let outcome = blocking(&shared.store, move |s| {
-        if s.account(&to)?.is_none() {
-            return Ok(None);
-        }
-        s.enqueue(&to, &id, &bytes, now, quota).map(Some)
-    })
-    .await
-    .map_err(|e| internal("storing a message failed", e))?
-    .ok_or_else(unknown)?;
+    // Grouped with concurrent sends and acks into one durable commit.
+    let outcome = shared
+        .queue
+        .enqueue(recipient.clone(), id, bytes, now)
+        .await
+        .map_err(|e| internal("storing a message failed", e))?;
     match outcome {
         EnqueueOutcome::Stored => {
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -105,6 +101,7 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
                 quota.messages, quota.bytes
             ),
         )),
+        EnqueueOutcome::UnknownRecipient => Err(unknown()),
     }
 }
 
@@ -115,9 +112,9 @@ pub(super) async fn ack(
     outcome: AckOutcome,
 ) -> Reply {
     let auth = require_auth(state)?;
-    let name = auth.username.clone();
-    let now = unix_now();
-    let removed = blocking(&shared.store, move |s| s.ack(&name, &id, now))
+    let removed = shared
+        .queue
+        .ack(auth.username, id, unix_now())
         .await
         .map_err(|e| internal("acknowledging a message failed", e))?;
     if removed {

@@ -1,13 +1,17 @@
 //! Durable state behind a small storage trait.
 //!
 //! ```text
-//!  handlers ──spawn_blocking──► dyn Store ──► RedbStore (<data-dir>/relay.redb)
-//!                                        └──► (later) a Redis backend for several relays
+//!  handlers ──spawn_blocking──────────────► dyn Store ──► RedbStore (<data-dir>/relay.redb)
+//!  send / ack ──► QueueWriter ─(batches)──►    │     └──► (later) a Redis backend for several relays
 //! ```
 //!
 //! The trait is synchronous on purpose: the embedded backend blocks on disk
 //! I/O, so callers run it on tokio's blocking pool (see [`blocking`]). Every
 //! method that changes state has committed durably when it returns `Ok`.
+//!
+//! Sends and acks go through the [`QueueWriter`] ([`writer`]), which groups
+//! the requests that arrive while a commit is in progress into one
+//! [`Store::write_queue_batch`] call: one transaction, one fsync.
 //!
 //! What is kept:
 //! * accounts (username → email, argon2id PHC, public key, TOTP secret);
@@ -18,6 +22,7 @@
 //!   (recipient, message id) and per-recipient totals for the quota.
 
 mod redb_store;
+pub mod writer;
 
 use std::sync::Arc;
 
@@ -26,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use redb_store::RedbStore;
+pub use writer::{QueueWriter, WriterTask};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +43,14 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
-    /// The blocking task running the operation failed.
+    /// The blocking task running the operation failed, or the queue writer
+    /// stopped (the relay is shutting down) before answering.
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The batch this request was grouped into did not commit; nothing in
+    /// the batch was stored. Every request of the batch shares the cause.
+    #[error("batched write failed: {0}")]
+    Batch(Arc<StoreError>),
 }
 
 macro_rules! redb_errors {
@@ -150,7 +161,7 @@ pub struct Quota {
     pub bytes: u64,
 }
 
-/// What [`Store::enqueue`] did.
+/// What [`Store::enqueue`] (or an enqueue in [`Store::write_queue_batch`]) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnqueueOutcome {
     /// Stored and committed.
@@ -164,6 +175,55 @@ pub enum EnqueueOutcome {
         /// Bytes waiting now.
         bytes: u64,
     },
+    /// No account has the recipient's name; nothing was added. Only
+    /// [`Store::write_queue_batch`] checks this.
+    UnknownRecipient,
+}
+
+/// One change to the message queues; a batch of them is applied in order
+/// by [`Store::write_queue_batch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueOp {
+    /// Queue an envelope for `recipient`, who must have an account,
+    /// deduplicated on `id` and limited by the batch's quota.
+    Enqueue {
+        /// Whose queue.
+        recipient: String,
+        /// The message id (dedupe key).
+        id: MessageId,
+        /// The envelope, postcard-encoded.
+        envelope: Vec<u8>,
+        /// Unix seconds of arrival (retention counts from here).
+        now: u64,
+    },
+    /// Delete an acknowledged message, as [`Store::ack`] does.
+    Ack {
+        /// Whose queue.
+        recipient: String,
+        /// The acknowledged message.
+        id: MessageId,
+        /// Unix seconds of the ack.
+        now: u64,
+    },
+}
+
+impl QueueOp {
+    /// Envelope bytes this operation writes (for bounding a batch).
+    pub fn envelope_len(&self) -> usize {
+        match self {
+            QueueOp::Enqueue { envelope, .. } => envelope.len(),
+            QueueOp::Ack { .. } => 0,
+        }
+    }
+}
+
+/// What one [`QueueOp`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueOutcome {
+    /// The outcome of a [`QueueOp::Enqueue`].
+    Enqueue(EnqueueOutcome),
+    /// The outcome of a [`QueueOp::Ack`]: `false` if the message was not queued.
+    Ack(bool),
 }
 
 /// One queued envelope.
@@ -258,6 +318,21 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         quota: Quota,
     ) -> Result<EnqueueOutcome, StoreError>;
+
+    /// Apply `ops` in order in one atomic, durable commit and return one
+    /// outcome per op, in the same order.
+    ///
+    /// Each op sees the effect of the ops before it: an id enqueued twice
+    /// in a batch is stored once (the second is a duplicate), and the quota
+    /// counts what the batch has added so far. Unlike [`Store::enqueue`], an
+    /// enqueue for a name without an account is answered with
+    /// [`EnqueueOutcome::UnknownRecipient`]. On `Err` nothing of the batch
+    /// was stored.
+    fn write_queue_batch(
+        &self,
+        ops: &[QueueOp],
+        quota: Quota,
+    ) -> Result<Vec<QueueOutcome>, StoreError>;
 
     /// Up to `limit` queued envelopes for `recipient` with `seq > after`, oldest first.
     fn queued_after(

@@ -1,14 +1,15 @@
 //! The embedded [`Store`] backend: one redb file, one write transaction per
-//! change (redb commits are durable: fsync before `commit` returns).
+//! change or per queue batch (redb commits are durable: fsync before
+//! `commit` returns). A transaction that changed nothing is not committed.
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use securechat_common::MessageId;
 
 use super::{
-    from_bytes, to_bytes, Account, CodeAttempt, EnqueueOutcome, PendingRegistration, Queued, Quota,
-    Session, Store, StoreCounts, StoreError, SweepStats,
+    from_bytes, to_bytes, Account, CodeAttempt, EnqueueOutcome, PendingRegistration, QueueOp,
+    QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -217,27 +218,51 @@ impl Store for RedbStore {
         quota: Quota,
     ) -> Result<EnqueueOutcome, StoreError> {
         let tx = self.db.begin_write()?;
-        {
-            let mut dedupe = tx.open_table(DEDUPE)?;
-            if dedupe.get((recipient, id.0.as_slice()))?.is_some() {
-                return Ok(EnqueueOutcome::Duplicate);
-            }
-            let mut totals = tx.open_table(TOTALS)?;
-            let (messages, bytes) = totals.get(recipient)?.map(|g| g.value()).unwrap_or((0, 0));
-            let size = envelope.len() as u64;
-            if messages + 1 > quota.messages || bytes + size > quota.bytes {
-                return Ok(EnqueueOutcome::QuotaExceeded { messages, bytes });
-            }
-            let mut meta = tx.open_table(META)?;
-            let seq = meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
-            meta.insert("next_seq", seq + 1)?;
-            tx.open_table(QUEUE)?
-                .insert((recipient, seq), (now, envelope))?;
-            dedupe.insert((recipient, id.0.as_slice()), (seq, now))?;
-            totals.insert(recipient, (messages + 1, bytes + size))?;
+        let outcome = QueueTables::open(&tx)?.enqueue(recipient, id, envelope, now, quota)?;
+        if outcome == EnqueueOutcome::Stored {
+            tx.commit()?;
         }
-        tx.commit()?;
-        Ok(EnqueueOutcome::Stored)
+        Ok(outcome)
+    }
+
+    fn write_queue_batch(
+        &self,
+        ops: &[QueueOp],
+        quota: Quota,
+    ) -> Result<Vec<QueueOutcome>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = false;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        {
+            let mut tables = QueueTables::open(&tx)?;
+            for op in ops {
+                let outcome = match op {
+                    QueueOp::Enqueue {
+                        recipient,
+                        id,
+                        envelope,
+                        now,
+                    } => QueueOutcome::Enqueue(if tables.has_account(recipient)? {
+                        tables.enqueue(recipient, id, envelope, *now, quota)?
+                    } else {
+                        EnqueueOutcome::UnknownRecipient
+                    }),
+                    QueueOp::Ack { recipient, id, now } => {
+                        QueueOutcome::Ack(tables.ack(recipient, id, *now)?)
+                    }
+                };
+                changed |= matches!(
+                    outcome,
+                    QueueOutcome::Enqueue(EnqueueOutcome::Stored) | QueueOutcome::Ack(true)
+                );
+                outcomes.push(outcome);
+            }
+        }
+        // A batch of duplicates and refusals changed nothing: no fsync.
+        if changed {
+            tx.commit()?;
+        }
+        Ok(outcomes)
     }
 
     fn queued_after(
@@ -278,27 +303,11 @@ impl Store for RedbStore {
 
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError> {
         let tx = self.db.begin_write()?;
-        {
-            let mut dedupe = tx.open_table(DEDUPE)?;
-            let entry = dedupe.get((recipient, id.0.as_slice()))?.map(|g| g.value());
-            let Some((seq, _stored)) = entry else {
-                return Ok(false);
-            };
-            if seq == DELIVERED {
-                return Ok(false);
-            }
-            let removed = tx
-                .open_table(QUEUE)?
-                .remove((recipient, seq))?
-                .map(|g| g.value().1.len() as u64);
-            // Keep the id (as delivered) so a late resend is still a duplicate.
-            dedupe.insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
-            if let Some(size) = removed {
-                subtract_totals(&mut tx.open_table(TOTALS)?, recipient, 1, size)?;
-            }
+        let removed = QueueTables::open(&tx)?.ack(recipient, id, now)?;
+        if removed {
+            tx.commit()?;
         }
-        tx.commit()?;
-        Ok(true)
+        Ok(removed)
     }
 
     fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError> {
@@ -386,6 +395,86 @@ impl Store for RedbStore {
     }
 }
 
+/// The queue tables, open in one write transaction: the single-message
+/// methods and [`Store::write_queue_batch`] share these steps.
+struct QueueTables<'txn> {
+    accounts: redb::Table<'txn, &'static str, &'static [u8]>,
+    queue: redb::Table<'txn, (&'static str, u64), (u64, &'static [u8])>,
+    dedupe: redb::Table<'txn, (&'static str, &'static [u8]), (u64, u64)>,
+    totals: redb::Table<'txn, &'static str, (u64, u64)>,
+    meta: redb::Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> QueueTables<'txn> {
+    fn open(tx: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            accounts: tx.open_table(ACCOUNTS)?,
+            queue: tx.open_table(QUEUE)?,
+            dedupe: tx.open_table(DEDUPE)?,
+            totals: tx.open_table(TOTALS)?,
+            meta: tx.open_table(META)?,
+        })
+    }
+
+    fn has_account(&self, username: &str) -> Result<bool, StoreError> {
+        Ok(self.accounts.get(username)?.is_some())
+    }
+
+    fn enqueue(
+        &mut self,
+        recipient: &str,
+        id: &MessageId,
+        envelope: &[u8],
+        now: u64,
+        quota: Quota,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        if self.dedupe.get((recipient, id.0.as_slice()))?.is_some() {
+            return Ok(EnqueueOutcome::Duplicate);
+        }
+        let (messages, bytes) = self
+            .totals
+            .get(recipient)?
+            .map(|g| g.value())
+            .unwrap_or((0, 0));
+        let size = envelope.len() as u64;
+        if messages + 1 > quota.messages || bytes + size > quota.bytes {
+            return Ok(EnqueueOutcome::QuotaExceeded { messages, bytes });
+        }
+        let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
+        self.meta.insert("next_seq", seq + 1)?;
+        self.queue.insert((recipient, seq), (now, envelope))?;
+        self.dedupe
+            .insert((recipient, id.0.as_slice()), (seq, now))?;
+        self.totals
+            .insert(recipient, (messages + 1, bytes + size))?;
+        Ok(EnqueueOutcome::Stored)
+    }
+
+    fn ack(&mut self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError> {
+        let entry = self
+            .dedupe
+            .get((recipient, id.0.as_slice()))?
+            .map(|g| g.value());
+        let Some((seq, _stored)) = entry else {
+            return Ok(false);
+        };
+        if seq == DELIVERED {
+            return Ok(false);
+        }
+        let removed = self
+            .queue
+            .remove((recipient, seq))?
+            .map(|g| g.value().1.len() as u64);
+        // Keep the id (as delivered) so a late resend is still a duplicate.
+        self.dedupe
+            .insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
+        if let Some(size) = removed {
+            subtract_totals(&mut self.totals, recipient, 1, size)?;
+        }
+        Ok(true)
+    }
+}
+
 fn subtract_totals(
     totals: &mut redb::Table<&str, (u64, u64)>,
     recipient: &str,
@@ -404,236 +493,4 @@ fn subtract_totals(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use zeroize::Zeroizing;
-
-    const QUOTA: Quota = Quota {
-        messages: 3,
-        bytes: 10_000,
-    };
-
-    fn open() -> (tempfile::TempDir, RedbStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("relay.redb")).unwrap();
-        (dir, store)
-    }
-
-    fn envelope(id: MessageId) -> Vec<u8> {
-        let env = securechat_common::Envelope {
-            version: 1,
-            id,
-            sender: "alice".into(),
-            recipient: "bob".into(),
-            timestamp_ms: 1,
-            wrapped_key: vec![1; 256],
-            nonce: [0; 12],
-            ciphertext: vec![2; 32],
-            signature: vec![3; 256],
-        };
-        postcard::to_stdvec(&env).unwrap()
-    }
-
-    fn pending(name: &str, expires_unix: u64) -> PendingRegistration {
-        PendingRegistration {
-            username: name.into(),
-            email: format!("{name}@x.test"),
-            password_phc: "phc".into(),
-            public_key: vec![1, 2, 3],
-            code_hash: [9; 32],
-            expires_unix,
-            attempts: 0,
-        }
-    }
-
-    fn account(name: &str) -> Account {
-        Account {
-            username: name.into(),
-            email: format!("{name}@x.test"),
-            password_phc: "phc".into(),
-            public_key: vec![1, 2, 3],
-            totp_secret: Zeroizing::new(vec![4; 20]),
-            created_unix: 1,
-        }
-    }
-
-    #[test]
-    fn pending_registration_holds_the_name_until_it_expires() {
-        let (_dir, store) = open();
-        assert!(store.insert_pending(&pending("alice", 100), 50).unwrap());
-        assert!(!store.insert_pending(&pending("alice", 200), 60).unwrap());
-        assert!(store.insert_pending(&pending("alice", 300), 150).unwrap());
-        assert_eq!(store.pending("alice").unwrap().unwrap().expires_unix, 300);
-        assert!(store.activate(&account("alice")).unwrap());
-        assert!(store.pending("alice").unwrap().is_none());
-        assert!(!store.activate(&account("alice")).unwrap());
-        assert!(!store.insert_pending(&pending("alice", 999), 500).unwrap());
-        assert_eq!(store.counts().unwrap().accounts, 1);
-    }
-
-    #[test]
-    fn code_attempts_are_counted_then_locked_and_expire() {
-        let (_dir, store) = open();
-        assert!(matches!(
-            store.take_code_attempt("carol", 10, 2).unwrap(),
-            CodeAttempt::NoPending
-        ));
-        store.insert_pending(&pending("carol", 100), 0).unwrap();
-        for n in 1..=2 {
-            match store.take_code_attempt("carol", 10, 2).unwrap() {
-                CodeAttempt::Counted(p) => assert_eq!(p.attempts, n),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert!(matches!(
-            store.take_code_attempt("carol", 10, 2).unwrap(),
-            CodeAttempt::Locked { expires_unix: 100 }
-        ));
-        assert!(matches!(
-            store.take_code_attempt("carol", 100, 2).unwrap(),
-            CodeAttempt::Expired
-        ));
-        assert!(store.pending("carol").unwrap().is_none());
-    }
-
-    #[test]
-    fn totp_steps_are_accepted_once_and_only_forward() {
-        let (_dir, store) = open();
-        assert!(store.accept_totp_step("alice", 10).unwrap());
-        assert!(!store.accept_totp_step("alice", 10).unwrap());
-        assert!(!store.accept_totp_step("alice", 9).unwrap());
-        assert!(store.accept_totp_step("alice", 11).unwrap());
-        assert!(store.accept_totp_step("bob", 10).unwrap());
-    }
-
-    #[test]
-    fn queue_dedupes_limits_acks_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.redb");
-        let ids: Vec<MessageId> = (1..=4u8).map(|i| MessageId([i; 16])).collect();
-        {
-            let store = RedbStore::open(&path).unwrap();
-            for id in &ids[..3] {
-                let out = store.enqueue("bob", id, &envelope(*id), 10, QUOTA).unwrap();
-                assert_eq!(out, EnqueueOutcome::Stored);
-            }
-            let dup = store
-                .enqueue("bob", &ids[0], &envelope(ids[0]), 10, QUOTA)
-                .unwrap();
-            assert_eq!(dup, EnqueueOutcome::Duplicate);
-            let full = store
-                .enqueue("bob", &ids[3], &envelope(ids[3]), 10, QUOTA)
-                .unwrap();
-            assert!(matches!(
-                full,
-                EnqueueOutcome::QuotaExceeded { messages: 3, .. }
-            ));
-            assert_eq!(store.queue_len("bob").unwrap(), 3);
-            assert_eq!(store.queue_len("alice").unwrap(), 0);
-        }
-        let store = RedbStore::open(&path).unwrap();
-        let queued = store.queued_after("bob", 0, 10).unwrap();
-        assert_eq!(queued.iter().map(|q| q.id).collect::<Vec<_>>(), ids[..3]);
-        let rest = store.queued_after("bob", queued[0].seq, 10).unwrap();
-        assert_eq!(rest.len(), 2);
-        assert_eq!(store.queued_after("bob", 0, 1).unwrap().len(), 1);
-
-        assert!(store.ack("bob", &ids[0], 20).unwrap());
-        assert!(!store.ack("bob", &ids[0], 20).unwrap(), "acked once");
-        assert!(!store.ack("alice", &ids[1], 20).unwrap(), "not alice's");
-        assert_eq!(store.queue_len("bob").unwrap(), 2);
-        let again = store
-            .enqueue("bob", &ids[0], &envelope(ids[0]), 30, QUOTA)
-            .unwrap();
-        assert_eq!(again, EnqueueOutcome::Duplicate, "delivered ids stay known");
-        let counts = store.counts().unwrap();
-        assert_eq!(counts.queued_messages, 2);
-        assert!(counts.queued_bytes > 0);
-    }
-
-    #[test]
-    fn byte_quota_counts_envelope_sizes() {
-        let (_dir, store) = open();
-        let id = MessageId([1; 16]);
-        let small = Quota {
-            messages: 100,
-            bytes: 10,
-        };
-        let out = store.enqueue("bob", &id, &envelope(id), 1, small).unwrap();
-        assert!(matches!(
-            out,
-            EnqueueOutcome::QuotaExceeded { bytes: 0, .. }
-        ));
-        assert_eq!(store.counts().unwrap().queued_messages, 0);
-    }
-
-    #[test]
-    fn sweep_removes_what_has_expired_only() {
-        let (_dir, store) = open();
-        let (old, new) = (MessageId([1; 16]), MessageId([2; 16]));
-        store
-            .enqueue("bob", &old, &envelope(old), 100, QUOTA)
-            .unwrap();
-        store
-            .enqueue("bob", &new, &envelope(new), 900, QUOTA)
-            .unwrap();
-        store.insert_pending(&pending("carol", 500), 0).unwrap();
-        store.insert_pending(&pending("dave", 5000), 0).unwrap();
-        store
-            .put_session(
-                &[1; 32],
-                &Session {
-                    username: "bob".into(),
-                    expires_unix: 500,
-                },
-            )
-            .unwrap();
-        store
-            .put_session(
-                &[2; 32],
-                &Session {
-                    username: "bob".into(),
-                    expires_unix: 5000,
-                },
-            )
-            .unwrap();
-
-        let stats = store.sweep(1000, 500).unwrap();
-        assert_eq!(
-            stats,
-            SweepStats {
-                expired_messages: 1,
-                expired_registrations: 1,
-                expired_sessions: 1
-            }
-        );
-        let left = store.queued_after("bob", 0, 10).unwrap();
-        assert_eq!(left.iter().map(|q| q.id).collect::<Vec<_>>(), [new]);
-        assert_eq!(store.queue_len("bob").unwrap(), 1);
-        assert!(store.pending("dave").unwrap().is_some());
-        assert!(store.session(&[1; 32]).unwrap().is_none());
-        assert!(store.session(&[2; 32]).unwrap().is_some());
-        // The expired id is forgotten, so it could be queued again.
-        let out = store
-            .enqueue("bob", &old, &envelope(old), 1000, QUOTA)
-            .unwrap();
-        assert_eq!(out, EnqueueOutcome::Stored);
-    }
-
-    #[test]
-    fn sessions_and_keys() {
-        let (_dir, store) = open();
-        store.activate(&account("alice")).unwrap();
-        store.set_public_key("alice", &[7, 7]).unwrap();
-        assert_eq!(store.account("alice").unwrap().unwrap().public_key, [7, 7]);
-        assert!(store.set_public_key("nobody", &[1]).is_err());
-        let s = Session {
-            username: "alice".into(),
-            expires_unix: 10,
-        };
-        store.put_session(&[5; 32], &s).unwrap();
-        assert_eq!(store.session(&[5; 32]).unwrap().unwrap().username, "alice");
-        store.remove_session(&[5; 32]).unwrap();
-        assert!(store.session(&[5; 32]).unwrap().is_none());
-    }
-}
+mod tests;

@@ -1,0 +1,361 @@
+//! Tests of the redb backend on real database files.
+
+use super::*;
+use zeroize::Zeroizing;
+
+const QUOTA: Quota = Quota {
+    messages: 3,
+    bytes: 10_000,
+};
+
+fn open() -> (tempfile::TempDir, RedbStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("relay.redb")).unwrap();
+    (dir, store)
+}
+
+fn envelope(id: MessageId) -> Vec<u8> {
+    let env = securechat_common::Envelope {
+        version: 1,
+        id,
+        sender: "alice".into(),
+        recipient: "bob".into(),
+        timestamp_ms: 1,
+        wrapped_key: vec![1; 256],
+        nonce: [0; 12],
+        ciphertext: vec![2; 32],
+        signature: vec![3; 256],
+    };
+    postcard::to_stdvec(&env).unwrap()
+}
+
+fn pending(name: &str, expires_unix: u64) -> PendingRegistration {
+    PendingRegistration {
+        username: name.into(),
+        email: format!("{name}@x.test"),
+        password_phc: "phc".into(),
+        public_key: vec![1, 2, 3],
+        code_hash: [9; 32],
+        expires_unix,
+        attempts: 0,
+    }
+}
+
+fn account(name: &str) -> Account {
+    Account {
+        username: name.into(),
+        email: format!("{name}@x.test"),
+        password_phc: "phc".into(),
+        public_key: vec![1, 2, 3],
+        totp_secret: Zeroizing::new(vec![4; 20]),
+        created_unix: 1,
+    }
+}
+
+#[test]
+fn pending_registration_holds_the_name_until_it_expires() {
+    let (_dir, store) = open();
+    assert!(store.insert_pending(&pending("alice", 100), 50).unwrap());
+    assert!(!store.insert_pending(&pending("alice", 200), 60).unwrap());
+    assert!(store.insert_pending(&pending("alice", 300), 150).unwrap());
+    assert_eq!(store.pending("alice").unwrap().unwrap().expires_unix, 300);
+    assert!(store.activate(&account("alice")).unwrap());
+    assert!(store.pending("alice").unwrap().is_none());
+    assert!(!store.activate(&account("alice")).unwrap());
+    assert!(!store.insert_pending(&pending("alice", 999), 500).unwrap());
+    assert_eq!(store.counts().unwrap().accounts, 1);
+}
+
+#[test]
+fn code_attempts_are_counted_then_locked_and_expire() {
+    let (_dir, store) = open();
+    assert!(matches!(
+        store.take_code_attempt("carol", 10, 2).unwrap(),
+        CodeAttempt::NoPending
+    ));
+    store.insert_pending(&pending("carol", 100), 0).unwrap();
+    for n in 1..=2 {
+        match store.take_code_attempt("carol", 10, 2).unwrap() {
+            CodeAttempt::Counted(p) => assert_eq!(p.attempts, n),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(
+        store.take_code_attempt("carol", 10, 2).unwrap(),
+        CodeAttempt::Locked { expires_unix: 100 }
+    ));
+    assert!(matches!(
+        store.take_code_attempt("carol", 100, 2).unwrap(),
+        CodeAttempt::Expired
+    ));
+    assert!(store.pending("carol").unwrap().is_none());
+}
+
+#[test]
+fn totp_steps_are_accepted_once_and_only_forward() {
+    let (_dir, store) = open();
+    assert!(store.accept_totp_step("alice", 10).unwrap());
+    assert!(!store.accept_totp_step("alice", 10).unwrap());
+    assert!(!store.accept_totp_step("alice", 9).unwrap());
+    assert!(store.accept_totp_step("alice", 11).unwrap());
+    assert!(store.accept_totp_step("bob", 10).unwrap());
+}
+
+#[test]
+fn queue_dedupes_limits_acks_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let ids: Vec<MessageId> = (1..=4u8).map(|i| MessageId([i; 16])).collect();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        for id in &ids[..3] {
+            let out = store.enqueue("bob", id, &envelope(*id), 10, QUOTA).unwrap();
+            assert_eq!(out, EnqueueOutcome::Stored);
+        }
+        let dup = store
+            .enqueue("bob", &ids[0], &envelope(ids[0]), 10, QUOTA)
+            .unwrap();
+        assert_eq!(dup, EnqueueOutcome::Duplicate);
+        let full = store
+            .enqueue("bob", &ids[3], &envelope(ids[3]), 10, QUOTA)
+            .unwrap();
+        assert!(matches!(
+            full,
+            EnqueueOutcome::QuotaExceeded { messages: 3, .. }
+        ));
+        assert_eq!(store.queue_len("bob").unwrap(), 3);
+        assert_eq!(store.queue_len("alice").unwrap(), 0);
+    }
+    let store = RedbStore::open(&path).unwrap();
+    let queued = store.queued_after("bob", 0, 10).unwrap();
+    assert_eq!(queued.iter().map(|q| q.id).collect::<Vec<_>>(), ids[..3]);
+    let rest = store.queued_after("bob", queued[0].seq, 10).unwrap();
+    assert_eq!(rest.len(), 2);
+    assert_eq!(store.queued_after("bob", 0, 1).unwrap().len(), 1);
+
+    assert!(store.ack("bob", &ids[0], 20).unwrap());
+    assert!(!store.ack("bob", &ids[0], 20).unwrap(), "acked once");
+    assert!(!store.ack("alice", &ids[1], 20).unwrap(), "not alice's");
+    assert_eq!(store.queue_len("bob").unwrap(), 2);
+    let again = store
+        .enqueue("bob", &ids[0], &envelope(ids[0]), 30, QUOTA)
+        .unwrap();
+    assert_eq!(again, EnqueueOutcome::Duplicate, "delivered ids stay known");
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.queued_messages, 2);
+    assert!(counts.queued_bytes > 0);
+}
+
+fn send(to: &str, id: MessageId, now: u64) -> QueueOp {
+    QueueOp::Enqueue {
+        recipient: to.into(),
+        id,
+        envelope: envelope(id),
+        now,
+    }
+}
+
+fn ack(to: &str, id: MessageId, now: u64) -> QueueOp {
+    QueueOp::Ack {
+        recipient: to.into(),
+        id,
+        now,
+    }
+}
+
+#[test]
+fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let ids: Vec<MessageId> = (1..=6u8).map(|i| MessageId([i; 16])).collect();
+    let stored = EnqueueOutcome::Stored;
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store.activate(&account("bob")).unwrap();
+        store.activate(&account("carol")).unwrap();
+        // One already queued for bob before the batch.
+        store
+            .enqueue("bob", &ids[0], &envelope(ids[0]), 5, QUOTA)
+            .unwrap();
+        let ops = [
+            send("bob", ids[1], 10),
+            send("bob", ids[1], 10),    // duplicate within the batch
+            send("bob", ids[0], 10),    // duplicate of an earlier commit
+            send("nobody", ids[2], 10), // no such account
+            send("carol", ids[2], 10),  // same id, another queue
+            send("bob", ids[2], 10),    // bob's third: quota is 3
+            send("bob", ids[3], 10),    // crosses the quota mid-batch
+            ack("bob", ids[0], 11),     // frees one place...
+            send("bob", ids[4], 12),    // ...which the next send takes
+            ack("bob", ids[0], 12),     // acked already in this batch
+            ack("carol", ids[5], 12),   // never queued
+        ];
+        let outcomes = store.write_queue_batch(&ops, QUOTA).unwrap();
+        use QueueOutcome::{Ack, Enqueue};
+        assert_eq!(
+            outcomes,
+            [
+                Enqueue(stored),
+                Enqueue(EnqueueOutcome::Duplicate),
+                Enqueue(EnqueueOutcome::Duplicate),
+                Enqueue(EnqueueOutcome::UnknownRecipient),
+                Enqueue(stored),
+                Enqueue(stored),
+                Enqueue(EnqueueOutcome::QuotaExceeded {
+                    messages: 3,
+                    bytes: 3 * envelope(ids[0]).len() as u64,
+                }),
+                Ack(true),
+                Enqueue(stored),
+                Ack(false),
+                Ack(false),
+            ]
+        );
+    }
+    // Durable: the same state after reopening.
+    let store = RedbStore::open(&path).unwrap();
+    let bob = store.queued_after("bob", 0, 10).unwrap();
+    assert_eq!(
+        bob.iter().map(|q| q.id).collect::<Vec<_>>(),
+        [ids[1], ids[2], ids[4]]
+    );
+    let carol = store.queued_after("carol", 0, 10).unwrap();
+    assert_eq!(carol.iter().map(|q| q.id).collect::<Vec<_>>(), [ids[2]]);
+    assert_eq!(store.queue_len("nobody").unwrap(), 0);
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.queued_messages, 4);
+    assert_eq!(counts.queued_bytes, 4 * envelope(ids[0]).len() as u64);
+    // Sequence numbers keep growing across batches.
+    let out = store
+        .write_queue_batch(&[send("carol", ids[3], 20)], QUOTA)
+        .unwrap();
+    assert_eq!(out, [QueueOutcome::Enqueue(stored)]);
+    let carol = store.queued_after("carol", 0, 10).unwrap();
+    assert!(carol[1].seq > bob[2].seq);
+}
+
+#[test]
+fn a_batch_counts_the_byte_quota_across_its_envelopes() {
+    let (_dir, store) = open();
+    store.activate(&account("bob")).unwrap();
+    let ids: Vec<MessageId> = (1..=3u8).map(|i| MessageId([i; 16])).collect();
+    let size = envelope(ids[0]).len() as u64;
+    let quota = Quota {
+        messages: 100,
+        bytes: 2 * size + 1,
+    };
+    let ops: Vec<QueueOp> = ids.iter().map(|id| send("bob", *id, 1)).collect();
+    let outcomes = store.write_queue_batch(&ops, quota).unwrap();
+    assert_eq!(
+        outcomes[2],
+        QueueOutcome::Enqueue(EnqueueOutcome::QuotaExceeded {
+            messages: 2,
+            bytes: 2 * size
+        })
+    );
+    assert_eq!(store.queue_len("bob").unwrap(), 2);
+}
+
+#[test]
+fn a_batch_that_changes_nothing_and_an_empty_batch_are_fine() {
+    let (_dir, store) = open();
+    let id = MessageId([1; 16]);
+    assert!(store.write_queue_batch(&[], QUOTA).unwrap().is_empty());
+    let out = store
+        .write_queue_batch(&[send("nobody", id, 1), ack("nobody", id, 1)], QUOTA)
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            QueueOutcome::Enqueue(EnqueueOutcome::UnknownRecipient),
+            QueueOutcome::Ack(false)
+        ]
+    );
+    assert_eq!(store.counts().unwrap(), StoreCounts::default());
+}
+
+#[test]
+fn byte_quota_counts_envelope_sizes() {
+    let (_dir, store) = open();
+    let id = MessageId([1; 16]);
+    let small = Quota {
+        messages: 100,
+        bytes: 10,
+    };
+    let out = store.enqueue("bob", &id, &envelope(id), 1, small).unwrap();
+    assert!(matches!(
+        out,
+        EnqueueOutcome::QuotaExceeded { bytes: 0, .. }
+    ));
+    assert_eq!(store.counts().unwrap().queued_messages, 0);
+}
+
+#[test]
+fn sweep_removes_what_has_expired_only() {
+    let (_dir, store) = open();
+    let (old, new) = (MessageId([1; 16]), MessageId([2; 16]));
+    store
+        .enqueue("bob", &old, &envelope(old), 100, QUOTA)
+        .unwrap();
+    store
+        .enqueue("bob", &new, &envelope(new), 900, QUOTA)
+        .unwrap();
+    store.insert_pending(&pending("carol", 500), 0).unwrap();
+    store.insert_pending(&pending("dave", 5000), 0).unwrap();
+    store
+        .put_session(
+            &[1; 32],
+            &Session {
+                username: "bob".into(),
+                expires_unix: 500,
+            },
+        )
+        .unwrap();
+    store
+        .put_session(
+            &[2; 32],
+            &Session {
+                username: "bob".into(),
+                expires_unix: 5000,
+            },
+        )
+        .unwrap();
+
+    let stats = store.sweep(1000, 500).unwrap();
+    assert_eq!(
+        stats,
+        SweepStats {
+            expired_messages: 1,
+            expired_registrations: 1,
+            expired_sessions: 1
+        }
+    );
+    let left = store.queued_after("bob", 0, 10).unwrap();
+    assert_eq!(left.iter().map(|q| q.id).collect::<Vec<_>>(), [new]);
+    assert_eq!(store.queue_len("bob").unwrap(), 1);
+    assert!(store.pending("dave").unwrap().is_some());
+    assert!(store.session(&[1; 32]).unwrap().is_none());
+    assert!(store.session(&[2; 32]).unwrap().is_some());
+    // The expired id is forgotten, so it could be queued again.
+    let out = store
+        .enqueue("bob", &old, &envelope(old), 1000, QUOTA)
+        .unwrap();
+    assert_eq!(out, EnqueueOutcome::Stored);
+}
+
+#[test]
+fn sessions_and_keys() {
+    let (_dir, store) = open();
+    store.activate(&account("alice")).unwrap();
+    store.set_public_key("alice", &[7, 7]).unwrap();
+    assert_eq!(store.account("alice").unwrap().unwrap().public_key, [7, 7]);
+    assert!(store.set_public_key("nobody", &[1]).is_err());
+    let s = Session {
+        username: "alice".into(),
+        expires_unix: 10,
+    };
+    store.put_session(&[5; 32], &s).unwrap();
+    assert_eq!(store.session(&[5; 32]).unwrap().unwrap().username, "alice");
+    store.remove_session(&[5; 32]).unwrap();
+    assert!(store.session(&[5; 32]).unwrap().is_none());
+}
