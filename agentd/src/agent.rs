@@ -41,6 +41,9 @@ pub(crate) struct ReadyKeys {
     pub current: Arc<IdentityKey>,
     /// Keys replaced by rotation, newest last.
     pub old: Vec<Arc<IdentityKey>>,
+    /// The new key of a rotation a crash interrupted (`identity.key.new`),
+    /// until the relay shows which key it holds (see `rotation`).
+    pub pending: Option<Arc<IdentityKey>>,
     /// Re-encrypts key files when a passphrase is set.
     pub sealer: Option<Arc<Sealer>>,
 }
@@ -69,6 +72,9 @@ pub struct Agent {
     pub(crate) reconnect: Notify,
     /// Serialises register/login/rotate/trust so they don't interleave.
     pub(crate) op_lock: tokio::sync::Mutex<()>,
+    /// Serialises finishing or undoing an interrupted rotation (short, no I/O
+    /// with the relay while held).
+    rotation: Mutex<()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -137,6 +143,31 @@ impl From<ClientError> for IpcError {
     }
 }
 
+/// The pending key of an interrupted rotation, if one is on disk and opens.
+/// A file that does not open is left alone (and reported): it may be the
+/// only copy of the key the relay holds.
+pub(crate) fn load_pending(
+    paths: &crate::paths::Paths,
+    sealer: Option<&Sealer>,
+) -> Option<Arc<IdentityKey>> {
+    let path = paths.pending_key();
+    match keystore::load_pending(&path, sealer) {
+        Ok(Some(k)) => {
+            tracing::warn!(
+                "a key rotation was interrupted; the next connection to the relay finishes or \
+                 undoes it (new key {})",
+                k.public_key().fingerprint()
+            );
+            Some(Arc::new(k))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!("{}: {e}; leaving it in place", path.display());
+            None
+        }
+    }
+}
+
 /// Unix milliseconds now.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -146,20 +177,38 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Agent {
-    /// Load keys and open the store.
+    /// Load keys (repairing what a crash left half done) and take the store.
+    /// `store` must be open: its lock keeps a second agentd out of the home.
     pub(crate) fn new(config: AgentConfig, store: Store) -> Result<Self, KeyStoreError> {
-        let keys = match keystore::load_identity(&config.paths.identity_key())? {
+        let paths = &config.paths;
+        for dir in [paths.home.clone(), paths.old_keys()] {
+            match crate::files::remove_stale_temporaries(&dir) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} temporary file(s) left in {}", dir.display()),
+                Err(e) => tracing::warn!("cleaning {}: {e}", dir.display()),
+            }
+        }
+        keystore::recover_reseal(paths)?;
+        let keys = match keystore::load_identity(&paths.identity_key())? {
             Loaded::Missing => Keys::Missing,
             Loaded::Locked(l) => Keys::Locked(l),
             Loaded::Plain(k) => {
-                let old = keystore::load_old_keys(&config.paths.old_keys(), None)?;
+                let old = keystore::load_old_keys(&paths.old_keys(), None)?;
                 Keys::Ready(ReadyKeys {
                     current: Arc::new(k),
                     old: old.into_iter().map(Arc::new).collect(),
+                    pending: load_pending(paths, None),
                     sealer: None,
                 })
             }
         };
+        if matches!(keys, Keys::Missing) && paths.pending_key().exists() {
+            tracing::warn!(
+                "{} exists without {}; keeping it untouched",
+                paths.pending_key().display(),
+                paths.identity_key().display()
+            );
+        }
         let (events, _) = broadcast::channel(256);
         Ok(Self {
             config,
@@ -170,7 +219,12 @@ impl Agent {
             events,
             reconnect: Notify::new(),
             op_lock: tokio::sync::Mutex::new(()),
+            rotation: Mutex::new(()),
         })
+    }
+
+    pub(crate) fn rotation_guard(&self) -> MutexGuard<'_, ()> {
+        lock(&self.rotation)
     }
 
     /// The unlocked keys, or why there are none.

@@ -13,10 +13,11 @@ use securechat_common::protocol::{Request, Response};
 use securechat_common::{IdentityKey, MessageId};
 use zeroize::Zeroizing;
 
-use crate::agent::{err, now_ms, Agent, Keys, ReadyKeys};
+use crate::agent::{err, load_pending, now_ms, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
 use crate::receive::{deliver, open_any};
 use crate::relay_client::{ClientError, RelayClient};
+use crate::rotation;
 
 fn unexpected(what: &str, got: &Response) -> IpcError {
     err(
@@ -106,6 +107,7 @@ async fn register(
             let keys = ReadyKeys {
                 current: Arc::new(key),
                 old: Vec::new(),
+                pending: None,
                 sealer: None,
             };
             agent.set_keys(Keys::Ready(keys.clone()));
@@ -120,15 +122,26 @@ async fn register(
         password,
         public_key: keys.current.public_key().as_der().to_vec(),
     };
-    match client.call(&req).await? {
-        Response::RegisterPending { expires_in_secs } => {
-            agent.store.set_setting("pending_username", &username)?;
-            Ok(IpcResponse::RegisterPending {
-                username,
-                expires_in_secs,
-                fingerprint: keys.current.public_key().fingerprint().to_string(),
-            })
+    // Remember the name before the relay hears of it: if agentd dies after
+    // the relay accepted, `verify` still works after a restart. A refusal
+    // puts the earlier value back.
+    let previous = agent.store.setting("pending_username")?;
+    agent.store.set_setting("pending_username", &username)?;
+    let answer = match client.call(&req).await {
+        Err(e @ ClientError::Relay(_)) => {
+            agent
+                .store
+                .set_setting("pending_username", previous.as_deref().unwrap_or(""))?;
+            return Err(e.into());
         }
+        other => other?,
+    };
+    match answer {
+        Response::RegisterPending { expires_in_secs } => Ok(IpcResponse::RegisterPending {
+            username,
+            expires_in_secs,
+            fingerprint: keys.current.public_key().fingerprint().to_string(),
+        }),
         other => Err(unexpected("Register", &other)),
     }
 }
@@ -152,8 +165,9 @@ async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, I
             otpauth_uri,
             secret_base32,
         } => {
-            agent.store.set_setting("username", &username)?;
-            agent.store.set_setting("pending_username", "")?;
+            agent
+                .store
+                .set_settings(&[("username", &username), ("pending_username", "")])?;
             Ok(IpcResponse::Verified {
                 username,
                 otpauth_uri,
@@ -180,15 +194,26 @@ async fn login(
         ));
     }
     let client = agent.any_client().await?;
-    let done = client
-        .login(&username, &password, &totp, &keys.current)
-        .await?;
+    // With an interrupted rotation on disk this also settles which key the
+    // relay holds (a refused signature does not use up the TOTP code).
+    let (c, u, p, t) = (
+        &*client,
+        username.as_str(),
+        password.as_str(),
+        totp.as_str(),
+    );
+    let done = rotation::with_either_key(agent, c, u, &keys, move |key| async move {
+        c.login(u, p, t, &key).await
+    })
+    .await?;
     let Some(token) = done.token else {
         return Err(err(
             IpcErrorKind::Internal,
             "the relay sent no session token",
         ));
     };
+    // The name first: a session file always has its account name beside it.
+    agent.store.set_setting("username", &username)?;
     keystore::save_session(
         &agent.config.paths.session(),
         &Session {
@@ -196,7 +221,6 @@ async fn login(
             token,
         },
     )?;
-    agent.store.set_setting("username", &username)?;
     agent.set_logged_in(true);
     Ok(IpcResponse::LoggedIn {
         username,
@@ -333,69 +357,89 @@ async fn trust(agent: &Agent, user: String) -> Result<IpcResponse, IpcError> {
     })
 }
 
+fn unsettled_rotation(agent: &Agent) -> IpcError {
+    agent.reconnect.notify_waiters();
+    err(
+        IpcErrorKind::RelayUnavailable,
+        "an earlier key rotation was interrupted and is not settled yet; agentd settles it \
+         when it reconnects to the relay, try again shortly",
+    )
+}
+
 async fn rotate_key(
     agent: &Agent,
     password: Zeroizing<String>,
     totp: Zeroizing<String>,
 ) -> Result<IpcResponse, IpcError> {
     let (_main, me) = agent.logged_in_client().await?;
-    let keys = agent.ready_keys()?;
     let Some(relay) = agent.config.relay.clone() else {
         return Err(err(IpcErrorKind::NoRelay, "no relay configured"));
     };
     let _op = agent.op_lock.lock().await;
-    let new_key = generate(agent).await?;
-    let paths = &agent.config.paths;
-    let pending = paths.home.join("identity.key.new");
-    let sealer = keys.sealer.as_deref();
-    keystore::save_key(&pending, &new_key, sealer)?;
+    let keys = agent.ready_keys()?;
+    if keys.pending.is_some() {
+        return Err(unsettled_rotation(agent));
+    }
+    let new_key = Arc::new(generate(agent).await?);
+    // The new key is on disk before the relay can hear of it.
+    if !rotation::begin(agent, &new_key)? {
+        return Err(unsettled_rotation(agent));
+    }
     // A fresh full login with the old key on a separate connection, then the
     // new key proves possession and is published.
-    let side = RelayClient::connect(relay.addr, relay.trust.clone()).await?;
-    let result = async {
-        let done = side.login(&me, &password, &totp, &keys.current).await?;
-        side.publish_key(&me, &new_key).await?;
-        Ok::<_, ClientError>(done)
-    }
-    .await;
-    side.close("key rotated").await;
-    let done = match result {
-        Ok(d) => d,
+    let side = match RelayClient::connect(relay.addr, relay.trust.clone()).await {
+        Ok(side) => side,
         Err(e) => {
-            let _ = std::fs::remove_file(&pending);
+            rotation::abandon(agent, &new_key)?;
             return Err(e.into());
         }
     };
-    keystore::archive_key(&paths.old_keys(), &keys.current, sealer)?;
-    std::fs::rename(&pending, paths.identity_key()).map_err(|e| {
-        err(
-            IpcErrorKind::Storage,
-            format!("installing the new key: {e}"),
-        )
-    })?;
+    let done = match side.login(&me, &password, &totp, &keys.current).await {
+        Ok(done) => done,
+        Err(e) => {
+            side.close("rotation failed").await;
+            rotation::abandon(agent, &new_key)?;
+            return Err(e.into());
+        }
+    };
+    let published = side.publish_key(&me, &new_key).await;
+    side.close("key rotated").await;
+    match published {
+        Ok(()) => {}
+        // A refusal: the relay kept the old key.
+        Err(e @ ClientError::Relay(_)) => {
+            rotation::abandon(agent, &new_key)?;
+            return Err(e.into());
+        }
+        // No answer: the relay may or may not have taken the new key. Keep
+        // both; the next connection finds out which one it holds.
+        Err(e) => {
+            rotation::keep_pending(agent, &new_key);
+            agent.reconnect.notify_waiters();
+            return Err(err(
+                IpcErrorKind::RelayUnavailable,
+                format!(
+                    "the relay's answer to the new key was lost ({e}); agentd keeps both keys \
+                     and finishes or undoes the rotation when it reconnects"
+                ),
+            ));
+        }
+    }
+    // The new session belongs to the account, whichever key signs resumes.
     if let Some(token) = done.token {
         keystore::save_session(
-            &paths.session(),
+            &agent.config.paths.session(),
             &Session {
                 username: me,
                 token,
             },
         )?;
     }
-    let old_fp = keys.current.public_key().fingerprint().to_string();
-    let new_fp = new_key.public_key().fingerprint().to_string();
-    let mut old = keys.old.clone();
-    old.push(keys.current.clone());
-    agent.set_keys(Keys::Ready(ReadyKeys {
-        current: Arc::new(new_key),
-        old,
-        sealer: keys.sealer.clone(),
-    }));
-    tracing::info!("identity key rotated: {old_fp} -> {new_fp}");
+    rotation::finish(agent, &new_key)?;
     agent.reconnect.notify_waiters();
     Ok(IpcResponse::KeyRotated {
-        old_fingerprint: old_fp,
-        new_fingerprint: new_fp,
+        old_fingerprint: keys.current.public_key().fingerprint().to_string(),
+        new_fingerprint: new_key.public_key().fingerprint().to_string(),
     })
 }
 
@@ -404,13 +448,14 @@ async fn unlock(agent: &Agent, passphrase: Zeroizing<String>) -> Result<IpcRespo
         agent.ready_keys()?;
         return Ok(IpcResponse::Ok);
     };
-    let old_dir = agent.config.paths.old_keys();
+    let paths = agent.config.paths.clone();
     let keys = tokio::task::spawn_blocking(move || {
         let (key, sealer) = locked.unlock(&passphrase)?;
-        let old = keystore::load_old_keys(&old_dir, Some(&sealer))?;
+        let old = keystore::load_old_keys(&paths.old_keys(), Some(&sealer))?;
         Ok::<_, keystore::KeyStoreError>(ReadyKeys {
             current: Arc::new(key),
             old: old.into_iter().map(Arc::new).collect(),
+            pending: load_pending(&paths, Some(&sealer)),
             sealer: Some(Arc::new(sealer)),
         })
     })
@@ -425,7 +470,7 @@ async fn set_passphrase(
     agent: &Agent,
     passphrase: Option<Zeroizing<String>>,
 ) -> Result<IpcResponse, IpcError> {
-    let keys = agent.ready_keys()?;
+    agent.ready_keys()?;
     let _op = agent.op_lock.lock().await;
     let sealer = match passphrase {
         Some(p) => Some(Arc::new(
@@ -436,10 +481,24 @@ async fn set_passphrase(
         None => None,
     };
     let paths = &agent.config.paths;
-    for old in &keys.old {
-        keystore::archive_key(&paths.old_keys(), old, sealer.as_deref())?;
+    // All key files change together: a crash leaves all of them under the
+    // old passphrase or all under the new one (see keystore).
+    let _guard = agent.rotation_guard();
+    let keys = agent.ready_keys()?;
+    if keys.pending.is_none() && paths.pending_key().exists() {
+        return Err(unsettled_rotation(agent));
     }
-    keystore::save_key(&paths.identity_key(), &keys.current, sealer.as_deref())?;
-    agent.set_keys(Keys::Ready(ReadyKeys { sealer, ..keys }));
+    let mut files = vec![(paths.identity_key(), &*keys.current)];
+    files.extend(
+        keys.old
+            .iter()
+            .map(|k| (keystore::archive_path(&paths.old_keys(), k), &**k)),
+    );
+    files.extend(keys.pending.iter().map(|k| (paths.pending_key(), &**k)));
+    keystore::reseal_all(paths, &files, sealer.as_deref())?;
+    agent.set_keys(Keys::Ready(ReadyKeys {
+        sealer,
+        ..keys.clone()
+    }));
     Ok(IpcResponse::Ok)
 }

@@ -20,6 +20,7 @@ use crate::agent::Agent;
 use crate::keystore;
 use crate::receive;
 use crate::relay_client::{ClientError, RelayClient};
+use crate::rotation;
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
@@ -122,12 +123,33 @@ async fn resume(agent: &Agent, client: &RelayClient) -> Result<bool, ClientError
             return Ok(false);
         }
     };
-    match client
-        .resume(&session.username, &session.token, &keys.current)
-        .await
-    {
+    // With an interrupted rotation on disk, this also learns which key the
+    // relay holds and finishes or undoes the rotation.
+    let (user, token) = (session.username.as_str(), session.token.as_slice());
+    let resumed = rotation::with_either_key(agent, client, user, &keys, move |key| async move {
+        client.resume(user, token, &key).await
+    })
+    .await;
+    match resumed {
+        // A rotation in flight in this process (its new key on disk, not yet
+        // installed): the relay may hold the new key already. Keep the
+        // session and retry once the rotation has settled.
+        Err(ClientError::Relay(reply))
+            if reply.code == ErrorCode::InvalidSignature
+                && keys.pending.is_none()
+                && agent.config.paths.pending_key().exists() =>
+        {
+            Err(ClientError::Relay(reply))
+        }
         Ok(_) => {
             agent.set_login_needed(false);
+            // A crash between saving the session and the account name
+            // leaves the name to be restored from the session.
+            if agent.username().as_deref() != Some(session.username.as_str()) {
+                if let Err(e) = agent.store.set_setting("username", &session.username) {
+                    agent.note_error(e);
+                }
+            }
             Ok(true)
         }
         Err(ClientError::Relay(reply))

@@ -9,7 +9,15 @@
 //! ```
 //!
 //! The AES key is argon2id(passphrase, salt) with OWASP parameters. Every
-//! write goes through a 0600 temporary file and a rename.
+//! write goes through a 0600 temporary file, fsync and a rename.
+//!
+//! Setting, changing or removing the passphrase rewrites several files
+//! (`identity.key`, `identity.key.new`, `old-keys/*.key`). So that a crash
+//! never leaves them under different passphrases, [`reseal_all`] stages each
+//! as `<file>.reseal`, then writes `reseal.commit`, then renames the staged
+//! files into place and removes the marker. [`recover_reseal`] at start
+//! finishes the renames when the marker exists and deletes the staged files
+//! when it does not.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +26,10 @@ use securechat_common::crypto::{random_bytes, CryptoError};
 use securechat_common::IdentityKey;
 use zeroize::Zeroizing;
 
-use crate::files::{ensure_private_dir, read_optional, write_private};
+use crate::files::{
+    ensure_private_dir, read_optional, remove_durable, rename_durable, sync_dir, write_private,
+};
+use crate::paths::Paths;
 
 const MAGIC: &[u8] = b"SCKEY1\0";
 const SALT_LEN: usize = 16;
@@ -192,20 +203,120 @@ pub fn load_identity(path: &Path) -> Result<Loaded, KeyStoreError> {
     }
 }
 
+/// Load the new key of an unfinished rotation (`identity.key.new`), sealed
+/// like the identity key.
+pub fn load_pending(
+    path: &Path,
+    sealer: Option<&Sealer>,
+) -> Result<Option<IdentityKey>, KeyStoreError> {
+    match load_identity(path)? {
+        Loaded::Missing => Ok(None),
+        Loaded::Plain(k) => Ok(Some(k)),
+        Loaded::Locked(l) => match sealer {
+            Some(s) => open_with(s, &l.blob).map(Some),
+            None => Err(KeyStoreError::WrongPassphrase),
+        },
+    }
+}
+
+fn key_bytes(
+    key: &IdentityKey,
+    sealer: Option<&Sealer>,
+) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+    let der = key
+        .to_pkcs8()
+        .map_err(|e| KeyStoreError::Crypto(e.to_string()))?;
+    Ok(match sealer {
+        Some(s) => Zeroizing::new(s.seal(&der)?),
+        None => der,
+    })
+}
+
 /// Write a key file (encrypted when a sealer is given), atomically, 0600.
 pub fn save_key(
     path: &Path,
     key: &IdentityKey,
     sealer: Option<&Sealer>,
 ) -> Result<(), KeyStoreError> {
-    let der = key
-        .to_pkcs8()
-        .map_err(|e| KeyStoreError::Crypto(e.to_string()))?;
-    let bytes = match sealer {
-        Some(s) => Zeroizing::new(s.seal(&der)?),
-        None => der,
-    };
+    let bytes = key_bytes(key, sealer)?;
     write_private(path, &bytes).map_err(io_err(path))
+}
+
+/// The file name of `key` in `old-keys/`.
+pub fn archive_path(dir: &Path, key: &IdentityKey) -> PathBuf {
+    dir.join(format!("{}.key", key.public_key().fingerprint().to_hex()))
+}
+
+const STAGED: &str = "reseal";
+
+fn staged_files(paths: &Paths) -> Result<Vec<PathBuf>, KeyStoreError> {
+    let mut out = Vec::new();
+    for dir in [paths.home.clone(), paths.old_keys()] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if path.extension().is_some_and(|x| x == STAGED) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Rewrite every key file with `sealer` (`None`: unencrypted) so that a
+/// crash leaves all of them under the old protection or all under the new.
+/// `files` lists each target path and the key it holds.
+pub fn reseal_all(
+    paths: &Paths,
+    files: &[(PathBuf, &IdentityKey)],
+    sealer: Option<&Sealer>,
+) -> Result<(), KeyStoreError> {
+    recover_reseal(paths)?;
+    let mut staged = Vec::with_capacity(files.len());
+    for (target, key) in files {
+        let mut name = target.as_os_str().to_owned();
+        name.push(format!(".{STAGED}"));
+        let stage = PathBuf::from(name);
+        if let Some(dir) = stage.parent() {
+            ensure_private_dir(dir).map_err(io_err(dir))?;
+        }
+        save_key(&stage, key, sealer)?;
+        staged.push((stage, target.clone()));
+    }
+    let marker = paths.reseal_marker();
+    write_private(&marker, b"").map_err(io_err(&marker))?;
+    for (stage, target) in &staged {
+        std::fs::rename(stage, target).map_err(io_err(target))?;
+    }
+    for dir in [paths.home.clone(), paths.old_keys()] {
+        if dir.is_dir() {
+            sync_dir(&dir).map_err(io_err(&dir))?;
+        }
+    }
+    remove_durable(&marker).map_err(io_err(&marker))
+}
+
+/// Finish or undo a passphrase change that a crash interrupted.
+pub fn recover_reseal(paths: &Paths) -> Result<(), KeyStoreError> {
+    let marker = paths.reseal_marker();
+    let committed = marker.exists();
+    for stage in staged_files(paths)? {
+        if committed {
+            let target = stage.with_extension("");
+            rename_durable(&stage, &target).map_err(io_err(&target))?;
+        } else {
+            remove_durable(&stage).map_err(io_err(&stage))?;
+        }
+    }
+    if committed {
+        tracing::info!("finished a passphrase change that was interrupted");
+    }
+    remove_durable(&marker).map_err(io_err(&marker))
 }
 
 /// Load every key in `old-keys/`; encrypted ones need `sealer`.
@@ -245,8 +356,7 @@ pub fn archive_key(
     sealer: Option<&Sealer>,
 ) -> Result<(), KeyStoreError> {
     ensure_private_dir(dir).map_err(io_err(dir))?;
-    let name = format!("{}.key", key.public_key().fingerprint().to_hex());
-    save_key(&dir.join(name), key, sealer)
+    save_key(&archive_path(dir, key), key, sealer)
 }
 
 /// A stored session: who is logged in and the token to resume with.
@@ -296,11 +406,7 @@ pub fn save_session(path: &Path, session: &Session) -> Result<(), KeyStoreError>
 
 /// Delete the session file.
 pub fn remove_session(path: &Path) -> Result<(), KeyStoreError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(path)(e)),
-    }
+    remove_durable(path).map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -334,6 +440,98 @@ mod tests {
         let old = tmp.path().join("old");
         archive_key(&old, &k, Some(&s)).unwrap();
         assert_eq!(load_old_keys(&old, Some(&s)).unwrap().len(), 1);
+    }
+
+    /// identity.key and two archived keys, all plain.
+    fn home_with_keys(tmp: &Path) -> (Paths, Vec<IdentityKey>) {
+        let paths = Paths::in_home(tmp.to_path_buf());
+        let keys: Vec<IdentityKey> = (0..3)
+            .map(|_| IdentityKey::generate(KeySize::Rsa2048).unwrap())
+            .collect();
+        save_key(&paths.identity_key(), &keys[0], None).unwrap();
+        for k in &keys[1..] {
+            archive_key(&paths.old_keys(), k, None).unwrap();
+        }
+        (paths, keys)
+    }
+
+    fn all_files<'k>(paths: &Paths, keys: &'k [IdentityKey]) -> Vec<(PathBuf, &'k IdentityKey)> {
+        let mut out = vec![(paths.identity_key(), &keys[0])];
+        for k in &keys[1..] {
+            out.push((archive_path(&paths.old_keys(), k), k));
+        }
+        out
+    }
+
+    #[test]
+    fn passphrase_change_is_all_or_nothing_across_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (paths, keys) = home_with_keys(tmp.path());
+        let sealer = Sealer::new("new passphrase").unwrap();
+        let files = all_files(&paths, &keys);
+
+        // Killed after staging some files, before the commit marker: the
+        // staged files are dropped and everything stays plain.
+        save_key(
+            &PathBuf::from(format!("{}.reseal", files[0].0.display())),
+            &keys[0],
+            Some(&sealer),
+        )
+        .unwrap();
+        recover_reseal(&paths).unwrap();
+        assert!(matches!(
+            load_identity(&paths.identity_key()).unwrap(),
+            Loaded::Plain(_)
+        ));
+        assert_eq!(load_old_keys(&paths.old_keys(), None).unwrap().len(), 2);
+        assert!(staged_files(&paths).unwrap().is_empty());
+
+        // Killed after the marker, with one staged file already renamed:
+        // the rest are renamed at the next start; all are encrypted.
+        for (target, key) in &files {
+            save_key(
+                &PathBuf::from(format!("{}.reseal", target.display())),
+                key,
+                Some(&sealer),
+            )
+            .unwrap();
+        }
+        write_private(&paths.reseal_marker(), b"").unwrap();
+        let first = &files[1].0;
+        std::fs::rename(format!("{}.reseal", first.display()), first).unwrap();
+        recover_reseal(&paths).unwrap();
+        assert!(!paths.reseal_marker().exists());
+        assert!(staged_files(&paths).unwrap().is_empty());
+        let Loaded::Locked(locked) = load_identity(&paths.identity_key()).unwrap() else {
+            panic!("identity.key should be encrypted now")
+        };
+        let (_, s) = locked.unlock("new passphrase").unwrap();
+        assert_eq!(load_old_keys(&paths.old_keys(), Some(&s)).unwrap().len(), 2);
+
+        // The whole operation, back to plain.
+        reseal_all(&paths, &files, None).unwrap();
+        assert!(matches!(
+            load_identity(&paths.identity_key()).unwrap(),
+            Loaded::Plain(_)
+        ));
+        assert_eq!(load_old_keys(&paths.old_keys(), None).unwrap().len(), 2);
+        assert!(!paths.reseal_marker().exists());
+    }
+
+    #[test]
+    fn pending_key_opens_with_the_identity_sealer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("identity.key.new");
+        assert!(load_pending(&path, None).unwrap().is_none());
+        let key = IdentityKey::generate(KeySize::Rsa2048).unwrap();
+        let sealer = Sealer::new("pass").unwrap();
+        save_key(&path, &key, Some(&sealer)).unwrap();
+        assert!(matches!(
+            load_pending(&path, None),
+            Err(KeyStoreError::WrongPassphrase)
+        ));
+        let got = load_pending(&path, Some(&sealer)).unwrap().unwrap();
+        assert_eq!(got.public_key(), key.public_key());
     }
 
     #[test]

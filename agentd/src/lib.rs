@@ -17,6 +17,7 @@
 //! * `connection` — reconnect with backoff, resume the session.
 //! * `receive` — verify, open, store, then ack pushed messages.
 //! * `commands` — what each chat-cli request does.
+//! * `rotation` — finishing or undoing a key rotation a crash interrupted.
 //! * [`keystore`] — identity key (optionally passphrase-encrypted), old keys, session.
 //! * [`store`] — inbox, pins, seen ids, held and rejected messages.
 //! * [`ipc_client`] / [`ipc_io`] — the local socket protocol's client and line I/O.
@@ -43,6 +44,7 @@ pub mod keystore;
 pub mod paths;
 mod receive;
 pub mod relay_client;
+mod rotation;
 pub mod store;
 
 pub use config::{AgentConfig, ConfigFile, RelaySettings};

@@ -3,6 +3,10 @@
 //! ```text
 //! home (0700)   --home DIR | $SECURECHAT_HOME | $XDG_DATA_HOME/securechat
 //! ├── identity.key    PKCS#8 DER, 0600 (or passphrase-encrypted)
+//! ├── identity.key.new  a rotation in flight: the new key, until the relay
+//! │                   is known to hold it (then renamed over identity.key)
+//! ├── reseal.commit   a passphrase change in flight: `*.reseal` files are
+//! │                   renamed over their targets (see keystore)
 //! ├── old-keys/       keys replaced by rotate-key, to open older messages
 //! ├── agent.redb      inbox, pinned keys, seen ids, held messages
 //! ├── session         session token, 0600
@@ -61,6 +65,16 @@ impl Paths {
     /// The identity key file.
     pub fn identity_key(&self) -> PathBuf {
         self.home.join("identity.key")
+    }
+
+    /// The new key of a rotation that has not finished yet.
+    pub fn pending_key(&self) -> PathBuf {
+        self.home.join("identity.key.new")
+    }
+
+    /// Marker that makes a passphrase change's staged files final.
+    pub fn reseal_marker(&self) -> PathBuf {
+        self.home.join("reseal.commit")
     }
 
     /// Directory of keys replaced by `rotate-key`.

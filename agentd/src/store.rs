@@ -295,8 +295,18 @@ impl Store {
 
     /// Set a setting.
     pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.set_settings(&[(name, value)])
+    }
+
+    /// Set several settings in one transaction: all or none survive a crash.
+    pub fn set_settings(&self, pairs: &[(&str, &str)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(SETTINGS)?.insert(name, value)?;
+        {
+            let mut t = tx.open_table(SETTINGS)?;
+            for (name, value) in pairs {
+                t.insert(*name, *value)?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }
@@ -338,5 +348,30 @@ mod tests {
         assert_eq!(store.rejected_list().unwrap().len(), 1);
         store.set_pin("bob", b"der").unwrap();
         assert_eq!(store.pin("bob").unwrap().unwrap(), b"der");
+        store
+            .set_settings(&[("username", "alice"), ("pending_username", "")])
+            .unwrap();
+        assert_eq!(store.setting("username").unwrap().as_deref(), Some("alice"));
+        assert_eq!(
+            store.setting("pending_username").unwrap().as_deref(),
+            Some("")
+        );
+    }
+
+    #[test]
+    fn committed_messages_survive_reopening_and_stay_deduplicated() {
+        // What a kill between the inbox commit and the ack leaves: the
+        // message is in the database, and a redelivery adds nothing.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let id = MessageId([9; 16]);
+        {
+            let store = Store::open(&path).unwrap();
+            assert!(store.add_to_inbox(&id, &msg("bob", "once")).unwrap());
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.seen(&id).unwrap(), Some(Seen::Inbox));
+        assert!(!store.add_to_inbox(&id, &msg("bob", "once")).unwrap());
+        assert_eq!(store.take_inbox(true, None).unwrap().len(), 1);
     }
 }
