@@ -165,9 +165,10 @@ async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, I
             otpauth_uri,
             secret_base32,
         } => {
-            agent
-                .store
-                .set_settings(&[("username", &username), ("pending_username", "")])?;
+            // The pending name stays until the first login: if this answer
+            // is lost on its way to chat-cli, `verify` with the same code
+            // asks the relay again, which repeats it until then.
+            agent.store.set_setting("username", &username)?;
             Ok(IpcResponse::Verified {
                 username,
                 otpauth_uri,
@@ -213,7 +214,10 @@ async fn login(
         ));
     };
     // The name first: a session file always has its account name beside it.
-    agent.store.set_setting("username", &username)?;
+    // A login ends any registration: `verify` has nothing left to repeat.
+    agent
+        .store
+        .set_settings(&[("username", &username), ("pending_username", "")])?;
     keystore::save_session(
         &agent.config.paths.session(),
         &Session {

@@ -338,6 +338,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(stats) if stats != Default::default() => tracing::info!(
                 expired_messages = stats.expired_messages,
                 expired_registrations = stats.expired_registrations,
+                expired_activations = stats.expired_activations,
                 expired_sessions = stats.expired_sessions,
                 "swept expired records"
             ),

@@ -1,5 +1,12 @@
 //! Registration, login, sessions and key replacement.
 //!
+//! Registration survives a lost answer on either step. A `Register` for a
+//! name whose registration is still pending, with the same email, key and
+//! password, replaces it: a new code is mailed and the old one stops
+//! working. A `Verify` for an account that the same code activated and that
+//! has not logged in yet, before the code's expiry, is answered again with
+//! the same TOTP secret; wrong codes there count against the same attempts.
+//!
 //! Login checks, in order: rate limits, the connection's challenge, password
 //! (an unknown user costs the same argon2 time and gets the same answer),
 //! TOTP (±1 step), the signature over the challenge transcript bound to this
@@ -24,7 +31,7 @@ use crate::clock::unix_now;
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
 use crate::server::Shared;
-use crate::store::{blocking, Account, CodeAttempt, PendingRegistration, Session};
+use crate::store::{blocking, Account, Activation, CodeAttempt, PendingRegistration, Session};
 
 fn username_taken(username: &str) -> ErrorReply {
     fail(
@@ -51,20 +58,53 @@ pub(super) async fn register(
 
     let now = unix_now();
     let name = username.clone();
-    let taken = blocking(&shared.store, move |s| {
-        Ok(s.account(&name)?.is_some() || s.pending(&name)?.is_some_and(|p| p.expires_unix > now))
+    let (has_account, live_pending) = blocking(&shared.store, move |s| {
+        let pending = s.pending(&name)?.filter(|p| p.expires_unix > now);
+        Ok((s.account(&name)?.is_some(), pending))
     })
     .await
     .map_err(|e| internal("registration lookup failed", e))?;
-    if taken {
+    if has_account {
         return Err(username_taken(&username));
     }
-
-    let hasher = Arc::clone(shared);
-    let password_phc = tokio::task::spawn_blocking(move || hasher.passwords.hash(&password))
-        .await
-        .map_err(|e| internal("password hashing task failed", e))?
-        .map_err(|e| internal("password hashing failed", e))?;
+    // A pending registration is replaced (a new code, a fresh attempt
+    // count) only for the same email, key and password: a client whose
+    // first answer was lost can retry, nobody else can touch the name.
+    let replaced = match live_pending {
+        None => None,
+        Some(p) if p.email == email && p.public_key == public_key => Some(p),
+        Some(_) => return Err(username_taken(&username)),
+    };
+    let password_phc = match &replaced {
+        Some(old) => {
+            if !shared
+                .account_limiter
+                .try_acquire(&username, Instant::now())
+            {
+                return Err(fail(
+                    ErrorCode::RateLimited,
+                    "too many registration attempts for this name; wait a few minutes and retry",
+                ));
+            }
+            let checker = Arc::clone(shared);
+            let phc = old.password_phc.clone();
+            let same =
+                tokio::task::spawn_blocking(move || checker.passwords.verify(&phc, &password))
+                    .await
+                    .map_err(|e| internal("password check task failed", e))?;
+            if !same {
+                return Err(username_taken(&username));
+            }
+            old.password_phc.clone()
+        }
+        None => {
+            let hasher = Arc::clone(shared);
+            tokio::task::spawn_blocking(move || hasher.passwords.hash(&password))
+                .await
+                .map_err(|e| internal("password hashing task failed", e))?
+                .map_err(|e| internal("password hashing failed", e))?
+        }
+    };
     let code = new_code().map_err(|e| internal("code generation failed", e))?;
     let ttl = shared.config.code_ttl;
     let pending = PendingRegistration {
@@ -76,10 +116,14 @@ pub(super) async fn register(
         expires_unix: now + ttl.as_secs(),
         attempts: 0,
     };
-    let inserted = blocking(&shared.store, move |s| s.insert_pending(&pending, now))
-        .await
-        .map_err(|e| internal("storing a registration failed", e))?;
-    if !inserted {
+    let old_code = replaced.as_ref().map(|old| old.code_hash);
+    let stored = blocking(&shared.store, move |s| match old_code {
+        Some(old) => s.replace_pending(&pending, &old, now),
+        None => s.insert_pending(&pending, now),
+    })
+    .await
+    .map_err(|e| internal("storing a registration failed", e))?;
+    if !stored {
         return Err(username_taken(&username));
     }
     if let Err(e) = shared.mailer.send_code(&email, &username, &code, ttl).await {
@@ -93,7 +137,7 @@ pub(super) async fn register(
             "the relay could not send the verification mail; nothing was registered, try again later",
         ));
     }
-    tracing::info!(%username, "registration pending");
+    tracing::info!(%username, resent = replaced.is_some(), "registration pending");
     Ok(Response::RegisterPending {
         expires_in_secs: ttl.as_secs(),
     })
@@ -130,6 +174,22 @@ pub(super) async fn verify(
             ),
         )
     };
+    let repeat_locked = || {
+        fail(
+            ErrorCode::TooManyAttempts,
+            "too many wrong codes; the account is active, but its TOTP secret is not shown again",
+        )
+    };
+    let wrong_code = |attempts: u32| {
+        tracing::info!(%username, attempts, "wrong verification code");
+        fail(
+            ErrorCode::WrongCode,
+            format!(
+                "wrong code; {} attempt(s) left",
+                max.saturating_sub(attempts)
+            ),
+        )
+    };
     let pending = match attempt {
         CodeAttempt::NoPending => return Err(no_pending()),
         CodeAttempt::Expired => {
@@ -139,26 +199,41 @@ pub(super) async fn verify(
             ))
         }
         CodeAttempt::Locked { expires_unix } => return Err(locked(expires_unix)),
+        CodeAttempt::RepeatLocked => return Err(repeat_locked()),
+        CodeAttempt::Repeat {
+            account,
+            activation,
+        } => {
+            // The account was activated by a code and has not logged in
+            // yet: the holder of that code may have lost the answer.
+            if !code_matches(&code, &activation.code_hash) {
+                if activation.attempts >= max {
+                    tracing::info!(%username, "wrong verification code; locked");
+                    return Err(repeat_locked());
+                }
+                return Err(wrong_code(activation.attempts));
+            }
+            tracing::info!(%username, "activation answer repeated");
+            return verified(&account.totp_secret, &username);
+        }
         CodeAttempt::Counted(pending) => pending,
     };
     if !code_matches(&code, &pending.code_hash) {
-        let attempts = pending.attempts;
-        tracing::info!(%username, attempts, "wrong verification code");
-        if attempts >= max {
+        if pending.attempts >= max {
+            tracing::info!(%username, "wrong verification code; locked");
             return Err(locked(pending.expires_unix));
         }
-        return Err(fail(
-            ErrorCode::WrongCode,
-            format!(
-                "wrong code; {} attempt(s) left",
-                max.saturating_sub(attempts)
-            ),
-        ));
+        return Err(wrong_code(pending.attempts));
     }
 
     let secret =
         crate::accounts::new_totp_secret().map_err(|e| internal("TOTP secret failed", e))?;
-    let generator = totp(&secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
+    let reply = verified(&secret, &username)?;
+    let activation = Activation {
+        code_hash: pending.code_hash,
+        expires_unix: pending.expires_unix,
+        attempts: pending.attempts,
+    };
     let account = Account {
         username: username.clone(),
         email: pending.email,
@@ -167,13 +242,21 @@ pub(super) async fn verify(
         totp_secret: secret,
         created_unix: now,
     };
-    let created = blocking(&shared.store, move |s| s.activate(&account))
-        .await
-        .map_err(|e| internal("activating an account failed", e))?;
+    let created = blocking(&shared.store, move |s| {
+        s.activate_pending(&account, &activation)
+    })
+    .await
+    .map_err(|e| internal("activating an account failed", e))?;
     if !created {
         return Err(username_taken(&username));
     }
     tracing::info!(%username, "account activated");
+    Ok(reply)
+}
+
+/// The `Verified` answer for an account's TOTP secret.
+fn verified(secret: &[u8], username: &str) -> Reply {
+    let generator = totp(secret, username).map_err(|e| internal("TOTP setup failed", e))?;
     Ok(Response::Verified {
         otpauth_uri: Zeroizing::new(generator.get_url()),
         secret_base32: Zeroizing::new(generator.get_secret_base32()),

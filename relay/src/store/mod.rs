@@ -16,6 +16,9 @@
 //! What is kept:
 //! * accounts (username → email, argon2id PHC, public key, TOTP secret);
 //! * pending registrations (username → hashed one-time code, expiry, attempts);
+//! * activations not yet followed by a login (username → the code's hash,
+//!   expiry and attempts), so a `Verified` answer lost in flight can be given
+//!   again to the holder of the same code;
 //! * sessions, keyed by the SHA-256 of the token (the token itself is never stored);
 //! * the last accepted TOTP time step per account (a code works once);
 //! * per-recipient message queues in arrival order, a dedupe index on
@@ -126,6 +129,29 @@ impl std::fmt::Debug for PendingRegistration {
     }
 }
 
+/// How an account was activated, kept from [`Store::activate_pending`]
+/// until its first successful login (or the code's expiry): a `Verify`
+/// with the same code may then be answered again, in case the first
+/// answer was lost.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Activation {
+    /// SHA-256 of the code that activated the account.
+    pub code_hash: [u8; 32],
+    /// The code's original expiry; after it the answer is not repeated.
+    pub expires_unix: u64,
+    /// Wrong codes tried so far, before and after the activation.
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activation")
+            .field("expires_unix", &self.expires_unix)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What [`Store::take_code_attempt`] found.
 #[derive(Clone, Debug)]
 pub enum CodeAttempt {
@@ -141,6 +167,19 @@ pub enum CodeAttempt {
     /// The attempt was counted; compare the code against this record
     /// (whose `attempts` includes this one).
     Counted(PendingRegistration),
+    /// No registration is pending, but the account was activated by a code
+    /// and has not logged in yet, within the code's expiry. The attempt was
+    /// counted; compare the code against the activation (whose `attempts`
+    /// includes this one) before showing the account's TOTP secret again.
+    Repeat {
+        /// The account as activated.
+        account: Account,
+        /// How it was activated.
+        activation: Activation,
+    },
+    /// As [`CodeAttempt::Repeat`], but the attempts are used up: the
+    /// secret is not shown again.
+    RepeatLocked,
 }
 
 /// A session created by a full login.
@@ -257,6 +296,8 @@ pub struct SweepStats {
     pub expired_messages: u64,
     /// Expired pending registrations.
     pub expired_registrations: u64,
+    /// Expired [`Activation`] records (accounts stay).
+    pub expired_activations: u64,
     /// Expired sessions.
     pub expired_sessions: u64,
 }
@@ -272,12 +313,25 @@ pub trait Store: Send + Sync + 'static {
     /// Returns `false` (and stores nothing) when taken.
     fn insert_pending(&self, pending: &PendingRegistration, now: u64) -> Result<bool, StoreError>;
 
+    /// Replace a live pending registration with `pending` (a new code),
+    /// only if no account has the name and the registration stored now has
+    /// the code hash `replaced` and has not expired at `now`. Returns `false`
+    /// (and stores nothing) otherwise.
+    fn replace_pending(
+        &self,
+        pending: &PendingRegistration,
+        replaced: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, StoreError>;
+
     /// The pending registration for `username`.
     fn pending(&self, username: &str) -> Result<Option<PendingRegistration>, StoreError>;
 
     /// Count one code attempt for `username`, atomically, before the code
     /// is compared: concurrent guesses cannot exceed `max_attempts`.
-    /// An expired registration is removed.
+    /// An expired registration is removed. Without a pending registration,
+    /// the attempt counts against the account's [`Activation`] if it has one
+    /// (an expired one is removed and answered [`CodeAttempt::NoPending`]).
     fn take_code_attempt(
         &self,
         username: &str,
@@ -288,15 +342,29 @@ pub trait Store: Send + Sync + 'static {
     /// Forget a pending registration.
     fn remove_pending(&self, username: &str) -> Result<(), StoreError>;
 
-    /// Atomically drop the pending registration and create the account.
+    /// Atomically drop the pending registration and create the account
+    /// (without an [`Activation`]: nothing can repeat its secret).
     /// Returns `false` if an account of that name exists already.
     fn activate(&self, account: &Account) -> Result<bool, StoreError>;
+
+    /// Atomically create the account from its pending registration, drop
+    /// the registration and keep `activation` until the first login.
+    /// Returns `false` (and changes nothing) if an account of that name
+    /// exists, or the pending registration is gone or now has another code
+    /// than `activation.code_hash` (it was replaced by a new `Register`).
+    fn activate_pending(
+        &self,
+        account: &Account,
+        activation: &Activation,
+    ) -> Result<bool, StoreError>;
 
     /// Replace an account's public key.
     fn set_public_key(&self, username: &str, public_key: &[u8]) -> Result<(), StoreError>;
 
     /// Record `step` as the account's last accepted TOTP time step if it is
     /// later than the one recorded; `false` means it was used already.
+    /// A recorded step is a completed login: the account's [`Activation`]
+    /// is dropped in the same commit, so its secret is never shown again.
     fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError>;
 
     /// Store a session under the SHA-256 of its token.
@@ -350,7 +418,7 @@ pub trait Store: Send + Sync + 'static {
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError>;
 
     /// Remove messages stored before `now - retention_secs`, dedupe entries
-    /// of that age, and expired registrations and sessions.
+    /// of that age, and expired registrations, activations and sessions.
     fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError>;
 
     /// Totals for the status page.

@@ -8,14 +8,16 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, Writ
 use securechat_common::MessageId;
 
 use super::{
-    from_bytes, to_bytes, Account, CodeAttempt, EnqueueOutcome, PendingRegistration, QueueOp,
-    QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
+    from_bytes, to_bytes, Account, Activation, CodeAttempt, EnqueueOutcome, PendingRegistration,
+    QueueOp, QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 /// username → postcard [`PendingRegistration`].
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_registrations");
+/// username → postcard [`Activation`], until the account's first login.
+const ACTIVATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("activations");
 /// SHA-256(token) → postcard [`Session`].
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 /// username → last accepted TOTP time step.
@@ -46,6 +48,7 @@ impl RedbStore {
         {
             tx.open_table(ACCOUNTS)?;
             tx.open_table(PENDING)?;
+            tx.open_table(ACTIVATIONS)?;
             tx.open_table(SESSIONS)?;
             tx.open_table(TOTP_STEPS)?;
             tx.open_table(QUEUE)?;
@@ -61,6 +64,44 @@ impl RedbStore {
 fn is_live_pending(bytes: &[u8], now: u64) -> Result<bool, StoreError> {
     let p: PendingRegistration = from_bytes(bytes)?;
     Ok(p.expires_unix > now)
+}
+
+/// The part of [`Store::take_code_attempt`] for a name without a pending
+/// registration: count the attempt against the account's [`Activation`].
+fn repeat_attempt(
+    tx: &WriteTransaction,
+    username: &str,
+    now: u64,
+    max_attempts: u32,
+) -> Result<CodeAttempt, StoreError> {
+    let mut table = tx.open_table(ACTIVATIONS)?;
+    let existing = table.get(username)?.map(|g| g.value().to_vec());
+    let Some(bytes) = existing else {
+        return Ok(CodeAttempt::NoPending);
+    };
+    let mut activation: Activation = from_bytes(&bytes)?;
+    if now >= activation.expires_unix {
+        table.remove(username)?;
+        return Ok(CodeAttempt::NoPending);
+    }
+    if activation.attempts >= max_attempts {
+        return Ok(CodeAttempt::RepeatLocked);
+    }
+    let found = tx
+        .open_table(ACCOUNTS)?
+        .get(username)?
+        .map(|g| g.value().to_vec());
+    let Some(account) = found else {
+        // Cannot happen (accounts are never deleted); forget the record.
+        table.remove(username)?;
+        return Ok(CodeAttempt::NoPending);
+    };
+    activation.attempts += 1;
+    table.insert(username, to_bytes(&activation)?.as_slice())?;
+    Ok(CodeAttempt::Repeat {
+        account: from_bytes(&account)?,
+        activation,
+    })
 }
 
 impl Store for RedbStore {
@@ -96,6 +137,33 @@ impl Store for RedbStore {
         Ok(true)
     }
 
+    fn replace_pending(
+        &self,
+        pending: &PendingRegistration,
+        replaced: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let name = pending.username.as_str();
+        let tx = self.db.begin_write()?;
+        {
+            if tx.open_table(ACCOUNTS)?.get(name)?.is_some() {
+                return Ok(false);
+            }
+            let mut table = tx.open_table(PENDING)?;
+            let existing = table.get(name)?.map(|g| g.value().to_vec());
+            let Some(bytes) = existing else {
+                return Ok(false);
+            };
+            let current: PendingRegistration = from_bytes(&bytes)?;
+            if current.expires_unix <= now || current.code_hash != *replaced {
+                return Ok(false);
+            }
+            table.insert(name, to_bytes(pending)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn pending(&self, username: &str) -> Result<Option<PendingRegistration>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(PENDING)?;
@@ -114,7 +182,10 @@ impl Store for RedbStore {
             let mut table = tx.open_table(PENDING)?;
             let existing = table.get(username)?.map(|g| g.value().to_vec());
             match existing {
-                None => CodeAttempt::NoPending,
+                None => {
+                    drop(table);
+                    repeat_attempt(&tx, username, now, max_attempts)?
+                }
                 Some(bytes) => {
                     let mut pending: PendingRegistration = from_bytes(&bytes)?;
                     if now >= pending.expires_unix {
@@ -157,6 +228,36 @@ impl Store for RedbStore {
         Ok(true)
     }
 
+    fn activate_pending(
+        &self,
+        account: &Account,
+        activation: &Activation,
+    ) -> Result<bool, StoreError> {
+        let name = account.username.as_str();
+        let tx = self.db.begin_write()?;
+        {
+            let mut accounts = tx.open_table(ACCOUNTS)?;
+            if accounts.get(name)?.is_some() {
+                return Ok(false);
+            }
+            let mut pending = tx.open_table(PENDING)?;
+            let existing = pending.get(name)?.map(|g| g.value().to_vec());
+            let Some(bytes) = existing else {
+                return Ok(false);
+            };
+            let current: PendingRegistration = from_bytes(&bytes)?;
+            if current.code_hash != activation.code_hash {
+                return Ok(false);
+            }
+            pending.remove(name)?;
+            accounts.insert(name, to_bytes(account)?.as_slice())?;
+            tx.open_table(ACTIVATIONS)?
+                .insert(name, to_bytes(activation)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn set_public_key(&self, username: &str, public_key: &[u8]) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
@@ -182,6 +283,7 @@ impl Store for RedbStore {
                 return Ok(false);
             }
             steps.insert(username, step)?;
+            tx.open_table(ACTIVATIONS)?.remove(username)?;
         }
         tx.commit()?;
         Ok(true)
@@ -359,6 +461,20 @@ impl Store for RedbStore {
                 pending.remove(name.as_str())?;
             }
             stats.expired_registrations = dead.len() as u64;
+
+            let mut activations = tx.open_table(ACTIVATIONS)?;
+            let mut done: Vec<String> = Vec::new();
+            for entry in activations.iter()? {
+                let (key, value) = entry?;
+                let activation: Activation = from_bytes(value.value())?;
+                if activation.expires_unix <= now {
+                    done.push(key.value().to_string());
+                }
+            }
+            for name in &done {
+                activations.remove(name.as_str())?;
+            }
+            stats.expired_activations = done.len() as u64;
 
             let mut sessions = tx.open_table(SESSIONS)?;
             let mut gone: Vec<Vec<u8>> = Vec::new();

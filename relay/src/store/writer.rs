@@ -263,10 +263,19 @@ mod tests {
         forward! {
             account(username: &str) -> Option<crate::store::Account>;
             insert_pending(p: &crate::store::PendingRegistration, now: u64) -> bool;
+            replace_pending(
+                p: &crate::store::PendingRegistration,
+                replaced: &[u8; 32],
+                now: u64
+            ) -> bool;
             pending(username: &str) -> Option<crate::store::PendingRegistration>;
             take_code_attempt(username: &str, now: u64, max: u32) -> crate::store::CodeAttempt;
             remove_pending(username: &str) -> ();
             activate(account: &crate::store::Account) -> bool;
+            activate_pending(
+                account: &crate::store::Account,
+                activation: &crate::store::Activation
+            ) -> bool;
             set_public_key(username: &str, key: &[u8]) -> ();
             accept_totp_step(username: &str, step: u64) -> bool;
             put_session(hash: &[u8; 32], s: &crate::store::Session) -> ();

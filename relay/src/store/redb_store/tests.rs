@@ -327,6 +327,7 @@ fn sweep_removes_what_has_expired_only() {
         SweepStats {
             expired_messages: 1,
             expired_registrations: 1,
+            expired_activations: 0,
             expired_sessions: 1
         }
     );
