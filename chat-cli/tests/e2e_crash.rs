@@ -299,3 +299,52 @@ fn stale_temporary_key_files_are_removed_at_start() {
     dave.restart();
     assert!(!stale.exists());
 }
+
+#[test]
+fn lost_register_and_verify_answers_can_be_asked_again_after_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = Relay::start(tmp.path());
+    let mut erin = Agent::start(tmp.path(), "erin", &relay);
+    let register = |agent: &Agent| {
+        let out = agent.cli_stdin(
+            &[
+                "register",
+                "erin",
+                "--email",
+                "erin@example.org",
+                "--password-stdin",
+            ],
+            &format!("{}\n", common::password("erin")),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    register(&erin);
+    let old = relay.code_for("erin@example.org");
+    // The answer never reached the user: register again after a kill. The
+    // same key and email go out, so the relay mails a new code.
+    erin.kill9();
+    erin.restart();
+    register(&erin);
+    let new = relay.code_for("erin@example.org");
+    if new != old {
+        erin.json_err(&["verify", &old]);
+    }
+
+    let first = erin.json(&["verify", &new]);
+    // The Verified answer was lost too: after a kill, the same code shows
+    // the same secret again.
+    erin.kill9();
+    erin.restart();
+    let second = erin.json(&["verify", &new]);
+    assert_eq!(first["secret_base32"], second["secret_base32"]);
+    erin.secret = Some(second["secret_base32"].as_str().unwrap().to_string());
+    erin.login(0);
+    erin.wait_logged_in();
+    // After the first login there is nothing left to repeat.
+    let err = erin.json_err(&["verify", &new]);
+    assert_eq!(err["kind"], "no_pending_registration", "{err}");
+}

@@ -69,7 +69,7 @@ fn user_mistakes_give_clear_errors_and_a_failing_exit_status() {
         .contains(&big[..MAX_MESSAGE_LEN + 1]));
 
     // A wrong verification code: refused, and the right one still works.
-    let carol = Agent::start(tmp.path(), "carol", &relay);
+    let mut carol = Agent::start(tmp.path(), "carol", &relay);
     let out = carol.cli_stdin(
         &[
             "register",
@@ -94,6 +94,12 @@ fn user_mistakes_give_clear_errors_and_a_failing_exit_status() {
     assert!(json["relay_code"].is_string(), "{json}");
     let verified = carol.json(&["verify", &code]);
     assert!(verified["secret_base32"].is_string(), "{verified}");
+    // Until the first login the same code shows the same secret again (in
+    // case the first answer was lost).
+    let again = carol.json(&["verify", &code]);
+    assert_eq!(again["secret_base32"], verified["secret_base32"]);
+    carol.secret = Some(verified["secret_base32"].as_str().unwrap().to_string());
+    carol.login(0);
 
     // Verifying again when nothing is pending.
     let err = failed(&carol.cli(&["verify", &code]));
