@@ -1,4 +1,7 @@
 //! `agentd`: parses the command line and `agentd.toml`, then runs the daemon.
+// The doc comments on the CLI types are `--help` text, written for a
+// terminal rather than rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;

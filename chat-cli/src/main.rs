@@ -3,6 +3,9 @@
 //! Parses arguments, sends one request to the user's agentd over the local
 //! socket and prints the answer (human text, or JSON with `--json`). It holds
 //! no secret state of its own; passwords and codes go straight to agentd.
+// The doc comments on the CLI types are `--help` text, written for a
+// terminal rather than rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 #![forbid(unsafe_code)]
 
 mod output;
