@@ -16,7 +16,7 @@ use common::{wait_for, world, Agent, Relay};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::InboxMessage;
 use securechat_common::{IdentityKey, KeySize, MessageId};
-use securechat_relay::store::{Quota, RedbStore, Store as _};
+use securechat_relay::store::{RedbStore, Store as _};
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -214,17 +214,7 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
         assert!(store.add_to_inbox(&envelope.id, &msg).unwrap());
     }
     w.relay.stop();
-    {
-        let store = RedbStore::open(&w.relay.db_path()).unwrap();
-        let bytes = postcard::to_stdvec(&envelope).unwrap();
-        let quota = Quota {
-            messages: 1000,
-            bytes: 1 << 24,
-        };
-        store
-            .enqueue("bob", &envelope.id, &bytes, unix_now(), quota)
-            .unwrap();
-    }
+    w.relay.enqueue_directly("bob", &envelope);
     w.relay.restart();
     // Queued behind it: once bob has this one, the redelivery was handled.
     w.alice.send("bob", "sent after the crash");

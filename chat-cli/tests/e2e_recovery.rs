@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use common::{wait_for, world};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::{IdentityKey, MessageId};
-use securechat_relay::store::{Quota, RedbStore, Session, Store as _};
+use securechat_relay::store::{RedbStore, Session, Store as _};
 use sha2::Digest as _;
 
 /// The keys agentd archived in `old-keys/` (by rotate-key).
@@ -98,17 +98,7 @@ fn messages_sealed_to_a_rotated_key_still_open() {
     )
     .unwrap();
     w.relay.stop();
-    {
-        let store = RedbStore::open(&w.relay.db_path()).unwrap();
-        let bytes = postcard::to_stdvec(&envelope).unwrap();
-        let quota = Quota {
-            messages: 1000,
-            bytes: 1 << 24,
-        };
-        store
-            .enqueue("bob", &envelope.id, &bytes, unix_now(), quota)
-            .unwrap();
-    }
+    w.relay.enqueue_directly("bob", &envelope);
     w.relay.restart();
     w.bob.wait_message("alice", "queued before the rotation");
     let status = w.bob.status();

@@ -158,6 +158,27 @@ impl Relay {
         self.dir.join("relay").join("relay.redb")
     }
 
+    /// Put `envelope` straight into `recipient`'s queue through the relay's
+    /// store API, as a message sent long ago would sit there. The relay must
+    /// be stopped (redb allows one process per file).
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn enqueue_directly(&self, recipient: &str, envelope: &securechat_common::Envelope) {
+        use securechat_relay::store::{Quota, RedbStore, Store as _};
+        let store = RedbStore::open(&self.db_path()).unwrap();
+        let bytes = postcard::to_stdvec(envelope).unwrap();
+        let quota = Quota {
+            messages: 1000,
+            bytes: 1 << 24,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        store
+            .enqueue(recipient, &envelope.id, &bytes, now, quota)
+            .unwrap();
+    }
+
     /// The verification code mailed to `email` (received by the SMTP server).
     pub fn code_for(&self, email: &str) -> String {
         let rt = tokio::runtime::Builder::new_current_thread()
