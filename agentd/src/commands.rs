@@ -391,7 +391,9 @@ async fn rotate_key(
     }
     // A fresh full login with the old key on a separate connection, then the
     // new key proves possession and is published.
-    let side = match RelayClient::connect(relay.addr, relay.trust.clone()).await {
+    let side = match RelayClient::connect_named(relay.addr, &relay.server_name, relay.trust.clone())
+        .await
+    {
         Ok(side) => side,
         Err(e) => {
             rotation::abandon(agent, &new_key)?;

@@ -30,8 +30,20 @@ pub struct RelaySettings {
     pub display: String,
     /// Resolved UDP address.
     pub addr: SocketAddr,
+    /// The host name the relay's certificate must carry when it is checked
+    /// against a CA ([`ServerTrust::CaCert`]); ignored for a pinned one.
+    pub server_name: String,
     /// How the relay certificate is checked.
     pub trust: ServerTrust,
+}
+
+/// The host part of `HOST:PORT` (`[v6]:PORT` too), for TLS name checks.
+pub fn host_of(addr_text: &str) -> &str {
+    let host = match addr_text.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => addr_text,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// The `agentd.toml` file in the home directory.
@@ -56,4 +68,17 @@ pub struct ConfigFile {
     /// RSA size for new identity keys: 2048, 3072 or 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_bits: Option<usize>,
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::host_of;
+
+    #[test]
+    fn host_part_of_relay_addresses() {
+        assert_eq!(host_of("relay.example.org:7443"), "relay.example.org");
+        assert_eq!(host_of("127.0.0.1:7443"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7443"), "::1");
+        assert_eq!(host_of("relay.example.org"), "relay.example.org");
+    }
 }

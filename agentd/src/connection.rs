@@ -63,14 +63,17 @@ pub(crate) async fn run(agent: Arc<Agent>) {
     };
     let mut backoff = Backoff::default();
     loop {
-        let client = match RelayClient::connect(relay.addr, relay.trust.clone()).await {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                agent.note_error(&e);
-                tokio::time::sleep(backoff.step()).await;
-                continue;
-            }
-        };
+        let client =
+            match RelayClient::connect_named(relay.addr, &relay.server_name, relay.trust.clone())
+                .await
+            {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    agent.note_error(&e);
+                    tokio::time::sleep(backoff.step()).await;
+                    continue;
+                }
+            };
         let logged_in = match resume(&agent, &client).await {
             Ok(v) => v,
             Err(e) => {

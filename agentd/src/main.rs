@@ -118,6 +118,7 @@ fn main() -> Result<()> {
             Some(RelaySettings {
                 display: addr_text.clone(),
                 addr,
+                server_name: securechat_agentd::config::host_of(addr_text).to_string(),
                 trust,
             })
         }
