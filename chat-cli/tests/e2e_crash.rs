@@ -12,18 +12,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{wait_for, world, Agent, Relay};
+use common::{unix_now, wait_for, world, Agent, Relay};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::InboxMessage;
 use securechat_common::{IdentityKey, KeySize, MessageId};
 use securechat_relay::store::{RedbStore, Store as _};
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn load_key(path: &Path) -> IdentityKey {
     IdentityKey::from_pkcs8(&std::fs::read(path).unwrap()).unwrap()
@@ -246,16 +239,7 @@ fn registration_survives_a_kill_before_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = Relay::start(tmp.path());
     let mut carol = Agent::start(tmp.path(), "carol", &relay);
-    let out = carol.cli_stdin(
-        &[
-            "register",
-            "carol",
-            "--email",
-            "carol@example.org",
-            "--password-stdin",
-        ],
-        &format!("{}\n", common::password("carol")),
-    );
+    let out = carol.register();
     assert!(
         out.status.success(),
         "{}",

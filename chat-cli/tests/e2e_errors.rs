@@ -70,16 +70,7 @@ fn user_mistakes_give_clear_errors_and_a_failing_exit_status() {
 
     // A wrong verification code: refused, and the right one still works.
     let mut carol = Agent::start(tmp.path(), "carol", &relay);
-    let out = carol.cli_stdin(
-        &[
-            "register",
-            "carol",
-            "--email",
-            "carol@example.org",
-            "--password-stdin",
-        ],
-        &format!("{}\n", common::password("carol")),
-    );
+    let out = carol.register();
     assert!(
         out.status.success(),
         "{}",

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{wait_for, world};
+use common::{unix_now, wait_for, world};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::{IdentityKey, MessageId};
 use securechat_relay::store::{RedbStore, Session, Store as _};
@@ -28,13 +28,6 @@ fn archived_keys(home: &std::path::Path) -> Vec<PathBuf> {
         .collect();
     out.sort();
     out
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 #[test]

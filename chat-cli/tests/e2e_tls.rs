@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::{bin, password, terminate, wait_for};
+use common::{bin, password, run_cli, terminate, wait_for};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// Write `ca.pem`, and `relay.crt` + `relay.key` for `names` signed by it.
@@ -70,7 +70,7 @@ fn start_agent(home: &Path, relay: &str, ca: &Path) -> Child {
         .spawn()
         .unwrap();
     wait_for("agentd to answer", || {
-        chat_cli(home, &["status"], "")
+        run_cli(home, &["status"], "")
             .status
             .success()
             .then_some(())
@@ -78,29 +78,9 @@ fn start_agent(home: &Path, relay: &str, ca: &Path) -> Child {
     child
 }
 
-fn chat_cli(home: &Path, args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(bin("chat-cli"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 fn register(home: &Path, name: &str) -> std::process::Output {
     let email = format!("{name}@example.org");
-    chat_cli(
+    run_cli(
         home,
         &["register", name, "--email", &email, "--password-stdin"],
         &format!("{}\n", password(name)),

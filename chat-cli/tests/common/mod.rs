@@ -32,6 +32,34 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Run chat-cli with agentd home `home`, feeding it `stdin`.
+pub fn run_cli(home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(bin("chat-cli"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// Poll `f` until it returns `Some`, or fail after [`WAIT`] with `what`.
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
@@ -170,12 +198,8 @@ impl Relay {
             messages: 1000,
             bytes: 1 << 24,
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
         store
-            .enqueue(recipient, &envelope.id, &bytes, now, quota)
+            .enqueue(recipient, &envelope.id, &bytes, unix_now(), quota)
             .unwrap();
     }
 
@@ -282,22 +306,22 @@ impl Agent {
 
     /// Run chat-cli with `stdin` as its input.
     pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new(bin("chat-cli"))
-            .arg("--home")
-            .arg(&self.home)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        run_cli(&self.home, args, stdin)
+    }
+
+    /// `chat-cli register <name> --email <name>@example.org --password-stdin`.
+    pub fn register(&self) -> Output {
+        let email = format!("{}@example.org", self.name);
+        self.cli_stdin(
+            &[
+                "register",
+                &self.name,
+                "--email",
+                &email,
+                "--password-stdin",
+            ],
+            &format!("{}\n", password(&self.name)),
+        )
     }
 
     /// Run chat-cli with `--json`, require success, parse stdout.
@@ -336,16 +360,7 @@ impl Agent {
     /// Register, verify with the mailed code, and log in with a TOTP code.
     pub fn onboard(&mut self, relay: &Relay) {
         let email = format!("{}@example.org", self.name);
-        let out = self.cli_stdin(
-            &[
-                "register",
-                &self.name,
-                "--email",
-                &email,
-                "--password-stdin",
-            ],
-            &format!("{}\n", password(&self.name)),
-        );
+        let out = self.register();
         assert!(
             out.status.success(),
             "register {}: {}",
