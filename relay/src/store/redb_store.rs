@@ -61,6 +61,34 @@ impl RedbStore {
     }
 }
 
+/// Remove every entry whose encoded value `expired` says is over; returns
+/// how many went. A value that cannot be decoded fails the whole sweep (the
+/// caller's transaction is then dropped, undoing the removals).
+fn remove_expired<K: redb::Key + 'static>(
+    table: &mut redb::Table<'_, K, &'static [u8]>,
+    mut expired: impl FnMut(&[u8]) -> Result<bool, StoreError>,
+) -> Result<u64, StoreError> {
+    let mut removed = 0u64;
+    let mut failure = None;
+    table.retain(|_, value| {
+        if failure.is_some() {
+            return true;
+        }
+        match expired(value) {
+            Ok(true) => {
+                removed += 1;
+                false
+            }
+            Ok(false) => true,
+            Err(e) => {
+                failure = Some(e);
+                true
+            }
+        }
+    })?;
+    failure.map_or(Ok(removed), Err)
+}
+
 fn is_live_pending(bytes: &[u8], now: u64) -> Result<bool, StoreError> {
     let p: PendingRegistration = from_bytes(bytes)?;
     Ok(p.expires_unix > now)
@@ -449,46 +477,15 @@ impl Store for RedbStore {
                 dedupe.remove((recipient.as_str(), id.as_slice()))?;
             }
 
-            let mut pending = tx.open_table(PENDING)?;
-            let mut dead: Vec<String> = Vec::new();
-            for entry in pending.iter()? {
-                let (key, value) = entry?;
-                if !is_live_pending(value.value(), now)? {
-                    dead.push(key.value().to_string());
-                }
-            }
-            for name in &dead {
-                pending.remove(name.as_str())?;
-            }
-            stats.expired_registrations = dead.len() as u64;
-
-            let mut activations = tx.open_table(ACTIVATIONS)?;
-            let mut done: Vec<String> = Vec::new();
-            for entry in activations.iter()? {
-                let (key, value) = entry?;
-                let activation: Activation = from_bytes(value.value())?;
-                if activation.expires_unix <= now {
-                    done.push(key.value().to_string());
-                }
-            }
-            for name in &done {
-                activations.remove(name.as_str())?;
-            }
-            stats.expired_activations = done.len() as u64;
-
-            let mut sessions = tx.open_table(SESSIONS)?;
-            let mut gone: Vec<Vec<u8>> = Vec::new();
-            for entry in sessions.iter()? {
-                let (key, value) = entry?;
-                let session: Session = from_bytes(value.value())?;
-                if session.expires_unix <= now {
-                    gone.push(key.value().to_vec());
-                }
-            }
-            for key in &gone {
-                sessions.remove(key.as_slice())?;
-            }
-            stats.expired_sessions = gone.len() as u64;
+            stats.expired_registrations = remove_expired(&mut tx.open_table(PENDING)?, |v| {
+                Ok(!is_live_pending(v, now)?)
+            })?;
+            stats.expired_activations = remove_expired(&mut tx.open_table(ACTIVATIONS)?, |v| {
+                Ok(from_bytes::<Activation>(v)?.expires_unix <= now)
+            })?;
+            stats.expired_sessions = remove_expired(&mut tx.open_table(SESSIONS)?, |v| {
+                Ok(from_bytes::<Session>(v)?.expires_unix <= now)
+            })?;
         }
         tx.commit()?;
         Ok(stats)
