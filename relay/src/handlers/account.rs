@@ -330,6 +330,22 @@ fn bad_signature() -> ErrorReply {
     )
 }
 
+/// Check a login or resume signature by the account's stored key over this
+/// connection's challenge transcript.
+fn check_account_signature(
+    stored_key: &[u8],
+    purpose: LoginPurpose,
+    username: &str,
+    nonce: &[u8],
+    binding: &[u8],
+    signature: &[u8],
+) -> Result<(), ErrorReply> {
+    let key = PublicKey::from_der(stored_key).map_err(|e| internal("stored key invalid", e))?;
+    let transcript = login_transcript(purpose, username, nonce, binding);
+    key.verify(&transcript, signature)
+        .map_err(|_| failed(username, bad_signature()))
+}
+
 pub(super) async fn login(
     shared: &Arc<Shared>,
     state: &Arc<ConnState>,
@@ -386,12 +402,14 @@ pub(super) async fn login(
         ));
     };
 
-    let key =
-        PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
-    let transcript = login_transcript(LoginPurpose::Login, &username, &nonce, &binding);
-    if key.verify(&transcript, &signature).is_err() {
-        return Err(failed(&username, bad_signature()));
-    }
+    check_account_signature(
+        &account.public_key,
+        LoginPurpose::Login,
+        &username,
+        &nonce,
+        &binding,
+        &signature,
+    )?;
 
     let name = username.clone();
     let fresh = blocking(&shared.store, move |s| s.accept_totp_step(&name, step))
@@ -486,12 +504,14 @@ pub(super) async fn resume(
             ))
         }
     };
-    let key =
-        PublicKey::from_der(&account.public_key).map_err(|e| internal("stored key invalid", e))?;
-    let transcript = login_transcript(LoginPurpose::Resume, &username, &nonce, &binding);
-    if key.verify(&transcript, &signature).is_err() {
-        return Err(failed(&username, bad_signature()));
-    }
+    check_account_signature(
+        &account.public_key,
+        LoginPurpose::Resume,
+        &username,
+        &nonce,
+        &binding,
+        &signature,
+    )?;
     shared.account_limiter.clear(&username);
     let unread = go_online(
         shared,
