@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::mail::MailConfig;
 use crate::ratelimit::Limit;
 use crate::store::Quota;
@@ -66,6 +67,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests and commits.
     pub shutdown_grace: Duration,
+    /// The relay's time; tests pass [`Clock::adjustable`] and move it
+    /// instead of waiting.
+    pub clock: Clock,
 }
 
 impl Config {
@@ -96,6 +100,7 @@ impl Config {
             sweep_interval: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            clock: Clock::system(),
         }
     }
 }

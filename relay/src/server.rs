@@ -333,7 +333,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let retention = shared.config.retention.as_secs();
-        let now = crate::clock::unix_now();
+        let now = shared.config.clock.unix_now();
         match blocking(&shared.store, move |s| s.sweep(now, retention)).await {
             Ok(stats) if stats != Default::default() => tracing::info!(
                 expired_messages = stats.expired_messages,

@@ -12,6 +12,7 @@ use securechat_common::envelope::{seal, SealParams};
 use securechat_common::limits::MAX_FRAME_LEN;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Request, Response, PROTOCOL_VERSION};
 use securechat_common::{Envelope, MessageId};
+use securechat_relay::config::DEFAULT_CODE_TTL;
 use securechat_relay::ratelimit::Limit;
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{error_code, http_get, raw_request, SmtpServer, TestRelay, TestUser};
@@ -267,36 +268,39 @@ async fn registration_refusals_are_typed_and_store_nothing() {
 
 #[tokio::test]
 async fn expired_code_is_refused_and_registration_can_restart() {
-    let smtp = SmtpServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), Some(&smtp));
-    config.code_ttl = Duration::from_secs(1);
-    let relay = TestRelay::start(config).await.unwrap();
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut erin = TestUser::new("erin").unwrap();
+    erin.use_clock(relay.clock());
     c.call(&erin.register_request()).await.unwrap();
     let code = smtp
         .wait_for_code(&erin.email, Duration::from_secs(20))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let r = c
-        .call(&Request::Verify {
-            username: "erin".into(),
-            code: Zeroizing::new(code),
-        })
-        .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::CodeExpired));
+    let verify = Request::Verify {
+        username: "erin".into(),
+        code: Zeroizing::new(code),
+    };
+    // A minute before the expiry the code still counts (a wrong one is
+    // "wrong", not "expired")...
+    let minute = Duration::from_secs(60);
+    relay.clock().advance(DEFAULT_CODE_TTL - minute);
+    let wrong = Request::Verify {
+        username: "erin".into(),
+        code: Zeroizing::new("not a code".into()),
+    };
+    assert_eq!(error_code(c.call(&wrong).await), Ok(ErrorCode::WrongCode));
+    // ...and at the expiry it does not.
+    relay.clock().advance(minute);
+    assert_eq!(
+        error_code(c.call(&verify).await),
+        Ok(ErrorCode::CodeExpired)
+    );
     assert_eq!(status(&relay).await["accounts"], 0);
-    relay.stop().await.unwrap();
 
-    // The expired registration no longer holds the name (a relay with the
-    // default lifetime, so a slow machine cannot expire this one too).
-    let relay = TestRelay::start(test_config(dir.path(), Some(&smtp)))
-        .await
-        .unwrap();
-    let c = relay.connect().await.unwrap();
+    // The expired registration no longer holds the name.
     erin.register(&c, &smtp).await.unwrap();
+    erin.login(&c).await.unwrap();
     relay.stop().await.unwrap();
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::protocol::{ErrorCode, Request, Response};
+use securechat_relay::clock::Clock;
 use totp_rs::TOTP;
 use zeroize::Zeroizing;
 
@@ -26,6 +27,9 @@ pub struct TestUser {
     pub totp: Option<TOTP>,
     /// Last TOTP step used for a successful login.
     last_step: Option<u64>,
+    /// The time TOTP codes are made for: the system clock, or the relay's
+    /// adjustable one (see [`TestUser::use_clock`]).
+    clock: Clock,
 }
 
 fn now_unix() -> u64 {
@@ -54,6 +58,7 @@ impl TestUser {
             key: IdentityKey::generate(KeySize::Rsa2048)?,
             totp: None,
             last_step: None,
+            clock: Clock::system(),
         })
     }
 
@@ -112,15 +117,26 @@ impl TestUser {
         Ok(totp.generate(step * 30))
     }
 
-    /// The current TOTP step.
+    /// The current TOTP step on the system clock.
     pub fn current_step() -> u64 {
         now_unix() / 30
+    }
+
+    /// Make TOTP codes for the time of `clock` (the relay's, when the test
+    /// moves it) instead of the system clock.
+    pub fn use_clock(&mut self, clock: &Clock) {
+        self.clock = clock.clone();
+    }
+
+    /// The current TOTP step on this user's clock.
+    pub fn step_now(&self) -> u64 {
+        self.clock.unix_now() / 30
     }
 
     /// A step not used by an earlier login of this user and within the
     /// relay's ±1 window: the current one, or the next if that was used.
     pub fn fresh_step(&self) -> anyhow::Result<u64> {
-        let now = Self::current_step();
+        let now = self.step_now();
         let step = match self.last_step {
             Some(last) if last >= now => last + 1,
             _ => now,

@@ -15,7 +15,6 @@
 //! failed.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use securechat_common::crypto::{login_transcript, random_bytes, sha256, LoginPurpose};
 use securechat_common::limits::{
@@ -27,7 +26,6 @@ use zeroize::Zeroizing;
 
 use super::{fail, internal, limit_peer, require_auth, Reply};
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
-use crate::clock::unix_now;
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
 use crate::server::Shared;
@@ -56,7 +54,7 @@ pub(super) async fn register(
     PublicKey::from_der(&public_key)
         .map_err(|e| fail(ErrorCode::InvalidPublicKey, e.to_string()))?;
 
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let name = username.clone();
     let (has_account, live_pending) = blocking(&shared.store, move |s| {
         let pending = s.pending(&name)?.filter(|p| p.expires_unix > now);
@@ -79,7 +77,7 @@ pub(super) async fn register(
         Some(old) => {
             if !shared
                 .account_limiter
-                .try_acquire(&username, Instant::now())
+                .try_acquire(&username, shared.config.clock.now())
             {
                 return Err(fail(
                     ErrorCode::RateLimited,
@@ -159,7 +157,7 @@ pub(super) async fn verify(
     if validate_username(&username).is_err() {
         return Err(no_pending());
     }
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let max = shared.config.max_code_attempts;
     let name = username.clone();
     let attempt = blocking(&shared.store, move |s| s.take_code_attempt(&name, now, max))
@@ -307,7 +305,7 @@ fn take_challenge(
 fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
     if !shared
         .account_limiter
-        .try_acquire(&username.to_string(), Instant::now())
+        .try_acquire(&username.to_string(), shared.config.clock.now())
     {
         return Err(fail(
             ErrorCode::RateLimited,
@@ -392,7 +390,8 @@ pub(super) async fn login(
 
     let generator =
         totp(&account.totp_secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
-    let Some(step) = check_totp(&generator, totp_code.trim(), unix_now()) else {
+    let Some(step) = check_totp(&generator, totp_code.trim(), shared.config.clock.unix_now())
+    else {
         return Err(failed(
             &username,
             fail(
@@ -426,7 +425,7 @@ pub(super) async fn login(
     }
 
     let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;
-    let expires = unix_now() + shared.config.session_ttl.as_secs();
+    let expires = shared.config.clock.unix_now() + shared.config.session_ttl.as_secs();
     let session = Session {
         username: username.clone(),
         expires_unix: expires,
@@ -440,7 +439,7 @@ pub(super) async fn login(
         state,
         Auth {
             username: username.clone(),
-            full_login_at: Some(Instant::now()),
+            full_login_at: Some(shared.config.clock.now()),
             token_hash,
         },
     )
@@ -487,7 +486,7 @@ pub(super) async fn resume(
     })
     .await
     .map_err(|e| internal("session lookup failed", e))?;
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let (session, account) = match found {
         (Some(session), Some(account))
             if session.username == username && session.expires_unix > now =>
@@ -551,9 +550,15 @@ pub(super) async fn publish_key(
     signature: Vec<u8>,
 ) -> Reply {
     let auth = require_auth(state)?;
-    let fresh = auth
-        .full_login_at
-        .is_some_and(|t| t.elapsed().as_secs() < FRESH_LOGIN_SECS);
+    let fresh = auth.full_login_at.is_some_and(|t| {
+        shared
+            .config
+            .clock
+            .now()
+            .saturating_duration_since(t)
+            .as_secs()
+            < FRESH_LOGIN_SECS
+    });
     if !fresh {
         return Err(fail(
             ErrorCode::FreshLoginRequired,

@@ -9,7 +9,6 @@ use securechat_common::protocol::{AckOutcome, ErrorCode, Response};
 use securechat_common::{Envelope, MessageId};
 
 use super::{fail, internal, require_auth, Reply};
-use crate::clock::unix_now;
 use crate::connection::ConnState;
 use crate::server::Shared;
 use crate::store::{blocking, EnqueueOutcome};
@@ -72,7 +71,7 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
         postcard::to_stdvec(&envelope).map_err(|e| internal("envelope encoding failed", e))?;
     let id = envelope.id;
     let quota = shared.config.quota;
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     // Grouped with concurrent sends and acks into one durable commit.
     let outcome = shared
         .queue
@@ -114,7 +113,7 @@ pub(super) async fn ack(
     let auth = require_auth(state)?;
     let removed = shared
         .queue
-        .ack(auth.username, id, unix_now())
+        .ack(auth.username, id, shared.config.clock.unix_now())
         .await
         .map_err(|e| internal("acknowledging a message failed", e))?;
     if removed {

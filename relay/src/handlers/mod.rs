@@ -11,7 +11,6 @@ mod account;
 mod messages;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 
@@ -92,7 +91,7 @@ pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
 pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
     if shared
         .ip_limiter
-        .try_acquire(&state.peer_ip, Instant::now())
+        .try_acquire(&state.peer_ip, shared.config.clock.now())
     {
         Ok(())
     } else {
