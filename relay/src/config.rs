@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::mail::MailConfig;
-use crate::ratelimit::Limit;
+use crate::ratelimit::{Limit, LoginLimits};
 use crate::store::Quota;
 use crate::tls::TlsSource;
 
@@ -57,10 +57,12 @@ pub struct Config {
     pub max_code_attempts: u32,
     /// How long a session token is valid.
     pub session_ttl: Duration,
-    /// Failed logins allowed per account per window.
-    pub login_failures_per_account: Limit,
-    /// Login, resume, register and verify attempts allowed per peer IP per window.
-    pub attempts_per_ip: Limit,
+    /// How password guessing is slowed down: growing delays per (account,
+    /// source) and a ceiling per account. Never applied to `Resume`.
+    pub login_limits: LoginLimits,
+    /// Login, resume, register and verify attempts allowed per source (an
+    /// IPv4 address or an IPv6 /64) per window.
+    pub attempts_per_source: Limit,
     /// How often expired messages, registrations and sessions are swept.
     pub sweep_interval: Duration,
     /// QUIC idle timeout (clients send keep-alives well within it).
@@ -89,11 +91,8 @@ impl Config {
             code_ttl: DEFAULT_CODE_TTL,
             max_code_attempts: DEFAULT_MAX_CODE_ATTEMPTS,
             session_ttl: DEFAULT_SESSION_TTL,
-            login_failures_per_account: Limit {
-                max: 5,
-                window: Duration::from_secs(300),
-            },
-            attempts_per_ip: Limit {
+            login_limits: LoginLimits::default(),
+            attempts_per_source: Limit {
                 max: 30,
                 window: Duration::from_secs(60),
             },

@@ -12,7 +12,6 @@
 //! allowed to finish (so a `Send` being committed is committed) before the
 //! task returns.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::handlers;
+use crate::ratelimit::Source;
 use crate::server::Shared;
 use crate::store::blocking;
 
@@ -53,7 +53,8 @@ pub(crate) struct Auth {
 pub(crate) struct ConnState {
     pub(crate) id: u64,
     pub(crate) conn: quinn::Connection,
-    pub(crate) peer_ip: IpAddr,
+    /// Who the peer counts as for limits (its IPv4 address or IPv6 /64).
+    pub(crate) source: Source,
     challenge: Mutex<Option<[u8; BINDING_LEN]>>,
     auth: Mutex<Option<Auth>>,
     bad_frames: AtomicU32,
@@ -139,7 +140,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let state = Arc::new(ConnState {
         id,
         conn: conn.clone(),
-        peer_ip: peer.ip(),
+        source: Source::of(peer.ip()),
         challenge: Mutex::new(None),
         auth: Mutex::new(None),
         bad_frames: AtomicU32::new(0),

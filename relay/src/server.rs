@@ -14,7 +14,7 @@
 //! ```
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
 use crate::mail::{MailError, Mailer};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
 use crate::status::Stats;
 use crate::store::writer::queue_writer;
 use crate::store::{blocking, QueueWriter, RedbStore, Store, StoreError, WriterTask};
@@ -88,8 +88,13 @@ pub(crate) struct Shared {
     pub(crate) passwords: Passwords,
     pub(crate) hub: Hub,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) ip_limiter: RateLimiter<IpAddr>,
-    pub(crate) account_limiter: RateLimiter<String>,
+    /// Login, resume, register and verify attempts per source.
+    pub(crate) source_limiter: RateLimiter<Source>,
+    /// Password guesses in `Login`, per (account, source) and per account.
+    pub(crate) login_guesses: GuessLimiter,
+    /// Password checks of a repeated `Register` for a pending name: kept
+    /// apart from logins, so retrying a registration never delays a login.
+    pub(crate) register_guesses: GuessLimiter,
     pub(crate) next_conn_id: AtomicU64,
 }
 
@@ -151,8 +156,9 @@ impl Relay {
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), config.quota);
         let shared = Arc::new(Shared {
-            ip_limiter: RateLimiter::new(config.attempts_per_ip),
-            account_limiter: RateLimiter::new(config.login_failures_per_account),
+            source_limiter: RateLimiter::new(config.attempts_per_source),
+            login_guesses: GuessLimiter::new(config.login_limits),
+            register_guesses: GuessLimiter::new(config.login_limits),
             config,
             store,
             queue,

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use securechat_agentd::relay_client::{ClientError, RelayClient};
@@ -10,12 +11,16 @@ use securechat_common::codec;
 use securechat_common::crypto::{login_transcript, IdentityKey, KeySize, LoginPurpose};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::limits::MAX_FRAME_LEN;
-use securechat_common::protocol::{AckOutcome, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use securechat_common::protocol::{
+    AckOutcome, ErrorCode, ErrorReply, Request, Response, PROTOCOL_VERSION,
+};
 use securechat_common::{Envelope, MessageId};
 use securechat_relay::config::DEFAULT_CODE_TTL;
-use securechat_relay::ratelimit::Limit;
+use securechat_relay::ratelimit::{Limit, LoginLimits};
 use securechat_testkit::relay::test_config;
-use securechat_testkit::{error_code, http_get, raw_request, SmtpServer, TestRelay, TestUser};
+use securechat_testkit::{
+    error_code, http_get, raw_request, SmtpServer, SourceClient, TestRelay, TestUser,
+};
 use zeroize::Zeroizing;
 
 fn code_of(err: ClientError) -> ErrorCode {
@@ -521,39 +526,165 @@ async fn send_refusals_are_typed_and_store_nothing() {
     relay.stop().await.unwrap();
 }
 
+/// The refusal of a call, with its message.
+fn refusal(r: Result<Response, ClientError>) -> ErrorReply {
+    match r {
+        Err(ClientError::Relay(reply)) => reply,
+        other => panic!("not a relay refusal: {other:?}"),
+    }
+}
+
+fn from(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A login with the right key but a wrong password, from `client`.
+async fn guess(client: &SourceClient, user: &TestUser) -> Result<Response, ClientError> {
+    client
+        .login(&user.name, "not the password", "000000", &user.key)
+        .await
+}
+
 #[tokio::test]
-async fn failed_logins_are_rate_limited_per_account() {
+async fn password_guessing_is_slowed_per_source_and_never_locks_the_owner_out() {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
-    config.login_failures_per_account = Limit {
-        max: 3,
-        window: Duration::from_secs(300),
+    config.login_limits = LoginLimits {
+        free_failures: 3,
+        first_delay: Duration::from_secs(2),
+        max_delay: Duration::from_secs(8),
+        forget_after: Duration::from_secs(3600),
+        per_account: Limit {
+            max: 12,
+            window: Duration::from_secs(3600),
+        },
     };
     let relay = TestRelay::start(config).await.unwrap();
+    let clock = relay.clock().clone();
     let mut jack = TestUser::new("jack").unwrap();
     let mut kate = TestUser::new("kate").unwrap();
+    jack.use_clock(&clock);
+    kate.use_clock(&clock);
     let c = relay.connect().await.unwrap();
     jack.register(&c, &smtp).await.unwrap();
     kate.register(&c, &smtp).await.unwrap();
-    let binding = c.tls_binding().unwrap();
+    let token = jack.login(&c).await.unwrap().token.unwrap();
+
+    // A stranger at 127.0.0.2 guesses: three failures, then a wait.
+    let stranger = SourceClient::connect(&relay, from(2)).await.unwrap();
     for _ in 0..3 {
-        let r = manual_login(&c, &jack, "not the password", "000000", &jack.key, binding).await;
-        assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+        assert_eq!(
+            error_code(guess(&stranger, &jack).await),
+            Ok(ErrorCode::InvalidCredentials)
+        );
     }
-    // Even the right password is refused for now.
-    let err = jack.login(&c).await.unwrap_err();
-    let refused = err
-        .downcast_ref::<ClientError>()
-        .map(|e| matches!(e, ClientError::Relay(r) if r.code == ErrorCode::RateLimited));
-    assert_eq!(refused, Some(true), "{err}");
-    // Another account is not affected, and successes never add up to a limit.
-    let k = relay.connect().await.unwrap();
-    let token = kate.login(&k).await.unwrap().token.unwrap();
-    for _ in 0..5 {
-        let again = relay.connect().await.unwrap();
-        again.resume("kate", &token, &kate.key).await.unwrap();
+    let wait = refusal(guess(&stranger, &jack).await);
+    assert_eq!(wait.code, ErrorCode::RateLimited);
+    assert!(wait.message.contains("retry after 2 s"), "{}", wait.message);
+    // Only that pair waits: another account from there is answered...
+    assert_eq!(
+        error_code(guess(&stranger, &kate).await),
+        Ok(ErrorCode::InvalidCredentials)
+    );
+    // ...and the owner logs in from his own address, and resumes.
+    let own = relay.connect().await.unwrap();
+    jack.login(&own).await.unwrap();
+    relay
+        .connect()
+        .await
+        .unwrap()
+        .resume("jack", &token, &jack.key)
+        .await
+        .unwrap();
+
+    // The owner's success did not clear the stranger's failures: after the
+    // wait one more guess is taken, and the next wait is twice as long.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        error_code(guess(&stranger, &jack).await),
+        Ok(ErrorCode::InvalidCredentials)
+    );
+    let wait = refusal(guess(&stranger, &jack).await);
+    assert_eq!(wait.code, ErrorCode::RateLimited);
+    assert!(wait.message.contains("retry after 4 s"), "{}", wait.message);
+
+    // Many sources together reach the account's ceiling (12 failures here:
+    // 4 from 127.0.0.2, then 3 + 3 + 2 more)...
+    for (last, tries) in [(3, 3), (4, 3), (5, 2)] {
+        let other = SourceClient::connect(&relay, from(last)).await.unwrap();
+        for _ in 0..tries {
+            assert_eq!(
+                error_code(guess(&other, &jack).await),
+                Ok(ErrorCode::InvalidCredentials)
+            );
+        }
     }
+    let fresh = SourceClient::connect(&relay, from(6)).await.unwrap();
+    let paused = refusal(guess(&fresh, &jack).await);
+    assert_eq!(paused.code, ErrorCode::RateLimited);
+    assert!(paused.message.contains("paused"), "{}", paused.message);
+    // ...which pauses password logins to it, even the owner's (with a TOTP
+    // code of a later step: he has used the current ones)...
+    clock.advance(Duration::from_secs(60));
+    let own = relay.connect().await.unwrap();
+    let err = jack.login(&own).await.unwrap_err();
+    let code = err.downcast_ref::<ClientError>().map(|e| match e {
+        ClientError::Relay(r) => Some(r.code),
+        _ => None,
+    });
+    assert_eq!(code, Some(Some(ErrorCode::RateLimited)), "{err}");
+    // ...but never a resume, from anywhere.
+    for client in [&own, &relay.connect().await.unwrap()] {
+        client.resume("jack", &token, &jack.key).await.unwrap();
+    }
+    let resumed = fresh.resume("jack", &token, &jack.key).await;
+    assert!(
+        matches!(resumed, Ok(Response::LoggedIn { .. })),
+        "{resumed:?}"
+    );
+    // Other accounts log in as usual.
+    kate.login(&relay.connect().await.unwrap()).await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retried_registrations_do_not_delay_the_owners_login() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.login_limits.free_failures = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let mut lena = TestUser::new("lena").unwrap();
+    // Someone with lena's email and key but another password keeps asking
+    // for the pending name: each is a password check, counted...
+    assert!(matches!(
+        c.call(&lena.register_request()).await,
+        Ok(Response::RegisterPending { .. })
+    ));
+    smtp.wait_for_code(&lena.email, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut other = TestUser::new("lena").unwrap();
+    other.key = IdentityKey::from_pkcs8(&lena.key.to_pkcs8().unwrap()).unwrap();
+    other.password = "another long password".into();
+    for _ in 0..2 {
+        assert_eq!(
+            error_code(c.call(&other.register_request()).await),
+            Ok(ErrorCode::UsernameTaken)
+        );
+    }
+    assert_eq!(
+        error_code(c.call(&other.register_request()).await),
+        Ok(ErrorCode::RateLimited)
+    );
+    // ...but apart from logins: lena, retrying from the same address once
+    // the wait is over, finishes her registration and logs in at once.
+    relay.clock().advance(Duration::from_secs(60));
+    lena.use_clock(relay.clock());
+    lena.register(&c, &smtp).await.unwrap();
+    lena.login(&c).await.unwrap();
     relay.stop().await.unwrap();
 }
 
@@ -562,7 +693,7 @@ async fn attempts_are_rate_limited_per_address() {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
-    config.attempts_per_ip = Limit {
+    config.attempts_per_source = Limit {
         max: 3,
         window: Duration::from_secs(60),
     };

@@ -37,11 +37,8 @@ pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
     config.status_listen = "127.0.0.1:0".parse().ok();
     config.mail.smtp_url = smtp.map(SmtpServer::url);
     config.mail.from = "relay@securechat.test".into();
-    config.login_failures_per_account = Limit {
-        max: 100,
-        window: Duration::from_secs(300),
-    };
-    config.attempts_per_ip = Limit {
+    config.login_limits.free_failures = 100;
+    config.attempts_per_source = Limit {
         max: 1000,
         window: Duration::from_secs(60),
     };

@@ -7,12 +7,18 @@
 //! has not logged in yet, before the code's expiry, is answered again with
 //! the same TOTP secret; wrong codes there count against the same attempts.
 //!
-//! Login checks, in order: rate limits, the connection's challenge, password
+//! Login checks, in order: the per-source attempt limit, the connection's
+//! challenge, the password-guessing limits (per account and source, with
+//! growing delays, and per account; see [`crate::ratelimit`]), password
 //! (an unknown user costs the same argon2 time and gets the same answer),
 //! TOTP (±1 step), the signature over the challenge transcript bound to this
 //! TLS session, and finally records the TOTP step so the code cannot be used
 //! again. Only after the password has matched does an error say which factor
 //! failed.
+//!
+//! A resume involves no password and no guessing limit: a valid session
+//! token and a fresh signature by the account key always get in, whatever
+//! others have tried against the account's password.
 
 use std::sync::Arc;
 
@@ -24,10 +30,11 @@ use securechat_common::protocol::{ErrorCode, ErrorReply, Response, BINDING_LEN};
 use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
-use super::{fail, internal, limit_peer, require_auth, Reply};
+use super::{fail, internal, limit_peer, require_auth, whole_secs, Reply};
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
+use crate::ratelimit::{GuessLimiter, Refusal};
 use crate::server::Shared;
 use crate::store::{blocking, Account, Activation, CodeAttempt, PendingRegistration, Session};
 
@@ -75,15 +82,9 @@ pub(super) async fn register(
     };
     let password_phc = match &replaced {
         Some(old) => {
-            if !shared
-                .account_limiter
-                .try_acquire(&username, shared.config.clock.now())
-            {
-                return Err(fail(
-                    ErrorCode::RateLimited,
-                    "too many registration attempts for this name; wait a few minutes and retry",
-                ));
-            }
+            // Comparing the password is a guess like a login's, but counted
+            // apart: a client retrying its registration never delays a login.
+            limit_guesses(&shared.register_guesses, shared, state, &username)?;
             let checker = Arc::clone(shared);
             let phc = old.password_phc.clone();
             let same =
@@ -93,6 +94,7 @@ pub(super) async fn register(
             if !same {
                 return Err(username_taken(&username));
             }
+            shared.register_guesses.succeeded(&username, state.source);
             old.password_phc.clone()
         }
         None => {
@@ -299,24 +301,52 @@ fn take_challenge(
     Ok((nonce, binding))
 }
 
-/// Count a login attempt against the account before any check runs (so
-/// concurrent guesses cannot slip past the limit); a success clears it, so
-/// in effect only failures accumulate.
-fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
-    if !shared
-        .account_limiter
-        .try_acquire(&username.to_string(), shared.config.clock.now())
-    {
-        return Err(fail(
-            ErrorCode::RateLimited,
-            "too many failed logins for this account; wait a few minutes and retry",
-        ));
+/// Count a password attempt by this connection's source against the
+/// account before the password is checked (so concurrent guesses cannot
+/// slip past the limit); the caller takes it back on success with
+/// [`GuessLimiter::succeeded`], so in effect only failures accumulate.
+/// `username` must be valid: only account names become limiter keys.
+fn limit_guesses(
+    limiter: &GuessLimiter,
+    shared: &Shared,
+    state: &ConnState,
+    username: &str,
+) -> Result<(), ErrorReply> {
+    let now = shared.config.clock.now();
+    limiter
+        .begin(username, state.source, now)
+        .map_err(|refusal| match refusal {
+            Refusal::Pair { retry_after } => fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed attempts for this account from your address; \
+                     retry after {} s",
+                    whole_secs(retry_after)
+                ),
+            ),
+            Refusal::Account { retry_after } => fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed attempts for this account; password logins to it \
+                     are paused for {} s (a session resume still works)",
+                    whole_secs(retry_after)
+                ),
+            ),
+        })
+}
+
+/// A username as it may appear in a log line: only names that pass the
+/// rules (short, printable) are written; anything else is a placeholder.
+pub(super) fn loggable(username: &str) -> &str {
+    if validate_username(username).is_ok() {
+        username
+    } else {
+        "<invalid username>"
     }
-    Ok(())
 }
 
 fn failed(username: &str, reply: ErrorReply) -> ErrorReply {
-    tracing::info!(%username, code = ?reply.code, "login refused");
+    tracing::info!(username = loggable(username), code = ?reply.code, "login refused");
     reply
 }
 
@@ -353,11 +383,17 @@ pub(super) async fn login(
     signature: Vec<u8>,
 ) -> Reply {
     limit_peer(shared, state)?;
-    limit_account(shared, &username)?;
+    // Only a valid name can be an account, a limiter key or a log field. An
+    // invalid one gets the unknown user's answer after the same argon2
+    // time; the per-source limit above bounds how often.
+    let valid = validate_username(&username).is_ok();
     let (nonce, binding) = take_challenge(state, &username)?;
+    if valid {
+        limit_guesses(&shared.login_guesses, shared, state, &username)?;
+    }
 
     let name = username.clone();
-    let account = if validate_username(&username).is_ok() {
+    let account = if valid {
         blocking(&shared.store, move |s| s.account(&name))
             .await
             .map_err(|e| internal("account lookup failed", e))?
@@ -433,7 +469,7 @@ pub(super) async fn login(
     blocking(&shared.store, move |s| s.put_session(&token_hash, &session))
         .await
         .map_err(|e| internal("storing the session failed", e))?;
-    shared.account_limiter.clear(&username);
+    shared.login_guesses.succeeded(&username, state.source);
     let unread = go_online(
         shared,
         state,
@@ -474,8 +510,19 @@ pub(super) async fn resume(
     token: Zeroizing<Vec<u8>>,
     signature: Vec<u8>,
 ) -> Reply {
+    // No password is involved: a session token (256 random bits) and a
+    // fresh signature by the account key. Password failures, by anyone,
+    // never stand in the way of a resume.
     limit_peer(shared, state)?;
-    limit_account(shared, &username)?;
+    let session_gone = || {
+        fail(
+            ErrorCode::SessionExpired,
+            "the session token is unknown, revoked or expired; log in again",
+        )
+    };
+    if validate_username(&username).is_err() {
+        return Err(failed(&username, session_gone()));
+    }
     let (nonce, binding) = take_challenge(state, &username)?;
     let token_hash = sha256(&token);
     let name = username.clone();
@@ -493,15 +540,7 @@ pub(super) async fn resume(
         {
             (session, account)
         }
-        _ => {
-            return Err(failed(
-                &username,
-                fail(
-                    ErrorCode::SessionExpired,
-                    "the session token is unknown, revoked or expired; log in again",
-                ),
-            ))
-        }
+        _ => return Err(failed(&username, session_gone())),
     };
     check_account_signature(
         &account.public_key,
@@ -511,7 +550,6 @@ pub(super) async fn resume(
         &binding,
         &signature,
     )?;
-    shared.account_limiter.clear(&username);
     let unread = go_online(
         shared,
         state,

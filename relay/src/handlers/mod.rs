@@ -87,17 +87,24 @@ pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
     })
 }
 
-/// Count an attempt from the peer's address; refuse past the limit.
+/// Count an attempt from the peer's source; refuse past the limit.
 pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
-    if shared
-        .ip_limiter
-        .try_acquire(&state.peer_ip, shared.config.clock.now())
-    {
-        Ok(())
-    } else {
-        Err(fail(
-            ErrorCode::RateLimited,
-            "too many attempts from your address; wait a minute and retry",
-        ))
-    }
+    shared
+        .source_limiter
+        .try_acquire(&state.source, shared.config.clock.now())
+        .map_err(|wait| {
+            fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many attempts from your address; retry after {} s",
+                    whole_secs(wait)
+                ),
+            )
+        })
+}
+
+/// A wait in whole seconds, rounded up (a client told "0 s" would retry
+/// too early).
+pub(crate) fn whole_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
