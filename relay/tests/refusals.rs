@@ -720,3 +720,68 @@ async fn attempts_are_rate_limited_per_address() {
     ));
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn oversized_names_are_refused_without_being_echoed_or_kept() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.login_limits.free_failures = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let mut mia = TestUser::new("mia").unwrap();
+    mia.register(&c, &smtp).await.unwrap();
+    let huge = "a".repeat(200 * 1024);
+    let short = |r: Result<Response, ClientError>, want: ErrorCode| {
+        let reply = refusal(r);
+        assert_eq!(reply.code, want, "{}", reply.message);
+        assert!(
+            reply.message.len() < 200,
+            "echoed: {} bytes",
+            reply.message.len()
+        );
+    };
+
+    // A name that can never be an account is the unknown user's answer,
+    // every time: it is not a guessing-limit key (which would refuse the
+    // third attempt here).
+    let mut nobody = TestUser::new("nobody").unwrap();
+    nobody.name = huge.clone();
+    for _ in 0..4 {
+        let binding = c.tls_binding().unwrap();
+        let r = manual_login(&c, &nobody, "some password", "123456", &nobody.key, binding).await;
+        short(r, ErrorCode::InvalidCredentials);
+    }
+    short(
+        c.call(&Request::Verify {
+            username: huge.clone(),
+            code: Zeroizing::new("123456".into()),
+        })
+        .await,
+        ErrorCode::NoPendingRegistration,
+    );
+    let mut register = mia.register_request();
+    if let Request::Register { username, .. } = &mut register {
+        *username = huge.clone();
+    }
+    short(c.call(&register).await, ErrorCode::InvalidUsername);
+    let resume = c.resume(&huge, &[7; 32], &mia.key).await;
+    let code = match resume {
+        Err(ClientError::Relay(reply)) => {
+            assert!(reply.message.len() < 200);
+            reply.code
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code, ErrorCode::SessionExpired);
+
+    mia.login(&c).await.unwrap();
+    short(
+        c.call(&Request::LookupKey {
+            username: huge.clone(),
+        })
+        .await,
+        ErrorCode::UnknownUser,
+    );
+    relay.stop().await.unwrap();
+}

@@ -150,15 +150,19 @@ pub(super) async fn verify(
     code: Zeroizing<String>,
 ) -> Reply {
     limit_peer(shared, state)?;
+    if validate_username(&username).is_err() {
+        // Never a registration; not echoed (it may be anything, of any size).
+        return Err(fail(
+            ErrorCode::NoPendingRegistration,
+            "no registration is waiting for that name; register first",
+        ));
+    }
     let no_pending = || {
         fail(
             ErrorCode::NoPendingRegistration,
             format!("no registration is waiting for {username:?}; register first"),
         )
     };
-    if validate_username(&username).is_err() {
-        return Err(no_pending());
-    }
     let now = shared.config.clock.unix_now();
     let max = shared.config.max_code_attempts;
     let name = username.clone();
@@ -337,7 +341,7 @@ fn limit_guesses(
 
 /// A username as it may appear in a log line: only names that pass the
 /// rules (short, printable) are written; anything else is a placeholder.
-pub(super) fn loggable(username: &str) -> &str {
+pub(crate) fn loggable(username: &str) -> &str {
     if validate_username(username).is_ok() {
         username
     } else {

@@ -15,15 +15,19 @@ use crate::store::{blocking, EnqueueOutcome};
 
 pub(super) async fn lookup(shared: &Arc<Shared>, state: &ConnState, username: String) -> Reply {
     require_auth(state)?;
+    if validate_username(&username).is_err() {
+        // Not echoed: it may be anything, of any size.
+        return Err(fail(
+            ErrorCode::UnknownUser,
+            "no user has that name (it breaks the username rules)",
+        ));
+    }
     let unknown = || {
         fail(
             ErrorCode::UnknownUser,
             format!("no user named {username:?}"),
         )
     };
-    if validate_username(&username).is_err() {
-        return Err(unknown());
-    }
     let name = username.clone();
     let account = blocking(&shared.store, move |s| s.account(&name))
         .await
@@ -44,6 +48,11 @@ pub(super) fn online(shared: &Shared, state: &ConnState) -> Reply {
 
 pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {
     let auth = require_auth(state)?;
+    // The shape first: it bounds the names before any is compared or shown.
+    envelope.check_shape().map_err(|e| match e {
+        CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
+        other => fail(ErrorCode::BadRequest, other.to_string()),
+    })?;
     if envelope.sender != auth.username {
         return Err(fail(
             ErrorCode::NotSender,
@@ -53,10 +62,6 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             ),
         ));
     }
-    envelope.check_shape().map_err(|e| match e {
-        CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
-        other => fail(ErrorCode::BadRequest, other.to_string()),
-    })?;
     let recipient = envelope.recipient.clone();
     let unknown = || {
         fail(

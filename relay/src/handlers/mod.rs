@@ -10,6 +10,8 @@
 mod account;
 mod messages;
 
+pub(crate) use account::loggable;
+
 use std::sync::Arc;
 
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
