@@ -92,33 +92,41 @@ async fn each_login_factor_failure_is_typed() {
         .await;
     assert_eq!(error_code(no_challenge), Ok(ErrorCode::NoChallenge));
 
-    // Wrong password and unknown user look the same.
-    let r = manual_login(
-        &c,
-        &alice,
-        "wrong password",
-        &good_totp,
-        &alice.key,
-        binding,
-    )
-    .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+    // Wrong password, unknown user and a wrong code get one answer, word
+    // for word: only the holder of the password and a fresh code learns more.
+    let wrong_password = refusal(
+        manual_login(
+            &c,
+            &alice,
+            "wrong password",
+            &good_totp,
+            &alice.key,
+            binding,
+        )
+        .await,
+    );
+    assert_eq!(wrong_password.code, ErrorCode::InvalidCredentials);
     let ghost = TestUser::new("ghost").unwrap();
     let r = manual_login(&c, &ghost, &pw, "123456", &ghost.key, binding).await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+    assert_eq!(refusal(r), wrong_password);
 
-    // Wrong TOTP (a code two steps old is outside the window).
-    let stale = alice.totp_at_step(step - 3).unwrap();
-    let wrong = if stale == good_totp {
-        "000000".to_string()
-    } else {
-        stale
-    };
+    // Wrong TOTP: a code from outside the ±1 window, even with the right
+    // password, and also when the signature is wrong as well.
+    let window: Vec<String> = (step - 1..=step + 1)
+        .map(|s| alice.totp_at_step(s).unwrap())
+        .collect();
+    let wrong = [step - 3, step - 2, step + 2, step + 3]
+        .map(|s| alice.totp_at_step(s).unwrap())
+        .into_iter()
+        .find(|code| !window.contains(code))
+        .unwrap();
     let r = manual_login(&c, &alice, &pw, &wrong, &alice.key, binding).await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidTotp));
-
-    // Signed with another key.
+    assert_eq!(refusal(r), wrong_password);
     let mallory = IdentityKey::generate(KeySize::Rsa2048).unwrap();
+    let r = manual_login(&c, &alice, &pw, &wrong, &mallory, binding).await;
+    assert_eq!(refusal(r), wrong_password);
+
+    // Signed with another key, with the password and a fresh code right.
     let r = manual_login(&c, &alice, &pw, &good_totp, &mallory, binding).await;
     assert_eq!(error_code(r), Ok(ErrorCode::InvalidSignature));
 
@@ -152,7 +160,19 @@ async fn each_login_factor_failure_is_typed() {
         again.tls_binding().unwrap(),
     )
     .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::TotpReused));
+    assert_eq!(refusal(r), wrong_password);
+    // Nor does a used code with a wrong signature say that the password
+    // and the code were right.
+    let r = manual_login(
+        &again,
+        &alice,
+        &pw,
+        &good_totp,
+        &mallory,
+        again.tls_binding().unwrap(),
+    )
+    .await;
+    assert_eq!(refusal(r), wrong_password);
 
     // A bogus session token.
     let err = other

@@ -10,11 +10,13 @@
 //! Login checks, in order: the per-source attempt limit, the connection's
 //! challenge, the password-guessing limits (per account and source, with
 //! growing delays, and per account; see [`crate::ratelimit`]), password
-//! (an unknown user costs the same argon2 time and gets the same answer),
-//! TOTP (±1 step), the signature over the challenge transcript bound to this
-//! TLS session, and finally records the TOTP step so the code cannot be used
-//! again. Only after the password has matched does an error say which factor
-//! failed.
+//! (an unknown user costs the same argon2 time), TOTP (±1 step, later than
+//! the last one used), the signature over the challenge transcript bound to
+//! this TLS session, and finally records the TOTP step so the code cannot
+//! be used again. An unknown user, a wrong password and a wrong or used code
+//! all get the same answer ([`ErrorCode::InvalidCredentials`], same text):
+//! only the holder of both the password and a fresh code learns that the
+//! signature failed ([`ErrorCode::InvalidSignature`]).
 //!
 //! A resume involves no password and no guessing limit: a valid session
 //! token and a fresh signature by the account key always get in, whatever
@@ -354,6 +356,15 @@ fn failed(username: &str, reply: ErrorReply) -> ErrorReply {
     reply
 }
 
+/// The one answer for an unknown user, a wrong password and a wrong or used
+/// TOTP code.
+fn wrong_credentials() -> ErrorReply {
+    fail(
+        ErrorCode::InvalidCredentials,
+        "unknown user or wrong password or code",
+    )
+}
+
 fn bad_signature() -> ErrorReply {
     fail(
         ErrorCode::InvalidSignature,
@@ -397,12 +408,14 @@ pub(super) async fn login(
     }
 
     let name = username.clone();
-    let account = if valid {
-        blocking(&shared.store, move |s| s.account(&name))
-            .await
-            .map_err(|e| internal("account lookup failed", e))?
+    let (account, last_step) = if valid {
+        blocking(&shared.store, move |s| {
+            Ok((s.account(&name)?, s.last_totp_step(&name)?))
+        })
+        .await
+        .map_err(|e| internal("account lookup failed", e))?
     } else {
-        None
+        (None, None)
     };
     let checker = Arc::clone(shared);
     let phc = account.as_ref().map(|a| a.password_phc.clone());
@@ -417,28 +430,17 @@ pub(super) async fn login(
     .map_err(|e| internal("password check task failed", e))?;
     let account = match account {
         Some(account) if password_ok => account,
-        _ => {
-            return Err(failed(
-                &username,
-                fail(
-                    ErrorCode::InvalidCredentials,
-                    "unknown user or wrong password",
-                ),
-            ))
-        }
+        _ => return Err(failed(&username, wrong_credentials())),
     };
 
+    // A wrong or used code gets the wrong password's answer: telling them
+    // apart would confirm the password to whoever guessed it.
     let generator =
         totp(&account.totp_secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
-    let Some(step) = check_totp(&generator, totp_code.trim(), shared.config.clock.unix_now())
-    else {
-        return Err(failed(
-            &username,
-            fail(
-                ErrorCode::InvalidTotp,
-                "the TOTP code is wrong (check the authenticator and the clock)",
-            ),
-        ));
+    let step = check_totp(&generator, totp_code.trim(), shared.config.clock.unix_now())
+        .filter(|step| last_step.is_none_or(|last| *step > last));
+    let Some(step) = step else {
+        return Err(failed(&username, wrong_credentials()));
     };
 
     check_account_signature(
@@ -450,18 +452,14 @@ pub(super) async fn login(
         &signature,
     )?;
 
+    // Recorded only now, so that a failed signature does not use up the
+    // code; a concurrent login that recorded it first wins.
     let name = username.clone();
     let fresh = blocking(&shared.store, move |s| s.accept_totp_step(&name, step))
         .await
         .map_err(|e| internal("recording the TOTP step failed", e))?;
     if !fresh {
-        return Err(failed(
-            &username,
-            fail(
-                ErrorCode::TotpReused,
-                "this TOTP code was already used; wait for the next one",
-            ),
-        ));
+        return Err(failed(&username, wrong_credentials()));
     }
 
     let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;

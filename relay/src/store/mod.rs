@@ -367,6 +367,9 @@ pub trait Store: Send + Sync + 'static {
     /// is dropped in the same commit, so its secret is never shown again.
     fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError>;
 
+    /// The account's last accepted TOTP time step, if it has logged in.
+    fn last_totp_step(&self, username: &str) -> Result<Option<u64>, StoreError>;
+
     /// Store a session under the SHA-256 of its token.
     fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError>;
 

@@ -317,6 +317,13 @@ impl Store for RedbStore {
         Ok(true)
     }
 
+    fn last_totp_step(&self, username: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let steps = tx.open_table(TOTP_STEPS)?;
+        let found = steps.get(username)?;
+        Ok(found.map(|g| g.value()))
+    }
+
     fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.open_table(SESSIONS)?

@@ -278,6 +278,7 @@ mod tests {
             ) -> bool;
             set_public_key(username: &str, key: &[u8]) -> ();
             accept_totp_step(username: &str, step: u64) -> bool;
+            last_totp_step(username: &str) -> Option<u64>;
             put_session(hash: &[u8; 32], s: &crate::store::Session) -> ();
             session(hash: &[u8; 32]) -> Option<crate::store::Session>;
             remove_session(hash: &[u8; 32]) -> ();

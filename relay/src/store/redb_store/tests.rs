@@ -94,11 +94,14 @@ fn code_attempts_are_counted_then_locked_and_expire() {
 #[test]
 fn totp_steps_are_accepted_once_and_only_forward() {
     let (_dir, store) = open();
+    assert_eq!(store.last_totp_step("alice").unwrap(), None);
     assert!(store.accept_totp_step("alice", 10).unwrap());
     assert!(!store.accept_totp_step("alice", 10).unwrap());
     assert!(!store.accept_totp_step("alice", 9).unwrap());
+    assert_eq!(store.last_totp_step("alice").unwrap(), Some(10));
     assert!(store.accept_totp_step("alice", 11).unwrap());
     assert!(store.accept_totp_step("bob", 10).unwrap());
+    assert_eq!(store.last_totp_step("alice").unwrap(), Some(11));
 }
 
 #[test]
