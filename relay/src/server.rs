@@ -316,17 +316,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     relay.run(shutdown).await
 }
 
-/// Create the data directory (mode 0700) if it does not exist.
+/// Create the data directory if it does not exist, and make it (mode 0700)
+/// reachable by the relay's user only, also when it existed already: it
+/// holds the TLS key, password hashes, TOTP secrets and mailed codes.
 pub fn create_private_dir(dir: &Path) -> Result<(), RelayError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| RelayError::DataDir {
         path: dir.to_path_buf(),
         source,
     };
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(())
 }
 

@@ -54,6 +54,14 @@ pub enum StoreError {
     /// the batch was stored. Every request of the batch shares the cause.
     #[error("batched write failed: {0}")]
     Batch(Arc<StoreError>),
+    /// The database file could not be created or made private (mode 0600).
+    #[error("database file {path}: {source}; check the data directory's owner and permissions")]
+    File {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 macro_rules! redb_errors {

@@ -41,8 +41,14 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Open (or create) the database file and make sure every table exists.
+    /// Open (or create) the database file, readable and writable by its
+    /// owner only (mode 0600, also when it existed already), and make sure
+    /// every table exists.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        make_private_file(path).map_err(|source| StoreError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         {
@@ -59,6 +65,21 @@ impl RedbStore {
         tx.commit()?;
         Ok(Self { db })
     }
+}
+
+/// Create `path` if missing (mode 0600 from the start, so it is never
+/// readable by others, even briefly) and set mode 0600 on it either way.
+/// redb initialises an empty file as a new database.
+fn make_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
 /// Remove every entry whose encoded value `expired` says is over; returns
