@@ -378,4 +378,7 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Something failed on the relay; the log says what.
     Internal,
+    /// The relay is too busy to take this request now (its password checks
+    /// are all taken); retry in a moment.
+    Busy,
 }

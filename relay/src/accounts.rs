@@ -1,8 +1,8 @@
 //! Account secrets: password hashes, TOTP, emailed codes, session tokens.
 //!
 //! * passwords: argon2id with the OWASP parameters (19 MiB, 2 passes, 1 lane),
-//!   stored as a PHC string; hashing is slow on purpose, so callers run it on
-//!   the blocking pool. [`Passwords::verify_unknown_user`] spends the same time
+//!   stored as a PHC string; hashing is slow on purpose, so it runs on the
+//!   relay's own password workers ([`crate::password_pool`]). [`Passwords::verify_unknown_user`] spends the same time
 //!   on a dummy hash, so an unknown name and a wrong password look alike;
 //! * TOTP: RFC 6238, SHA-1, 6 digits, 30 s steps, ±1 step accepted; the
 //!   matched step is returned so the caller can refuse it the second time;
@@ -35,6 +35,9 @@ pub enum AccountError {
     /// The TOTP parameters were refused.
     #[error("TOTP setup failed: {0}")]
     Totp(String),
+    /// The password worker threads could not be started.
+    #[error("cannot start the password worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// argon2id hashing with fixed parameters and a dummy hash for unknown users.

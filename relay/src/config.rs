@@ -32,6 +32,14 @@ pub const DEFAULT_CODE_TTL: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_CODE_ATTEMPTS: u32 = 5;
 /// Default session lifetime: 30 days.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default password checks that may wait for a free argon2 worker; past it
+/// the relay answers `Busy`.
+pub const DEFAULT_ARGON2_QUEUE: usize = 8;
+
+/// Default argon2 workers: one per core the relay may use.
+pub fn default_argon2_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// Everything the relay needs to run.
 #[derive(Clone, Debug)]
@@ -63,6 +71,10 @@ pub struct Config {
     /// Login, resume, register and verify attempts allowed per source (an
     /// IPv4 address or an IPv6 /64) per window.
     pub attempts_per_source: Limit,
+    /// Threads that hash and check passwords (argon2id, 19 MiB each).
+    pub argon2_workers: usize,
+    /// Password checks that may wait for a worker; more are answered `Busy`.
+    pub argon2_queue: usize,
     /// How often expired messages, registrations and sessions are swept.
     pub sweep_interval: Duration,
     /// QUIC idle timeout (clients send keep-alives well within it).
@@ -96,6 +108,8 @@ impl Config {
                 max: 30,
                 window: Duration::from_secs(60),
             },
+            argon2_workers: default_argon2_workers(),
+            argon2_queue: DEFAULT_ARGON2_QUEUE,
             sweep_interval: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),

@@ -21,6 +21,7 @@
 //! * `connection` — one QUIC connection: request streams, login state, pushes.
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
+//! * [`password_pool`] — the threads that run argon2, with a bounded queue.
 //! * [`store`] — the [`store::Store`] trait, its redb backend, and the
 //!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
@@ -39,6 +40,7 @@ mod connection;
 mod handlers;
 pub mod hub;
 pub mod mail;
+pub mod password_pool;
 pub mod ratelimit;
 pub mod server;
 pub mod status;

@@ -25,8 +25,8 @@ use serde::Deserialize;
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
 /// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
-/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`), then the
-/// defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
+/// `argon2_workers`, `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -89,6 +89,17 @@ struct Cli {
     /// Most envelope bytes waiting for one recipient. Default: 268435456 (256 MiB).
     #[arg(long, value_name = "N")]
     quota_bytes: Option<u64>,
+
+    /// Threads that hash and check passwords (argon2id, 19 MiB each).
+    /// Default: the number of cores.
+    #[arg(long, value_name = "N")]
+    argon2_workers: Option<usize>,
+
+    /// Password checks that may wait for a free worker; past that, logins
+    /// and registrations are answered "relay busy, retry in a moment".
+    /// Default: 8.
+    #[arg(long, value_name = "N")]
+    argon2_queue: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +125,8 @@ struct FileConfig {
     quota_bytes: Option<u64>,
     code_ttl: Option<String>,
     session_ttl: Option<String>,
+    argon2_workers: Option<usize>,
+    argon2_queue: Option<usize>,
 }
 
 fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
@@ -191,6 +204,15 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         Some(text) => parse_duration("session_ttl", &text)?,
         None => DEFAULT_SESSION_TTL,
     };
+    if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
+        if n == 0 {
+            bail!("argon2_workers must be at least 1");
+        }
+        config.argon2_workers = n;
+    }
+    if let Some(n) = cli.argon2_queue.or(file.argon2_queue) {
+        config.argon2_queue = n;
+    }
     Ok(config)
 }
 

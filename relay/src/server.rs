@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
 use crate::mail::{MailError, Mailer};
+use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
 use crate::status::Stats;
 use crate::store::writer::queue_writer;
@@ -85,7 +86,8 @@ pub(crate) struct Shared {
     /// Sends and acks, batched into group commits.
     pub(crate) queue: QueueWriter,
     pub(crate) mailer: Mailer,
-    pub(crate) passwords: Passwords,
+    /// argon2 on threads of its own, bounded.
+    pub(crate) passwords: PasswordPool,
     pub(crate) hub: Hub,
     pub(crate) stats: Arc<Stats>,
     /// Login, resume, register and verify attempts per source.
@@ -137,9 +139,12 @@ impl Relay {
         let identity = TlsIdentity::load_or_create(&config.tls, &data_dir)?;
         let server_config = identity.server_config(config.idle_timeout)?;
         let mailer = Mailer::new(&config.mail, &data_dir)?;
-        let passwords = tokio::task::spawn_blocking(Passwords::new)
-            .await
-            .map_err(|e| AccountError::Hash(e.to_string()))??;
+        let (workers, queue) = (config.argon2_workers, config.argon2_queue);
+        let passwords = tokio::task::spawn_blocking(move || {
+            PasswordPool::new(Passwords::new()?, workers, queue)
+        })
+        .await
+        .map_err(|e| AccountError::Hash(e.to_string()))??;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             RelayError::Bind {
                 addr: config.listen,

@@ -28,6 +28,8 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// QUIC connections open now.
     pub open_connections: AtomicU64,
+    /// Requests answered `Busy`: every password worker and queue place taken.
+    pub busy_refusals: AtomicU64,
 }
 
 impl Default for Stats {
@@ -37,6 +39,7 @@ impl Default for Stats {
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
+            busy_refusals: AtomicU64::new(0),
         }
     }
 }
@@ -78,6 +81,10 @@ pub struct StatusReport {
     pub messages_accepted: u64,
     /// Messages delivered (acknowledged) since start.
     pub messages_delivered: u64,
+    /// Password checks (argon2) running or waiting now.
+    pub password_checks_in_use: u64,
+    /// Requests answered `Busy` since start (password workers all taken).
+    pub busy_refusals: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -95,6 +102,8 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         queued_bytes: counts.queued_bytes,
         messages_accepted: stats.accepted.load(Ordering::Relaxed),
         messages_delivered: stats.delivered.load(Ordering::Relaxed),
+        password_checks_in_use: shared.passwords.in_use() as u64,
+        busy_refusals: stats.busy_refusals.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -148,6 +157,14 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Messages delivered since start",
             r.messages_delivered.to_string(),
+        ),
+        (
+            "Password checks running or waiting",
+            r.password_checks_in_use.to_string(),
+        ),
+        (
+            "Refused since start: relay busy (password checks)",
+            r.busy_refusals.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

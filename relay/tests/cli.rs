@@ -26,6 +26,8 @@ fn help_documents_the_flags_and_defaults() {
         "--retention",
         "--quota-messages",
         "--quota-bytes",
+        "--argon2-workers",
+        "--argon2-queue",
         "fingerprint",
         "127.0.0.1:7443",
     ] {

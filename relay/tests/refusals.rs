@@ -805,3 +805,50 @@ async fn oversized_names_are_refused_without_being_echoed_or_kept() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn password_checks_past_the_workers_and_queue_are_answered_busy() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    // One check at a time, none waiting.
+    config.argon2_workers = 1;
+    config.argon2_queue = 0;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = std::sync::Arc::new(relay.connect().await.unwrap());
+    let template = TestUser::new("template").unwrap();
+    // Twenty registrations at once (each hashes a password).
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut request = template.register_request();
+        if let Request::Register {
+            username, email, ..
+        } = &mut request
+        {
+            *username = format!("burst{i}");
+            *email = format!("burst{i}@securechat.test");
+        }
+        let c = std::sync::Arc::clone(&c);
+        burst.spawn(async move { c.call(&request).await });
+    }
+    let (mut pending, mut busy) = (0, 0);
+    while let Some(done) = burst.join_next().await {
+        match done.unwrap() {
+            Ok(Response::RegisterPending { .. }) => pending += 1,
+            Err(ClientError::Relay(reply)) if reply.code == ErrorCode::Busy => {
+                assert_eq!(reply.message, "relay busy, retry in a moment");
+                busy += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pending >= 1 && busy >= 1, "{pending} pending, {busy} busy");
+    assert_eq!(status(&relay).await["busy_refusals"], busy);
+    assert_eq!(status(&relay).await["password_checks_in_use"], 0);
+
+    // Once the burst is over, everyone is served again.
+    let mut nora = TestUser::new("nora").unwrap();
+    nora.register(&c, &smtp).await.unwrap();
+    nora.login(&c).await.unwrap();
+    relay.stop().await.unwrap();
+}

@@ -32,7 +32,10 @@ use securechat_common::protocol::{ErrorCode, ErrorReply, Response, BINDING_LEN};
 use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
-use super::{fail, internal, limit_peer, require_auth, whole_secs, Reply};
+use super::{
+    check_password, fail, internal, limit_peer, require_auth, reserve_password_check, whole_secs,
+    Reply,
+};
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
@@ -82,30 +85,23 @@ pub(super) async fn register(
         Some(p) if p.email == email && p.public_key == public_key => Some(p),
         Some(_) => return Err(username_taken(&username)),
     };
+    let slot = reserve_password_check(shared)?;
     let password_phc = match &replaced {
         Some(old) => {
             // Comparing the password is a guess like a login's, but counted
             // apart: a client retrying its registration never delays a login.
             limit_guesses(&shared.register_guesses, shared, state, &username)?;
-            let checker = Arc::clone(shared);
             let phc = old.password_phc.clone();
-            let same =
-                tokio::task::spawn_blocking(move || checker.passwords.verify(&phc, &password))
-                    .await
-                    .map_err(|e| internal("password check task failed", e))?;
+            let same = check_password(shared, slot, move |p| p.verify(&phc, &password)).await?;
             if !same {
                 return Err(username_taken(&username));
             }
             shared.register_guesses.succeeded(&username, state.source);
             old.password_phc.clone()
         }
-        None => {
-            let hasher = Arc::clone(shared);
-            tokio::task::spawn_blocking(move || hasher.passwords.hash(&password))
-                .await
-                .map_err(|e| internal("password hashing task failed", e))?
-                .map_err(|e| internal("password hashing failed", e))?
-        }
+        None => check_password(shared, slot, move |p| p.hash(&password))
+            .await?
+            .map_err(|e| internal("password hashing failed", e))?,
     };
     let code = new_code().map_err(|e| internal("code generation failed", e))?;
     let ttl = shared.config.code_ttl;
@@ -403,6 +399,7 @@ pub(super) async fn login(
     // time; the per-source limit above bounds how often.
     let valid = validate_username(&username).is_ok();
     let (nonce, binding) = take_challenge(state, &username)?;
+    let slot = reserve_password_check(shared)?;
     if valid {
         limit_guesses(&shared.login_guesses, shared, state, &username)?;
     }
@@ -417,17 +414,15 @@ pub(super) async fn login(
     } else {
         (None, None)
     };
-    let checker = Arc::clone(shared);
     let phc = account.as_ref().map(|a| a.password_phc.clone());
-    let password_ok = tokio::task::spawn_blocking(move || match phc {
-        Some(phc) => checker.passwords.verify(&phc, &password),
+    let password_ok = check_password(shared, slot, move |p| match phc {
+        Some(phc) => p.verify(&phc, &password),
         None => {
-            checker.passwords.verify_unknown_user(&password);
+            p.verify_unknown_user(&password);
             false
         }
     })
-    .await
-    .map_err(|e| internal("password check task failed", e))?;
+    .await?;
     let account = match account {
         Some(account) if password_ok => account,
         _ => return Err(failed(&username, wrong_credentials())),

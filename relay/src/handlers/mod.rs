@@ -12,11 +12,14 @@ mod messages;
 
 pub(crate) use account::loggable;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 
+use crate::accounts::Passwords;
 use crate::connection::{Auth, ConnState};
+use crate::password_pool::Slot;
 use crate::server::Shared;
 
 /// A handler's result.
@@ -103,6 +106,31 @@ pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), Error
                 ),
             )
         })
+}
+
+/// Reserve a place among the password workers, or answer `Busy`.
+pub(crate) fn reserve_password_check(shared: &Shared) -> Result<Slot, ErrorReply> {
+    shared.passwords.try_reserve().map_err(|_| {
+        shared.stats.busy_refusals.fetch_add(1, Ordering::Relaxed);
+        fail(ErrorCode::Busy, "relay busy, retry in a moment")
+    })
+}
+
+/// Run an argon2 hash or check in the place `slot` holds.
+pub(crate) async fn check_password<T, F>(
+    shared: &Shared,
+    slot: Slot,
+    check: F,
+) -> Result<T, ErrorReply>
+where
+    T: Send + 'static,
+    F: FnOnce(&Passwords) -> T + Send + 'static,
+{
+    shared
+        .passwords
+        .run(slot, check)
+        .await
+        .map_err(|e| internal("password check failed", e))
 }
 
 /// A wait in whole seconds, rounded up (a client told "0 s" would retry
