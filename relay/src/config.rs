@@ -32,6 +32,14 @@ pub const DEFAULT_CODE_TTL: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_CODE_ATTEMPTS: u32 = 5;
 /// Default session lifetime: 30 days.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default cap on open QUIC connections in all.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on open QUIC connections from one source (an IPv4 address or
+/// an IPv6 /64): room for an office behind one NAT address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Default time a connection may stay open without a successful login or
+/// resume. A `Register` or `Verify` that succeeds starts the time again.
+pub const DEFAULT_UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default password checks that may wait for a free argon2 worker; past it
 /// the relay answers `Busy`.
 pub const DEFAULT_ARGON2_QUEUE: usize = 8;
@@ -71,6 +79,14 @@ pub struct Config {
     /// Login, resume, register and verify attempts allowed per source (an
     /// IPv4 address or an IPv6 /64) per window.
     pub attempts_per_source: Limit,
+    /// Most QUIC connections open at once; more are refused.
+    pub max_connections: usize,
+    /// Most QUIC connections open at once from one source (an IPv4 address
+    /// or an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// How long a connection may stay without a successful login or resume
+    /// (a successful `Register` or `Verify` starts the time again).
+    pub unauthenticated_timeout: Duration,
     /// Threads that hash and check passwords (argon2id, 19 MiB each).
     pub argon2_workers: usize,
     /// Password checks that may wait for a worker; more are answered `Busy`.
@@ -108,6 +124,9 @@ impl Config {
                 max: 30,
                 window: Duration::from_secs(60),
             },
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            unauthenticated_timeout: DEFAULT_UNAUTHENTICATED_TIMEOUT,
             argon2_workers: default_argon2_workers(),
             argon2_queue: DEFAULT_ARGON2_QUEUE,
             sweep_interval: Duration::from_secs(60),

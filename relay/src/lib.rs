@@ -18,7 +18,10 @@
 //!
 //! * [`config`] — the typed [`Config`] and its defaults.
 //! * [`server`] — [`Relay::bind`], [`Relay::run`]: accept loop and shutdown.
-//! * `connection` — one QUIC connection: request streams, login state, pushes.
+//! * `admission` — connection caps, in all and per source.
+//! * `connection` — one QUIC connection: request streams, login state and
+//!   its deadlines, pushes.
+//! * [`close`] — the close codes and reasons a client can be sent.
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
 //! * [`password_pool`] — the threads that run argon2, with a bounded queue.
@@ -34,7 +37,9 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+mod admission;
 pub mod clock;
+pub mod close;
 pub mod config;
 mod connection;
 mod handlers;

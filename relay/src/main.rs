@@ -26,7 +26,9 @@ use serde::Deserialize;
 /// --config (same names, with underscores: `listen`, `data_dir`,
 /// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
 /// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
-/// `argon2_workers`, `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `max_connections`, `max_connections_per_source`,
+/// `unauthenticated_timeout`, `argon2_workers`, `argon2_queue`), then the
+/// defaults shown below. On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -90,6 +92,21 @@ struct Cli {
     #[arg(long, value_name = "N")]
     quota_bytes: Option<u64>,
 
+    /// Most QUIC connections open at once; more are refused.
+    /// Default: 10000.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Most QUIC connections open at once from one source (an IPv4 address
+    /// or an IPv6 /64); more are closed with a reason. Default: 256.
+    #[arg(long, value_name = "N")]
+    max_connections_per_source: Option<usize>,
+
+    /// How long a connection may stay open without logging in (a successful
+    /// register or verify starts the time again). Default: 60s.
+    #[arg(long, value_name = "DURATION")]
+    unauthenticated_timeout: Option<String>,
+
     /// Threads that hash and check passwords (argon2id, 19 MiB each).
     /// Default: the number of cores.
     #[arg(long, value_name = "N")]
@@ -125,6 +142,9 @@ struct FileConfig {
     quota_bytes: Option<u64>,
     code_ttl: Option<String>,
     session_ttl: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    unauthenticated_timeout: Option<String>,
     argon2_workers: Option<usize>,
     argon2_queue: Option<usize>,
 }
@@ -204,6 +224,22 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         Some(text) => parse_duration("session_ttl", &text)?,
         None => DEFAULT_SESSION_TTL,
     };
+    if let Some(n) = cli.max_connections.or(file.max_connections) {
+        config.max_connections = n;
+    }
+    if let Some(n) = cli
+        .max_connections_per_source
+        .or(file.max_connections_per_source)
+    {
+        config.max_connections_per_source = n;
+    }
+    if let Some(text) = cli
+        .unauthenticated_timeout
+        .clone()
+        .or(file.unauthenticated_timeout)
+    {
+        config.unauthenticated_timeout = parse_duration("unauthenticated_timeout", &text)?;
+    }
     if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
         if n == 0 {
             bail!("argon2_workers must be at least 1");

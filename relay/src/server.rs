@@ -16,7 +16,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{AccountError, Passwords};
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
@@ -35,10 +36,7 @@ use crate::store::writer::queue_writer;
 use crate::store::{blocking, QueueWriter, RedbStore, Store, StoreError, WriterTask};
 use crate::tls::{TlsError, TlsIdentity};
 
-/// Close reason sent to every client when the relay stops.
-pub const SHUTDOWN_REASON: &[u8] = b"relay shutting down";
-/// QUIC application close code sent when the relay stops.
-pub const SHUTDOWN_CODE: u32 = 1;
+pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
 
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) passwords: PasswordPool,
     pub(crate) hub: Hub,
     pub(crate) stats: Arc<Stats>,
+    /// Open connections, in all and per source, against their caps.
+    pub(crate) admission: Arc<Admission>,
     /// Login, resume, register and verify attempts per source.
     pub(crate) source_limiter: RateLimiter<Source>,
     /// Password guesses in `Login`, per (account, source) and per account.
@@ -161,6 +161,7 @@ impl Relay {
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), config.quota);
         let shared = Arc::new(Shared {
+            admission: Admission::new(config.max_connections, config.max_connections_per_source),
             source_limiter: RateLimiter::new(config.attempts_per_source),
             login_guesses: GuessLimiter::new(config.login_limits),
             register_guesses: GuessLimiter::new(config.login_limits),
@@ -268,6 +269,11 @@ impl Relay {
             tokio::select! {
                 () = &mut shutdown => break,
                 incoming = endpoint.accept() => match incoming {
+                    // Full: refuse before the handshake, the cheapest answer.
+                    Some(incoming) if shared.admission.relay_full() => {
+                        shared.stats.refused_relay_full.fetch_add(1, Ordering::Relaxed);
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         connections.spawn(connection::serve(Arc::clone(&shared), incoming));
                     }

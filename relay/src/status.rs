@@ -30,6 +30,12 @@ pub struct Stats {
     pub open_connections: AtomicU64,
     /// Requests answered `Busy`: every password worker and queue place taken.
     pub busy_refusals: AtomicU64,
+    /// Connections refused because the relay held its maximum.
+    pub refused_relay_full: AtomicU64,
+    /// Connections refused because their source held its maximum.
+    pub refused_source_full: AtomicU64,
+    /// Connections closed for not logging in within the time limit.
+    pub login_timeouts: AtomicU64,
 }
 
 impl Default for Stats {
@@ -40,6 +46,9 @@ impl Default for Stats {
             delivered: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
             busy_refusals: AtomicU64::new(0),
+            refused_relay_full: AtomicU64::new(0),
+            refused_source_full: AtomicU64::new(0),
+            login_timeouts: AtomicU64::new(0),
         }
     }
 }
@@ -85,6 +94,12 @@ pub struct StatusReport {
     pub password_checks_in_use: u64,
     /// Requests answered `Busy` since start (password workers all taken).
     pub busy_refusals: u64,
+    /// Connections refused since start: the relay held its maximum.
+    pub refused_connections_relay_full: u64,
+    /// Connections refused since start: their source held its maximum.
+    pub refused_connections_source_full: u64,
+    /// Connections closed since start for not logging in in time.
+    pub unauthenticated_timeouts: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -104,6 +119,9 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         messages_delivered: stats.delivered.load(Ordering::Relaxed),
         password_checks_in_use: shared.passwords.in_use() as u64,
         busy_refusals: stats.busy_refusals.load(Ordering::Relaxed),
+        refused_connections_relay_full: stats.refused_relay_full.load(Ordering::Relaxed),
+        refused_connections_source_full: stats.refused_source_full.load(Ordering::Relaxed),
+        unauthenticated_timeouts: stats.login_timeouts.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -165,6 +183,18 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Refused since start: relay busy (password checks)",
             r.busy_refusals.to_string(),
+        ),
+        (
+            "Refused since start: relay at its connection limit",
+            r.refused_connections_relay_full.to_string(),
+        ),
+        (
+            "Refused since start: too many connections from one source",
+            r.refused_connections_source_full.to_string(),
+        ),
+        (
+            "Closed since start: no login in time",
+            r.unauthenticated_timeouts.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

@@ -852,3 +852,108 @@ async fn password_checks_past_the_workers_and_queue_are_answered_busy() {
     nora.login(&c).await.unwrap();
     relay.stop().await.unwrap();
 }
+
+/// How `client`'s connection was closed by the relay (waits for it).
+async fn close_reason(conn: &quinn::Connection) -> Vec<u8> {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => close.reason.to_vec(),
+        other => panic!("not closed by the relay with a reason: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_are_capped_in_all_and_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), None);
+    config.max_connections = 4;
+    config.max_connections_per_source = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let online = |r: Result<Response, ClientError>| {
+        assert!(matches!(r, Ok(Response::Challenge { .. })), "{r:?}");
+    };
+
+    // Two from 127.0.0.1 are fine; a third is closed with a reason.
+    let first = relay.connect().await.unwrap();
+    let _second = relay.connect().await.unwrap();
+    let third = relay.connect().await.unwrap();
+    assert_eq!(
+        close_reason(third.connection()).await,
+        securechat_relay::close::SOURCE_FULL_REASON
+    );
+    // Other sources still get in, up to the relay's cap (4)...
+    let two = SourceClient::connect(&relay, from(2)).await.unwrap();
+    let _three = SourceClient::connect(&relay, from(3)).await.unwrap();
+    online(two.call(&Request::Challenge).await);
+    // ...past which connections are refused before the handshake.
+    let refused = SourceClient::connect(&relay, from(4)).await.unwrap_err();
+    let closed = refused
+        .chain()
+        .find_map(|e| e.downcast_ref::<quinn::ConnectionError>());
+    assert!(
+        matches!(closed, Some(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{refused:#}"
+    );
+    let s = status(&relay).await;
+    assert_eq!(s["refused_connections_source_full"], 1);
+    assert_eq!(s["refused_connections_relay_full"], 1);
+
+    // A place that is given back can be taken again.
+    first.close("done").await;
+    let again = relay.connect().await.unwrap();
+    online(again.call(&Request::Challenge).await);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_without_a_login_are_closed_after_the_time_limit() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    let minute = securechat_relay::config::DEFAULT_UNAUTHENTICATED_TIMEOUT;
+    config.unauthenticated_timeout = minute;
+    let relay = TestRelay::start(config).await.unwrap();
+    let clock = relay.clock().clone();
+    let second = Duration::from_secs(1);
+    let idle = relay.connect().await.unwrap();
+    let registering = relay.connect().await.unwrap();
+    let user = relay.connect().await.unwrap();
+    let mut olga = TestUser::new("olga").unwrap();
+    olga.use_clock(&clock);
+    olga.register(&user, &smtp).await.unwrap();
+    olga.login(&user).await.unwrap();
+
+    // Half-way, a registration step succeeds on one of them.
+    clock.advance(minute / 2);
+    let pia = TestUser::new("pia").unwrap();
+    assert!(matches!(
+        registering.call(&pia.register_request()).await,
+        Ok(Response::RegisterPending { .. })
+    ));
+    // A minute after the start, the idle one is closed with a reason...
+    clock.advance(minute / 2 + second);
+    assert_eq!(
+        close_reason(idle.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    // ...the registering one has the rest of its new minute, and the
+    // logged-in one has no limit.
+    assert!(registering.call(&Request::Challenge).await.is_ok());
+    assert!(user.call(&Request::Online).await.is_ok());
+    clock.advance(minute / 2);
+    assert_eq!(
+        close_reason(registering.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    // After a logout the time runs again.
+    assert_eq!(user.call(&Request::Logout).await.unwrap(), Response::Ok);
+    clock.advance(minute - second);
+    assert!(user.call(&Request::Challenge).await.is_ok());
+    clock.advance(second);
+    assert_eq!(
+        close_reason(user.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    assert_eq!(status(&relay).await["unauthenticated_timeouts"], 3);
+    relay.stop().await.unwrap();
+}

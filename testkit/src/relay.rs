@@ -28,8 +28,8 @@ pub struct TestRelay {
 }
 
 /// A test configuration: loopback, any port, status page on, mail to
-/// `smtp` (or the outbox), rate limits high enough that a test's
-/// deliberate failures do not trip them, and an adjustable clock that the
+/// `smtp` (or the outbox), rate limits and time limits high enough that a
+/// test's deliberate failures do not trip them, and an adjustable clock that the
 /// test moves with [`TestRelay::clock`] instead of sleeping.
 pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
     let mut config = Config::new(data_dir);
@@ -43,6 +43,9 @@ pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
         window: Duration::from_secs(60),
     };
     config.shutdown_grace = Duration::from_secs(3);
+    // Tests that move the clock by minutes keep their connections; a test
+    // of this limit sets it.
+    config.unauthenticated_timeout = Duration::from_secs(24 * 3600);
     config.clock = Clock::adjustable();
     config
 }

@@ -31,6 +31,9 @@ pub(crate) async fn dispatch(
     state: &Arc<ConnState>,
     request: Request,
 ) -> Response {
+    // A registration step that succeeds gives a connection without a login
+    // its full time again: mail takes a while to arrive.
+    let registration_step = matches!(request, Request::Register { .. } | Request::Verify { .. });
     let result = match request {
         Request::Register {
             username,
@@ -65,6 +68,9 @@ pub(crate) async fn dispatch(
             "this relay does not know that request",
         )),
     };
+    if registration_step && result.is_ok() {
+        state.restart_login_time();
+    }
     result.unwrap_or_else(Response::Error)
 }
 
