@@ -40,6 +40,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
 /// Default time a connection may stay open without a successful login or
 /// resume. A `Register` or `Verify` that succeeds starts the time again.
 pub const DEFAULT_UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `Send` requests per sender per minute.
+pub const DEFAULT_SENDS_PER_MINUTE: u32 = 600;
 /// Default password checks that may wait for a free argon2 worker; past it
 /// the relay answers `Busy`.
 pub const DEFAULT_ARGON2_QUEUE: usize = 8;
@@ -87,6 +89,8 @@ pub struct Config {
     /// How long a connection may stay without a successful login or resume
     /// (a successful `Register` or `Verify` starts the time again).
     pub unauthenticated_timeout: Duration,
+    /// `Send` requests allowed per sender per window.
+    pub sends_per_sender: Limit,
     /// Threads that hash and check passwords (argon2id, 19 MiB each).
     pub argon2_workers: usize,
     /// Password checks that may wait for a worker; more are answered `Busy`.
@@ -127,6 +131,10 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             unauthenticated_timeout: DEFAULT_UNAUTHENTICATED_TIMEOUT,
+            sends_per_sender: Limit {
+                max: DEFAULT_SENDS_PER_MINUTE,
+                window: Duration::from_secs(60),
+            },
             argon2_workers: default_argon2_workers(),
             argon2_queue: DEFAULT_ARGON2_QUEUE,
             sweep_interval: Duration::from_secs(60),

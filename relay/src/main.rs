@@ -27,8 +27,8 @@ use serde::Deserialize;
 /// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
 /// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
 /// `max_connections`, `max_connections_per_source`,
-/// `unauthenticated_timeout`, `argon2_workers`, `argon2_queue`), then the
-/// defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `unauthenticated_timeout`, `sends_per_minute`, `argon2_workers`,
+/// `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -107,6 +107,10 @@ struct Cli {
     #[arg(long, value_name = "DURATION")]
     unauthenticated_timeout: Option<String>,
 
+    /// Messages one sender may send per minute. Default: 600.
+    #[arg(long, value_name = "N")]
+    sends_per_minute: Option<u32>,
+
     /// Threads that hash and check passwords (argon2id, 19 MiB each).
     /// Default: the number of cores.
     #[arg(long, value_name = "N")]
@@ -145,6 +149,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_connections_per_source: Option<usize>,
     unauthenticated_timeout: Option<String>,
+    sends_per_minute: Option<u32>,
     argon2_workers: Option<usize>,
     argon2_queue: Option<usize>,
 }
@@ -239,6 +244,9 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .or(file.unauthenticated_timeout)
     {
         config.unauthenticated_timeout = parse_duration("unauthenticated_timeout", &text)?;
+    }
+    if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
+        config.sends_per_sender.max = n;
     }
     if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
         if n == 0 {

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     /// Password checks of a repeated `Register` for a pending name: kept
     /// apart from logins, so retrying a registration never delays a login.
     pub(crate) register_guesses: GuessLimiter,
+    /// `Send` requests per sender.
+    pub(crate) send_limiter: RateLimiter<String>,
     pub(crate) next_conn_id: AtomicU64,
 }
 
@@ -165,6 +167,7 @@ impl Relay {
             source_limiter: RateLimiter::new(config.attempts_per_source),
             login_guesses: GuessLimiter::new(config.login_limits),
             register_guesses: GuessLimiter::new(config.login_limits),
+            send_limiter: RateLimiter::new(config.sends_per_sender),
             config,
             store,
             queue,

@@ -36,6 +36,8 @@ pub struct Stats {
     pub refused_source_full: AtomicU64,
     /// Connections closed for not logging in within the time limit.
     pub login_timeouts: AtomicU64,
+    /// `Send` requests refused: the sender sent too many this minute.
+    pub send_rate_refusals: AtomicU64,
 }
 
 impl Default for Stats {
@@ -49,6 +51,7 @@ impl Default for Stats {
             refused_relay_full: AtomicU64::new(0),
             refused_source_full: AtomicU64::new(0),
             login_timeouts: AtomicU64::new(0),
+            send_rate_refusals: AtomicU64::new(0),
         }
     }
 }
@@ -100,6 +103,8 @@ pub struct StatusReport {
     pub refused_connections_source_full: u64,
     /// Connections closed since start for not logging in in time.
     pub unauthenticated_timeouts: u64,
+    /// Sends refused since start: the sender's rate limit.
+    pub send_rate_refusals: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -122,6 +127,7 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         refused_connections_relay_full: stats.refused_relay_full.load(Ordering::Relaxed),
         refused_connections_source_full: stats.refused_source_full.load(Ordering::Relaxed),
         unauthenticated_timeouts: stats.login_timeouts.load(Ordering::Relaxed),
+        send_rate_refusals: stats.send_rate_refusals.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -195,6 +201,10 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Closed since start: no login in time",
             r.unauthenticated_timeouts.to_string(),
+        ),
+        (
+            "Refused since start: sending too fast",
+            r.send_rate_refusals.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

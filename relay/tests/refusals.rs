@@ -957,3 +957,60 @@ async fn connections_without_a_login_are_closed_after_the_time_limit() {
     assert_eq!(status(&relay).await["unauthenticated_timeouts"], 3);
     relay.stop().await.unwrap();
 }
+
+/// Send a fresh message from `from` to `to` on `client`.
+async fn send(
+    client: &RelayClient,
+    from: &TestUser,
+    to: &TestUser,
+) -> Result<Response, ClientError> {
+    let envelope = from.seal_to(&to.name, to.key.public_key(), b"hi").unwrap();
+    client.call(&Request::Send { envelope }).await
+}
+
+#[tokio::test]
+async fn sends_are_limited_per_sender() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.sends_per_sender = Limit {
+        max: 3,
+        window: Duration::from_secs(60),
+    };
+    let relay = TestRelay::start(config).await.unwrap();
+    let (mut sam, mut rita) = (
+        TestUser::new("sam").unwrap(),
+        TestUser::new("rita").unwrap(),
+    );
+    let (q, r) = (
+        relay.connect().await.unwrap(),
+        relay.connect().await.unwrap(),
+    );
+    sam.register(&q, &smtp).await.unwrap();
+    rita.register(&r, &smtp).await.unwrap();
+    sam.login(&q).await.unwrap();
+    rita.login(&r).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            send(&q, &sam, &rita).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    let reply = refusal(send(&q, &sam, &rita).await);
+    assert_eq!(reply.code, ErrorCode::RateLimited);
+    assert!(
+        reply
+            .message
+            .contains("sending too fast (at most 3 messages per 60 s); retry after "),
+        "{}",
+        reply.message
+    );
+    // Another sender is not held back; the fast one is, until the minute is over.
+    assert!(send(&r, &rita, &sam).await.is_ok());
+    relay.clock().advance(Duration::from_secs(60));
+    assert!(send(&q, &sam, &rita).await.is_ok());
+    let s = status(&relay).await;
+    assert_eq!(s["send_rate_refusals"], 1);
+    assert_eq!(s["messages_accepted"], 5);
+    relay.stop().await.unwrap();
+}

@@ -42,6 +42,10 @@ pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
         max: 1000,
         window: Duration::from_secs(60),
     };
+    config.sends_per_sender = Limit {
+        max: 1_000_000,
+        window: Duration::from_secs(60),
+    };
     config.shutdown_grace = Duration::from_secs(3);
     // Tests that move the clock by minutes keep their connections; a test
     // of this limit sets it.

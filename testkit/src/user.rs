@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
+use securechat_common::envelope::{seal, SealParams};
 use securechat_common::protocol::{ErrorCode, Request, Response};
+use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_relay::clock::Clock;
 use totp_rs::TOTP;
 use zeroize::Zeroizing;
@@ -156,6 +158,31 @@ impl TestUser {
             .await?;
         self.last_step = Some(step);
         Ok(logged)
+    }
+
+    /// An envelope from this user to `recipient`, sealed for
+    /// `recipient_key` and signed, with a fresh id and the current time.
+    pub fn seal_to(
+        &self,
+        recipient: &str,
+        recipient_key: &PublicKey,
+        body: &[u8],
+    ) -> anyhow::Result<Envelope> {
+        let timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Ok(seal(
+            &SealParams {
+                sender_key: &self.key,
+                sender: &self.name,
+                recipient,
+                recipient_key,
+                id: MessageId::random()?,
+                timestamp_ms,
+            },
+            body,
+        )?)
     }
 
     /// Mark a step as used (after a login done by hand).

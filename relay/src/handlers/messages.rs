@@ -8,7 +8,7 @@ use securechat_common::limits::validate_username;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Response};
 use securechat_common::{Envelope, MessageId};
 
-use super::{fail, internal, require_auth, Reply};
+use super::{fail, internal, require_auth, whole_secs, Reply};
 use crate::connection::ConnState;
 use crate::server::Shared;
 use crate::store::{blocking, EnqueueOutcome};
@@ -48,6 +48,23 @@ pub(super) fn online(shared: &Shared, state: &ConnState) -> Reply {
 
 pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {
     let auth = require_auth(state)?;
+    let sent_at = shared.config.clock.now();
+    if let Err(wait) = shared.send_limiter.try_acquire(&auth.username, sent_at) {
+        shared
+            .stats
+            .send_rate_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        let limit = shared.send_limiter.limit();
+        return Err(fail(
+            ErrorCode::RateLimited,
+            format!(
+                "you are sending too fast (at most {} messages per {} s); retry after {} s",
+                limit.max,
+                limit.window.as_secs(),
+                whole_secs(wait)
+            ),
+        ));
+    }
     // The shape first: it bounds the names before any is compared or shown.
     envelope.check_shape().map_err(|e| match e {
         CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
