@@ -42,6 +42,9 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
 pub const DEFAULT_UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `Send` requests per sender per minute.
 pub const DEFAULT_SENDS_PER_MINUTE: u32 = 600;
+/// Default share of a recipient's quota (messages and bytes) that one
+/// sender may fill: 50 %.
+pub const DEFAULT_SENDER_SHARE_PERCENT: u8 = 50;
 /// Default password checks that may wait for a free argon2 worker; past it
 /// the relay answers `Busy`.
 pub const DEFAULT_ARGON2_QUEUE: usize = 8;
@@ -69,6 +72,9 @@ pub struct Config {
     pub retention: Duration,
     /// Per-recipient queue limits.
     pub quota: Quota,
+    /// The percentage (1 to 100) of a recipient's quota, in messages and in
+    /// bytes, that one sender may fill.
+    pub sender_share_percent: u8,
     /// How long an emailed code is valid.
     pub code_ttl: Duration,
     /// Wrong codes allowed before a registration is locked.
@@ -120,6 +126,7 @@ impl Config {
                 messages: DEFAULT_QUOTA_MESSAGES,
                 bytes: DEFAULT_QUOTA_BYTES,
             },
+            sender_share_percent: DEFAULT_SENDER_SHARE_PERCENT,
             code_ttl: DEFAULT_CODE_TTL,
             max_code_attempts: DEFAULT_MAX_CODE_ATTEMPTS,
             session_ttl: DEFAULT_SESSION_TTL,

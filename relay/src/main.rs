@@ -27,8 +27,8 @@ use serde::Deserialize;
 /// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
 /// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
 /// `max_connections`, `max_connections_per_source`,
-/// `unauthenticated_timeout`, `sends_per_minute`, `argon2_workers`,
-/// `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
+/// `argon2_workers`, `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -107,6 +107,11 @@ struct Cli {
     #[arg(long, value_name = "DURATION")]
     unauthenticated_timeout: Option<String>,
 
+    /// Percentage (1-100) of a recipient's quota, in messages and in bytes,
+    /// that one sender may fill. Default: 50.
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    sender_share_percent: Option<u8>,
+
     /// Messages one sender may send per minute. Default: 600.
     #[arg(long, value_name = "N")]
     sends_per_minute: Option<u32>,
@@ -149,6 +154,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_connections_per_source: Option<usize>,
     unauthenticated_timeout: Option<String>,
+    sender_share_percent: Option<u8>,
     sends_per_minute: Option<u32>,
     argon2_workers: Option<usize>,
     argon2_queue: Option<usize>,
@@ -244,6 +250,12 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .or(file.unauthenticated_timeout)
     {
         config.unauthenticated_timeout = parse_duration("unauthenticated_timeout", &text)?;
+    }
+    if let Some(percent) = cli.sender_share_percent.or(file.sender_share_percent) {
+        if !(1..=100).contains(&percent) {
+            bail!("sender_share_percent must be 1 to 100, got {percent}");
+        }
+        config.sender_share_percent = percent;
     }
     if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
         config.sends_per_sender.max = n;

@@ -33,7 +33,7 @@ use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
 use crate::status::Stats;
 use crate::store::writer::queue_writer;
-use crate::store::{blocking, QueueWriter, RedbStore, Store, StoreError, WriterTask};
+use crate::store::{blocking, QueueLimits, QueueWriter, RedbStore, Store, StoreError, WriterTask};
 use crate::tls::{TlsError, TlsIdentity};
 
 pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
@@ -161,7 +161,11 @@ impl Relay {
             ),
             None => None,
         };
-        let (queue, writer) = queue_writer(Arc::clone(&store), config.quota);
+        let limits = QueueLimits {
+            quota: config.quota,
+            sender_share_percent: config.sender_share_percent,
+        };
+        let (queue, writer) = queue_writer(Arc::clone(&store), limits);
         let shared = Arc::new(Shared {
             admission: Admission::new(config.max_connections, config.max_connections_per_source),
             source_limiter: RateLimiter::new(config.attempts_per_source),

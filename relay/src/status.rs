@@ -38,6 +38,10 @@ pub struct Stats {
     pub login_timeouts: AtomicU64,
     /// `Send` requests refused: the sender sent too many this minute.
     pub send_rate_refusals: AtomicU64,
+    /// `Send` requests refused: the recipient's queue was full.
+    pub quota_refusals: AtomicU64,
+    /// `Send` requests refused: the sender held its share of the queue.
+    pub sender_share_refusals: AtomicU64,
 }
 
 impl Default for Stats {
@@ -52,6 +56,8 @@ impl Default for Stats {
             refused_source_full: AtomicU64::new(0),
             login_timeouts: AtomicU64::new(0),
             send_rate_refusals: AtomicU64::new(0),
+            quota_refusals: AtomicU64::new(0),
+            sender_share_refusals: AtomicU64::new(0),
         }
     }
 }
@@ -105,6 +111,10 @@ pub struct StatusReport {
     pub unauthenticated_timeouts: u64,
     /// Sends refused since start: the sender's rate limit.
     pub send_rate_refusals: u64,
+    /// Sends refused since start: the recipient's queue was full.
+    pub quota_refusals: u64,
+    /// Sends refused since start: the sender held its share of the queue.
+    pub sender_share_refusals: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -128,6 +138,8 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         refused_connections_source_full: stats.refused_source_full.load(Ordering::Relaxed),
         unauthenticated_timeouts: stats.login_timeouts.load(Ordering::Relaxed),
         send_rate_refusals: stats.send_rate_refusals.load(Ordering::Relaxed),
+        quota_refusals: stats.quota_refusals.load(Ordering::Relaxed),
+        sender_share_refusals: stats.sender_share_refusals.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -205,6 +217,14 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Refused since start: sending too fast",
             r.send_rate_refusals.to_string(),
+        ),
+        (
+            "Refused since start: recipient's queue full",
+            r.quota_refusals.to_string(),
+        ),
+        (
+            "Refused since start: sender's share of a queue full",
+            r.sender_share_refusals.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

@@ -29,6 +29,7 @@ fn help_documents_the_flags_and_defaults() {
         "--max-connections",
         "--max-connections-per-source",
         "--unauthenticated-timeout",
+        "--sender-share-percent",
         "--sends-per-minute",
         "--argon2-workers",
         "--argon2-queue",

@@ -439,6 +439,8 @@ async fn send_refusals_are_typed_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
     config.quota.messages = 2;
+    // One sender may fill the whole queue here: this is about the quota.
+    config.sender_share_percent = 100;
     let relay = TestRelay::start(config).await.unwrap();
     let mut hank = TestUser::new("hank").unwrap();
     let mut ivy = TestUser::new("ivy").unwrap();
@@ -519,7 +521,11 @@ async fn send_refusals_are_typed_and_store_nothing() {
         panic!("{err}")
     };
     assert_eq!(reply.code, ErrorCode::QuotaExceeded);
-    assert!(reply.message.contains("full"), "{}", reply.message);
+    // It says nothing about how much waits for ivy.
+    assert_eq!(
+        reply.message,
+        "\"ivy\" cannot take more messages from you right now; try again later"
+    );
     assert_eq!(status(&relay).await["queued_messages"], 2);
 
     // Ivy drains her queue; then there is room again.
@@ -1012,5 +1018,76 @@ async fn sends_are_limited_per_sender() {
     let s = status(&relay).await;
     assert_eq!(s["send_rate_refusals"], 1);
     assert_eq!(s["messages_accepted"], 5);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_sender_fills_only_half_of_a_queue_and_is_not_told_about_it() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.quota.messages = 4;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let [mut tom, mut uma, mut vic] = ["tom", "uma", "vic"].map(|n| TestUser::new(n).unwrap());
+    for user in [&mut tom, &mut uma, &mut vic] {
+        user.register(&c, &smtp).await.unwrap();
+    }
+    let (t, u) = (
+        relay.connect().await.unwrap(),
+        relay.connect().await.unwrap(),
+    );
+    tom.login(&t).await.unwrap();
+    uma.login(&u).await.unwrap();
+
+    // tom floods vic: two fit (half of 4), then the same answer as a full
+    // queue.
+    for _ in 0..2 {
+        assert!(matches!(
+            send(&t, &tom, &vic).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    let share = refusal(send(&t, &tom, &vic).await);
+    assert_eq!(share.code, ErrorCode::QuotaExceeded);
+    assert_eq!(
+        share.message,
+        "\"vic\" cannot take more messages from you right now; try again later"
+    );
+    // uma still gets through to vic, until the queue itself is full.
+    for _ in 0..2 {
+        assert!(matches!(
+            send(&u, &uma, &vic).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    // Word for word the same: the sender cannot tell which limit it met.
+    assert_eq!(refusal(send(&u, &uma, &vic).await), share);
+    let s = status(&relay).await;
+    assert_eq!(s["sender_share_refusals"], 1);
+    assert_eq!(s["quota_refusals"], 1);
+
+    // vic takes one of tom's: tom has room for one again.
+    let v = relay.connect().await.unwrap();
+    vic.login(&v).await.unwrap();
+    let mut pushes = v.accept_pushes().await.unwrap();
+    let Some(Ok(securechat_common::Push::Deliver(first))) = pushes.next().await else {
+        panic!("no push");
+    };
+    assert_eq!(first.sender, "tom");
+    v.call(&Request::Ack {
+        id: first.id,
+        outcome: AckOutcome::Stored,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        send(&t, &tom, &vic).await,
+        Ok(Response::Stored { .. })
+    ));
+    assert_eq!(
+        error_code(send(&t, &tom, &vic).await),
+        Ok(ErrorCode::QuotaExceeded)
+    );
     relay.stop().await.unwrap();
 }

@@ -92,12 +92,11 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
     let bytes =
         postcard::to_stdvec(&envelope).map_err(|e| internal("envelope encoding failed", e))?;
     let id = envelope.id;
-    let quota = shared.config.quota;
     let now = shared.config.clock.unix_now();
     // Grouped with concurrent sends and acks into one durable commit.
     let outcome = shared
         .queue
-        .enqueue(recipient.clone(), id, bytes, now)
+        .enqueue(recipient.clone(), auth.username, id, bytes, now)
         .await
         .map_err(|e| internal("storing a message failed", e))?;
     match outcome {
@@ -114,14 +113,23 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             id,
             duplicate: true,
         }),
-        EnqueueOutcome::QuotaExceeded { messages, bytes } => Err(fail(
-            ErrorCode::QuotaExceeded,
-            format!(
-                "the queue of {recipient:?} is full ({messages} messages, {bytes} bytes waiting; \
-                 limit {} messages or {} bytes); it drains as they come online, try again later",
-                quota.messages, quota.bytes
-            ),
-        )),
+        // One answer for both: how much waits for someone else, and from
+        // whom, is not the sender's business.
+        EnqueueOutcome::QuotaExceeded | EnqueueOutcome::SenderShareExceeded => {
+            let counter = if outcome == EnqueueOutcome::QuotaExceeded {
+                &shared.stats.quota_refusals
+            } else {
+                &shared.stats.sender_share_refusals
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            Err(fail(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "{recipient:?} cannot take more messages from you right now; \
+                     try again later"
+                ),
+            ))
+        }
         EnqueueOutcome::UnknownRecipient => Err(unknown()),
     }
 }
