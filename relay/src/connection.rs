@@ -51,6 +51,8 @@ pub(crate) struct Auth {
     pub(crate) full_login_at: Option<Instant>,
     /// SHA-256 of the session token in use.
     pub(crate) token_hash: [u8; 32],
+    /// When the session expires (Unix seconds): the login ends then.
+    pub(crate) session_expires_unix: u64,
 }
 
 /// Per-connection state.
@@ -69,7 +71,8 @@ pub(crate) struct ConnState {
     clock: Clock,
     login_timeout: Duration,
     bad_frames: AtomicU32,
-    push_task: Mutex<Option<JoinHandle<()>>>,
+    /// The push task and the user it pushes for.
+    push_task: Mutex<Option<(JoinHandle<()>, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,30 +128,48 @@ impl ConnState {
         }
     }
 
+    /// End the login made with `token_hash` (revoked or expired): nothing
+    /// more is done as that user here, and the connection is closed with
+    /// `reason`; closing ends the push task. `false` if the connection is
+    /// logged in with another token (or not at all) by now.
+    pub(crate) fn end_login(&self, token_hash: &[u8; 32], reason: &'static [u8]) -> bool {
+        {
+            let mut auth = lock(&self.auth);
+            if auth.as_ref().is_none_or(|a| a.token_hash != *token_hash) {
+                return false;
+            }
+            *auth = None;
+        }
+        if let Some((task, _)) = lock(&self.push_task).as_ref() {
+            task.abort();
+        }
+        self.conn.close(close::SESSION_ENDED_CODE.into(), reason);
+        true
+    }
+
     /// Start the push task unless one runs already.
     pub(crate) fn start_push(self: &Arc<Self>, shared: &Arc<Shared>, username: &str) {
         let mut slot = lock(&self.push_task);
-        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+        if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
             return;
         }
         let notify = shared.hub.register(username, self.id, self.conn.clone());
-        *slot = Some(tokio::spawn(push_loop(
+        let task = tokio::spawn(push_loop(
             Arc::clone(shared),
             Arc::clone(self),
             username.to_string(),
             notify,
-        )));
+        ));
+        *slot = Some((task, username.to_string()));
     }
 
     /// Stop the push task (logout or connection end) and go offline.
     pub(crate) async fn stop_push(&self, shared: &Shared) {
         let task = lock(&self.push_task).take();
-        if let Some(task) = task {
+        if let Some((task, username)) = task {
             task.abort();
             let _ = task.await;
-        }
-        if let Some(auth) = self.auth() {
-            shared.hub.unregister(&auth.username, self.id);
+            shared.hub.unregister(&username, self.id);
         }
     }
 }
@@ -199,7 +220,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let mut requests = JoinSet::new();
     let reason = loop {
         let login_deadline = *lock(&state.login_deadline);
+        let session = state.auth().map(|a| (a.token_hash, a.session_expires_unix));
         tokio::select! {
+            () = sleep_until_unix(&clock, session.map(|(_, expires)| expires)) => {
+                if let Some((token_hash, expires)) = session {
+                    if clock.unix_now() >= expires {
+                        let ended = shared.logins.end(&token_hash, close::SESSION_EXPIRED_REASON);
+                        // This connection may have been removed from the
+                        // live logins (a race with its own closing): end it
+                        // here too.
+                        let here = state.end_login(&token_hash, close::SESSION_EXPIRED_REASON);
+                        let ended = ended + usize::from(here);
+                        shared.stats.sessions_ended.fetch_add(ended as u64, Ordering::Relaxed);
+                        tracing::info!(conn = id, ended, "session expired; its connections closed");
+                    }
+                }
+            }
             () = sleep_until(&clock, login_deadline) => {
                 // A login may have won the race against the timer. Taking
                 // the deadline makes this fire once.
@@ -242,6 +278,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         while requests.join_next().await.is_some() {}
     }
     state.stop_push(&shared).await;
+    if let Some(auth) = state.auth() {
+        shared.logins.remove(&auth.token_hash, id);
+    }
     tracing::debug!(%peer, conn = id, %reason, "connection closed");
 }
 
@@ -333,6 +372,14 @@ impl std::fmt::Display for Summary<'_> {
             Some(name) => write!(f, "{kind} {}", handlers::loggable(name)),
             None => f.write_str(kind),
         }
+    }
+}
+
+/// Resolve at `unix_secs` on the relay's clock; never without a time.
+async fn sleep_until_unix(clock: &Clock, unix_secs: Option<u64>) {
+    match unix_secs {
+        Some(unix_secs) => clock.sleep_until_unix(unix_secs).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -29,6 +29,8 @@
 //!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
 //! * [`hub`] — online users; the newest connection of a user wins.
+//! * `logins` — live logins per session token: a logout or an expiry ends
+//!   every connection using the token.
 //! * [`ratelimit`] — sliding-window limits per address and per account.
 //! * [`status`] — counters and the HTTP status page.
 //! * [`tls`] — certificate loading / self-signed generation, QUIC server config.
@@ -44,6 +46,7 @@ pub mod config;
 mod connection;
 mod handlers;
 pub mod hub;
+mod logins;
 pub mod mail;
 pub mod password_pool;
 pub mod ratelimit;

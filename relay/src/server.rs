@@ -28,6 +28,7 @@ use crate::admission::Admission;
 use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
+use crate::logins::LiveLogins;
 use crate::mail::{MailError, Mailer};
 use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
@@ -87,6 +88,8 @@ pub(crate) struct Shared {
     /// argon2 on threads of its own, bounded.
     pub(crate) passwords: PasswordPool,
     pub(crate) hub: Hub,
+    /// Connections per session token, to end them with their session.
+    pub(crate) logins: LiveLogins,
     pub(crate) stats: Arc<Stats>,
     /// Open connections, in all and per source, against their caps.
     pub(crate) admission: Arc<Admission>,
@@ -178,6 +181,7 @@ impl Relay {
             mailer,
             passwords,
             hub: Hub::default(),
+            logins: LiveLogins::default(),
             stats: Arc::new(Stats::default()),
             next_conn_id: AtomicU64::new(1),
         });

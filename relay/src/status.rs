@@ -40,6 +40,8 @@ pub struct Stats {
     pub send_rate_refusals: AtomicU64,
     /// `Send` requests refused: the recipient's queue was full.
     pub quota_refusals: AtomicU64,
+    /// Live logins ended because their session was revoked or expired.
+    pub sessions_ended: AtomicU64,
     /// `Send` requests refused: the sender held its share of the queue.
     pub sender_share_refusals: AtomicU64,
 }
@@ -57,6 +59,7 @@ impl Default for Stats {
             login_timeouts: AtomicU64::new(0),
             send_rate_refusals: AtomicU64::new(0),
             quota_refusals: AtomicU64::new(0),
+            sessions_ended: AtomicU64::new(0),
             sender_share_refusals: AtomicU64::new(0),
         }
     }
@@ -115,6 +118,9 @@ pub struct StatusReport {
     pub quota_refusals: u64,
     /// Sends refused since start: the sender held its share of the queue.
     pub sender_share_refusals: u64,
+    /// Connections closed since start because their session was revoked
+    /// (a logout elsewhere) or expired.
+    pub sessions_ended: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -140,6 +146,7 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         send_rate_refusals: stats.send_rate_refusals.load(Ordering::Relaxed),
         quota_refusals: stats.quota_refusals.load(Ordering::Relaxed),
         sender_share_refusals: stats.sender_share_refusals.load(Ordering::Relaxed),
+        sessions_ended: stats.sessions_ended.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -225,6 +232,10 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Refused since start: sender's share of a queue full",
             r.sender_share_refusals.to_string(),
+        ),
+        (
+            "Closed since start: session revoked or expired",
+            r.sessions_ended.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

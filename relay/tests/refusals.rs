@@ -1091,3 +1091,57 @@ async fn one_sender_fills_only_half_of_a_queue_and_is_not_told_about_it() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_session_that_expires_ends_its_live_connection() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    let hour = Duration::from_secs(3600);
+    config.session_ttl = hour;
+    let relay = TestRelay::start(config).await.unwrap();
+    let clock = relay.clock().clone();
+    let [mut wes, mut xia] = ["wes", "xia"].map(|n| TestUser::new(n).unwrap());
+    let c = relay.connect().await.unwrap();
+    for user in [&mut wes, &mut xia] {
+        user.use_clock(&clock);
+        user.register(&c, &smtp).await.unwrap();
+    }
+    let w = relay.connect().await.unwrap();
+    let token = wes.login(&w).await.unwrap().token.unwrap();
+    // xia's session starts half an hour later, so it outlives wes's.
+    clock.advance(hour / 2);
+    let x = relay.connect().await.unwrap();
+    xia.login(&x).await.unwrap();
+    send(&x, &xia, &wes).await.unwrap();
+    let mut pushes = w.accept_pushes().await.unwrap();
+    assert!(matches!(pushes.next().await, Some(Ok(_))));
+
+    // A minute before the expiry wes's connection works...
+    clock.advance(hour / 2 - Duration::from_secs(60));
+    assert!(matches!(
+        send(&w, &wes, &xia).await,
+        Ok(Response::Stored { .. })
+    ));
+    // ...at the expiry it is closed with a reason, push stream and all,
+    // without waiting for a resume.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        close_reason(w.connection()).await,
+        securechat_relay::close::SESSION_EXPIRED_REASON
+    );
+    assert!(pushes.next().await.is_none_or(|p| p.is_err()));
+    let again = relay.connect().await.unwrap();
+    let r = again.resume("wes", &token, &wes.key).await.unwrap_err();
+    assert!(
+        matches!(&r, ClientError::Relay(e) if e.code == ErrorCode::SessionExpired),
+        "{r}"
+    );
+    // xia's session goes on.
+    assert!(matches!(
+        send(&x, &xia, &wes).await,
+        Ok(Response::Stored { .. })
+    ));
+    assert_eq!(status(&relay).await["sessions_ended"], 1);
+    relay.stop().await.unwrap();
+}

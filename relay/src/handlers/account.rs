@@ -22,6 +22,7 @@
 //! token and a fresh signature by the account key always get in, whatever
 //! others have tried against the account's password.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use securechat_common::crypto::{login_transcript, random_bytes, sha256, LoginPurpose};
@@ -37,6 +38,7 @@ use super::{
     Reply,
 };
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
+use crate::close;
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
 use crate::ratelimit::{GuessLimiter, Refusal};
@@ -474,6 +476,7 @@ pub(super) async fn login(
             username: username.clone(),
             full_login_at: Some(shared.config.clock.now()),
             token_hash,
+            session_expires_unix: expires,
         },
     )
     .await?;
@@ -486,14 +489,35 @@ pub(super) async fn login(
     })
 }
 
-/// Mark the connection logged in, start pushing, and count the queue.
+/// Mark the connection logged in (and live under its token), start
+/// pushing, and count the queue.
 async fn go_online(
     shared: &Arc<Shared>,
     state: &Arc<ConnState>,
     auth: Auth,
 ) -> Result<u64, ErrorReply> {
     let username = auth.username.clone();
+    let token_hash = auth.token_hash;
+    let previous = state.auth();
     state.set_auth(Some(auth));
+    shared.logins.add(token_hash, state);
+    if let Some(previous) = previous.filter(|p| p.token_hash != token_hash) {
+        shared.logins.remove(&previous.token_hash, state.id);
+    }
+    // A logout with this token may have run since the session was checked.
+    // It removes the session before it ends the live logins, so now either
+    // the session is gone from the store or this login has been ended.
+    let live = blocking(&shared.store, move |s| s.session(&token_hash))
+        .await
+        .map_err(|e| internal("session lookup failed", e))?;
+    if live.is_none() {
+        shared.logins.remove(&token_hash, state.id);
+        state.end_login(&token_hash, close::LOGGED_OUT_REASON);
+        return Err(fail(
+            ErrorCode::SessionExpired,
+            "the session was revoked while logging in; log in again",
+        ));
+    }
     state.start_push(shared, &username);
     blocking(&shared.store, move |s| s.queue_len(&username))
         .await
@@ -554,6 +578,7 @@ pub(super) async fn resume(
             username: username.clone(),
             full_login_at: None,
             token_hash,
+            session_expires_unix: session.expires_unix,
         },
     )
     .await?;
@@ -569,12 +594,20 @@ pub(super) async fn resume(
 pub(super) async fn logout(shared: &Arc<Shared>, state: &ConnState) -> Reply {
     let auth = require_auth(state)?;
     let hash = auth.token_hash;
+    // The store first: a resume racing this one then fails its own check.
     blocking(&shared.store, move |s| s.remove_session(&hash))
         .await
         .map_err(|e| internal("revoking the session failed", e))?;
     state.stop_push(shared).await;
     state.set_auth(None);
-    tracing::info!(username = %auth.username, conn = state.id, "logged out");
+    shared.logins.remove(&hash, state.id);
+    // Every other connection with this token stops being logged in too.
+    let ended = shared.logins.end(&hash, close::LOGGED_OUT_REASON);
+    shared
+        .stats
+        .sessions_ended
+        .fetch_add(ended as u64, Ordering::Relaxed);
+    tracing::info!(username = %auth.username, conn = state.id, ended, "logged out");
     Ok(Response::Ok)
 }
 
