@@ -370,7 +370,8 @@ pub enum ErrorCode {
     NotSender,
     /// The envelope is larger than allowed.
     MessageTooLarge,
-    /// The recipient's queue is full.
+    /// The recipient cannot take more messages from this sender now (its
+    /// queue, or the sender's share of it, is full); retry later.
     QuotaExceeded,
     /// Too many attempts in a short time; wait and retry.
     RateLimited,

@@ -28,7 +28,10 @@ use serde::Deserialize;
 /// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
 /// `max_connections`, `max_connections_per_source`,
 /// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
-/// `argon2_workers`, `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `argon2_workers`, `argon2_queue`), then the defaults shown below. A
+/// "source" is one IPv4 address or one IPv6 /64.
+///
+/// On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -168,6 +171,14 @@ fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("{what}: {text:?} is not a duration like 30d, 12h or 3600"))
 }
 
+/// A count that must not be zero (zero would refuse everything).
+fn at_least_one<T: PartialEq + From<u8>>(what: &str, n: T) -> anyhow::Result<T> {
+    if n == T::from(0) {
+        bail!("{what} must be at least 1");
+    }
+    Ok(n)
+}
+
 fn default_data_dir() -> anyhow::Result<PathBuf> {
     directories::BaseDirs::new()
         .map(|d| d.data_dir().join("securechat-relay"))
@@ -236,13 +247,13 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         None => DEFAULT_SESSION_TTL,
     };
     if let Some(n) = cli.max_connections.or(file.max_connections) {
-        config.max_connections = n;
+        config.max_connections = at_least_one("max_connections", n)?;
     }
     if let Some(n) = cli
         .max_connections_per_source
         .or(file.max_connections_per_source)
     {
-        config.max_connections_per_source = n;
+        config.max_connections_per_source = at_least_one("max_connections_per_source", n)?;
     }
     if let Some(text) = cli
         .unauthenticated_timeout
@@ -258,13 +269,10 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         config.sender_share_percent = percent;
     }
     if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
-        config.sends_per_sender.max = n;
+        config.sends_per_sender.max = at_least_one("sends_per_minute", n)?;
     }
     if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
-        if n == 0 {
-            bail!("argon2_workers must be at least 1");
-        }
-        config.argon2_workers = n;
+        config.argon2_workers = at_least_one("argon2_workers", n)?;
     }
     if let Some(n) = cli.argon2_queue.or(file.argon2_queue) {
         config.argon2_queue = n;

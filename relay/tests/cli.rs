@@ -122,3 +122,38 @@ fn bad_config_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("relay.toml") && err.contains("lisen"), "{err}");
 }
+
+#[test]
+fn limits_that_would_refuse_everyone_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value, says) in [
+        (
+            "--max-connections",
+            "0",
+            "max_connections must be at least 1",
+        ),
+        (
+            "--sends-per-minute",
+            "0",
+            "sends_per_minute must be at least 1",
+        ),
+        ("--argon2-workers", "0", "argon2_workers must be at least 1"),
+        ("--sender-share-percent", "0", "1..=100"),
+        (
+            "--unauthenticated-timeout",
+            "soon",
+            "unauthenticated_timeout",
+        ),
+    ] {
+        let out = Command::new(RELAY)
+            .args([flag, value])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("fingerprint")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value} was taken");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+}
