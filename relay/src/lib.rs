@@ -7,12 +7,15 @@
 //!
 //! ```text
 //!                 ┌──────────────────────── relay ─────────────────────────┐
-//!  agentd ══QUIC══╪► connection ─► handlers ─┬─► accounts (argon2id, TOTP) │
-//!   (TLS 1.3,     │   │  ▲                   ├─► mail (SMTP / outbox)      │
-//!    ALPN         │   │  └── push task ◄─ hub (who is online, wake-ups)   │
-//!    securechat/1)│   │                      └─► store ─► relay.redb       │
-//!                 │   └─ rate limits                                      │
-//!                 │  status page (HTTP) ─► counts only                    │
+//!  agentd ══QUIC══╪► admission (caps per source and in all)                │
+//!   (TLS 1.3,     │   └► connection ─► handlers ─┬─► accounts (TOTP, ...)  │
+//!    ALPN         │       │  ▲  ▲                ├─► password pool (argon2)│
+//!    securechat/1)│       │  │  └ logins (per    ├─► mail (SMTP / outbox)  │
+//!                 │       │  │    session token) └─► store ─► relay.redb   │
+//!                 │       │  └── push task ◄─ hub (who is online)          │
+//!                 │       └─ rate limits, login deadline, session expiry   │
+//!                 │  status page (HTTP) ─► counts only                     │
+//!                 │  clock (the relay's time; tests move it)               │
 //!                 └────────────────────────────────────────────────────────┘
 //! ```
 //!
@@ -31,7 +34,9 @@
 //! * [`hub`] — online users; the newest connection of a user wins.
 //! * `logins` — live logins per session token: a logout or an expiry ends
 //!   every connection using the token.
-//! * [`ratelimit`] — sliding-window limits per address and per account.
+//! * [`ratelimit`] — limits per source (an IPv4 address or IPv6 /64) and
+//!   per sender, and password-guessing delays per (account, source).
+//! * [`clock`] — the relay's time, which tests drive instead of sleeping.
 //! * [`status`] — counters and the HTTP status page.
 //! * [`tls`] — certificate loading / self-signed generation, QUIC server config.
 //!

@@ -28,7 +28,9 @@ use securechat_relay::close;
 use securechat_relay::config::DEFAULT_UNAUTHENTICATED_TIMEOUT;
 use securechat_relay::ratelimit::Limit;
 use securechat_testkit::relay::test_config;
-use securechat_testkit::{http_get, raw_request, SmtpServer, SourceClient, TestRelay, TestUser};
+use securechat_testkit::{
+    close_reason, http_get, raw_request, SmtpServer, SourceClient, TestRelay, TestUser,
+};
 use zeroize::Zeroizing;
 
 /// What the relay did with a hostile request.
@@ -94,10 +96,7 @@ fn closed_with(reason: &[u8]) -> Outcome {
 
 /// Wait (bounded) until the relay closes `conn`, and say why.
 async fn closed(conn: &quinn::Connection) -> Outcome {
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => closed_with(&c.reason),
-        other => panic!("not closed by the relay with a reason: {other:?}"),
-    }
+    closed_with(&close_reason(conn, Duration::from_secs(10)).await.unwrap())
 }
 
 fn from(last: u8) -> IpAddr {

@@ -27,7 +27,7 @@ pub use smtp::SmtpServer;
 pub use source::SourceClient;
 pub use user::TestUser;
 
-pub use user::error_code;
+pub use user::{close_reason, error_code, refusal};
 
 use std::net::SocketAddr;
 

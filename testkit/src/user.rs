@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::envelope::{seal, SealParams};
-use securechat_common::protocol::{ErrorCode, Request, Response};
+use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_relay::clock::Clock;
 use totp_rs::TOTP;
@@ -47,6 +47,26 @@ pub fn error_code(result: Result<Response, ClientError>) -> Result<ErrorCode, St
         Err(ClientError::Relay(reply)) => Ok(reply.code),
         Err(other) => Err(format!("not a relay error: {other}")),
         Ok(resp) => Err(format!("unexpected success: {resp:?}")),
+    }
+}
+
+/// The relay's refusal (code and message) of a call, or a description of
+/// what came instead.
+pub fn refusal(result: Result<Response, ClientError>) -> Result<ErrorReply, String> {
+    match result {
+        Err(ClientError::Relay(reply)) => Ok(reply),
+        Err(other) => Err(format!("not a relay error: {other}")),
+        Ok(resp) => Err(format!("unexpected success: {resp:?}")),
+    }
+}
+
+/// Wait (up to `within`) until the relay closes `conn`, and return the
+/// reason it gave.
+pub async fn close_reason(conn: &quinn::Connection, within: Duration) -> anyhow::Result<Vec<u8>> {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => Ok(close.reason.to_vec()),
+        Ok(other) => bail!("closed, but not by the relay with a reason: {other}"),
+        Err(_) => bail!("still open after {within:?}"),
     }
 }
 
