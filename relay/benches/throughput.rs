@@ -10,13 +10,12 @@
 //! Needs Debian's python3-aiosmtpd for the registration mails.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use securechat_agentd::relay_client::RelayClient;
-use securechat_common::envelope::{seal, SealParams};
 use securechat_common::protocol::{AckOutcome, Push, Request, Response};
-use securechat_common::{Envelope, MessageId, PublicKey};
+use securechat_common::{Envelope, PublicKey};
 use securechat_relay::store::Quota;
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{SmtpServer, TestRelay, TestUser};
@@ -24,13 +23,6 @@ use securechat_testkit::{SmtpServer, TestRelay, TestUser};
 const SEQUENTIAL: usize = 400;
 const CONCURRENT: usize = 2000;
 const IN_FLIGHT: usize = 64;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn envelopes(
     from: &TestUser,
@@ -40,18 +32,12 @@ fn envelopes(
 ) -> anyhow::Result<Vec<Envelope>> {
     (0..n)
         .map(|i| {
-            Ok(seal(
-                &SealParams {
-                    sender_key: &from.key,
-                    sender: &from.name,
-                    recipient: to,
-                    recipient_key: key,
-                    id: MessageId::random()?,
-                    timestamp_ms: now_ms(),
-                },
+            from.seal_to(
+                to,
+                key,
                 format!("benchmark message {i:06} with a little padding to look like chat")
                     .as_bytes(),
-            )?)
+            )
         })
         .collect()
 }

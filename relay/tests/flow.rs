@@ -4,23 +4,16 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use securechat_agentd::relay_client::{ClientError, PushStream, RelayClient};
-use securechat_common::envelope::{open, seal, SealParams};
+use securechat_common::envelope::open;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{error_code, http_get, SmtpServer, TestRelay, TestUser};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 async fn lookup(client: &RelayClient, name: &str) -> PublicKey {
     match client
@@ -42,18 +35,7 @@ async fn lookup(client: &RelayClient, name: &str) -> PublicKey {
 }
 
 fn seal_for(from: &TestUser, to: &str, to_key: &PublicKey, text: &str) -> Envelope {
-    seal(
-        &SealParams {
-            sender_key: &from.key,
-            sender: &from.name,
-            recipient: to,
-            recipient_key: to_key,
-            id: MessageId::random().unwrap(),
-            timestamp_ms: now_ms(),
-        },
-        text.as_bytes(),
-    )
-    .unwrap()
+    from.seal_to(to, to_key, text.as_bytes()).unwrap()
 }
 
 async fn send(client: &RelayClient, env: &Envelope) -> bool {
