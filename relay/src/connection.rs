@@ -5,15 +5,19 @@
 //!    ├─ accept_bi ─► request task: read ≤ MAX_FRAME_LEN+4 bytes → decode
 //!    │                 → handlers::dispatch → one Response frame → finish
 //!    ├─ login deadline: no login or resume in time → closed with a reason
+//!    ├─ session expiry: the login ends, closed with a reason
 //!    └─ after login: push task ─► uni stream: Push::Deliver(queued…, then new…)
 //! ```
 //!
 //! Bad frames get a typed error reply; a connection that keeps sending them
 //! is closed with a reason. A connection without a login may stay for
 //! `Config::unauthenticated_timeout`, counted from its start, from its last
-//! successful `Register` or `Verify`, or from the end of its login. When the connection ends, in-flight requests are
-//! allowed to finish (so a `Send` being committed is committed) before the
-//! task returns.
+//! successful `Register` or `Verify`, or from the end of its login. A login
+//! ends when its session does (expiry, or a logout anywhere): the
+//! connection is then closed with a reason.
+//!
+//! When the connection ends, in-flight requests are allowed to finish (so a
+//! `Send` being committed is committed) before the task returns.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
