@@ -6,6 +6,7 @@
 //! through a `watch` channel so that a request can wait (bounded) for the
 //! manager to reconnect instead of failing at once.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use securechat_common::{IdentityKey, PublicKey};
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::config::AgentConfig;
-use crate::keystore::{self, KeyStoreError, Loaded, LockedKey, Sealer};
+use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
 use crate::relay_client::{ClientError, RelayClient};
 use crate::store::{Store, StoreError};
 
@@ -46,6 +47,48 @@ pub(crate) struct ReadyKeys {
     pub pending: Option<Arc<IdentityKey>>,
     /// Re-encrypts key files when a passphrase is set.
     pub sealer: Option<Arc<Sealer>>,
+    /// Encrypts the inbox at rest.
+    pub inbox: InboxKey,
+}
+
+impl ReadyKeys {
+    /// Every key file with its plaintext, for [`keystore::reseal_all`].
+    pub(crate) fn files(
+        &self,
+        paths: &crate::paths::Paths,
+    ) -> Result<keystore::KeyFiles, KeyStoreError> {
+        let mut files = vec![(
+            paths.identity_key(),
+            keystore::identity_payload(&self.current)?,
+        )];
+        for k in &self.old {
+            files.push((
+                keystore::archive_path(&paths.old_keys(), k),
+                keystore::identity_payload(k)?,
+            ));
+        }
+        if let Some(k) = &self.pending {
+            files.push((paths.pending_key(), keystore::identity_payload(k)?));
+        }
+        files.push((paths.inbox_key(), self.inbox.payload()));
+        Ok(files)
+    }
+}
+
+/// Load (or make) the inbox key with the identity's protection, and encrypt
+/// inbox records an earlier version left in plain text.
+pub(crate) fn open_inbox(
+    paths: &crate::paths::Paths,
+    store: &Store,
+    sealer: Option<&Sealer>,
+) -> Result<InboxKey, KeyStoreError> {
+    let key = keystore::load_or_create_inbox_key(&paths.inbox_key(), sealer)?;
+    match store.seal_legacy_inbox(&key) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("encrypted {n} inbox message(s) stored by an earlier version"),
+        Err(e) => tracing::error!("encrypting the inbox of an earlier version: {e}"),
+    }
+    Ok(key)
 }
 
 /// The relay connection as the rest of the agent sees it.
@@ -75,6 +118,8 @@ pub struct Agent {
     /// Serialises finishing or undoing an interrupted rotation (short, no I/O
     /// with the relay while held).
     rotation: Mutex<()>,
+    /// One send at a time per recipient (see `commands::send_one`).
+    send_lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -199,6 +244,7 @@ impl Agent {
                     old: old.into_iter().map(Arc::new).collect(),
                     pending: load_pending(paths, None),
                     sealer: None,
+                    inbox: open_inbox(paths, &store, None)?,
                 })
             }
         };
@@ -220,11 +266,21 @@ impl Agent {
             reconnect: Notify::new(),
             op_lock: tokio::sync::Mutex::new(()),
             rotation: Mutex::new(()),
+            send_lanes: Mutex::new(HashMap::new()),
         })
     }
 
     pub(crate) fn rotation_guard(&self) -> MutexGuard<'_, ()> {
         lock(&self.rotation)
+    }
+
+    /// The lock that orders sends to `user`.
+    pub(crate) fn send_lane(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut lanes = lock(&self.send_lanes);
+        if lanes.len() > 1024 {
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
+        }
+        lanes.entry(user.to_string()).or_default().clone()
     }
 
     /// The unlocked keys, or why there are none.
@@ -452,7 +508,11 @@ impl Agent {
             has_key,
             fingerprint,
             unread: self.store.unread_count()?,
-            held: self.store.held_list()?,
+            held: self
+                .store
+                .held_newest(securechat_common::ipc::STATUS_HELD_SHOWN)?,
+            held_count: self.store.held_count()?,
+            sequence_alerts: self.store.sequence_alerts()?,
             rejected: self.store.rejected_list()?,
             last_error: flags.last_error.clone(),
         })

@@ -45,6 +45,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     id,
                     sender,
                     recipient,
+                    seq: timestamp_ms.rotate_left(17) | 1,
                     timestamp_ms,
                     wrapped_key,
                     nonce,
@@ -210,8 +211,8 @@ proptest! {
     }
 
     #[test]
-    fn pushes_round_trip(env in envelope()) {
-        round_trip(&Push::Deliver(env))?;
+    fn pushes_round_trip(env in envelope(), received_unix in any::<u64>()) {
+        round_trip(&Push::Deliver { envelope: env, received_unix })?;
     }
 
     #[test]

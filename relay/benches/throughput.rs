@@ -47,6 +47,7 @@ fn envelopes(
                     recipient: to,
                     recipient_key: key,
                     id: MessageId::random()?,
+                    seq: 1,
                     timestamp_ms: now_ms(),
                 },
                 format!("benchmark message {i:06} with a little padding to look like chat")
@@ -146,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("push stream stalled")?
             .context("push stream ended")??;
-        let Push::Deliver(env) = push else {
+        let Push::Deliver { envelope: env, .. } = push else {
             continue;
         };
         received += 1;

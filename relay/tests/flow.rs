@@ -49,6 +49,7 @@ fn seal_for(from: &TestUser, to: &str, to_key: &PublicKey, text: &str) -> Envelo
             recipient: to,
             recipient_key: to_key,
             id: MessageId::random().unwrap(),
+            seq: 1,
             timestamp_ms: now_ms(),
         },
         text.as_bytes(),
@@ -79,7 +80,7 @@ async fn next_push(pushes: &mut PushStream) -> Envelope {
         .expect("push stream open")
         .expect("a valid push frame")
     {
-        Push::Deliver(env) => env,
+        Push::Deliver { envelope: env, .. } => env,
         other => panic!("push: {other:?}"),
     }
 }

@@ -394,6 +394,7 @@ fn envelope(from: &TestUser, to: &str, to_key: &securechat_common::PublicKey) ->
             recipient: to,
             recipient_key: to_key,
             id: MessageId::random().unwrap(),
+            seq: 1,
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap()
@@ -498,7 +499,8 @@ async fn send_refusals_are_typed_and_store_nothing() {
     assert_eq!(ivy.login(&v).await.unwrap().unread, 2);
     let mut pushes = v.accept_pushes().await.unwrap();
     for _ in 0..2 {
-        let Some(Ok(securechat_common::Push::Deliver(got))) = pushes.next().await else {
+        let Some(Ok(securechat_common::Push::Deliver { envelope: got, .. })) = pushes.next().await
+        else {
             panic!("no push");
         };
         v.call(&Request::Ack {

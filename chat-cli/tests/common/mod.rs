@@ -478,6 +478,31 @@ impl Agent {
         });
     }
 
+    /// `chat-cli trust <user> <fingerprint>` with the fingerprint the
+    /// directory shows now (what a user does after checking it out of band).
+    pub fn trust_directory_key(&self, user: &str) -> serde_json::Value {
+        // The directory answers once agentd is (back) online.
+        let fp = wait_for(&format!("{}'s directory key for {user}", self.name), || {
+            let info = self.json(&["fingerprint", user]);
+            info["directory"].as_str().map(str::to_string)
+        });
+        self.json(&["trust", user, &fp])
+    }
+
+    /// Take the next sequence number this agent would use for `to`, as a
+    /// message sealed by hand in a test must (agentd is restarted around it:
+    /// redb allows one process per file).
+    pub fn take_seq(&mut self, to: &str) -> u64 {
+        self.stop();
+        let seq = {
+            let store =
+                securechat_agentd::store::Store::open(&self.home.join("agent.redb")).unwrap();
+            store.reserve_seq(to).unwrap()
+        };
+        self.spawn();
+        seq
+    }
+
     /// Wait until the inbox (all messages) holds `text`.
     pub fn wait_message(&self, from: &str, text: &str) {
         wait_for(&format!("{} to receive {text:?}", self.name), || {
