@@ -37,8 +37,8 @@ use crate::agent::{now_ms, Agent, ReadyKeys};
 use crate::relay_client::{ClientError, RelayClient};
 use crate::store::{Delivery, Seen};
 
-/// How far ahead of both agentd's and the relay's clock a sender's timestamp
-/// may be before the message is refused (a day covers any time zone mistake).
+/// How far ahead of agentd's clock a sender's timestamp may be before the
+/// message is refused (a day covers any time zone mistake).
 const MAX_FUTURE_MS: u64 = 24 * 3600 * 1000;
 
 /// Read pushes until the connection ends.
@@ -96,8 +96,10 @@ pub(crate) fn deliver(
     relay_ms: Option<u64>,
 ) -> Result<AckOutcome, crate::store::StoreError> {
     let now = now_ms();
-    let reference = now.max(relay_ms.unwrap_or(0));
-    if env.timestamp_ms > reference.saturating_add(MAX_FUTURE_MS) {
+    // The relay's clock is shown beside the sender's, never trusted to
+    // excuse it: a receive time from the future is dropped.
+    let relay_ms = relay_ms.filter(|&t| t <= now.saturating_add(MAX_FUTURE_MS));
+    if env.timestamp_ms > now.saturating_add(MAX_FUTURE_MS) {
         let why = format!(
             "its timestamp ({} ms since 1970) is more than a day in the future: the sender's \
              clock is wrong",
