@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use securechat_common::crypto::CryptoError;
+use securechat_common::crypto::{CryptoError, Fingerprint};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::{
     BroadcastFailure, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SentInfo,
@@ -374,26 +374,9 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
     }))
 }
 
-/// A fingerprint as a user may type or paste it: 64 hex digits, with any
-/// spaces, colons and a `sha256:` prefix ignored.
-fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
-    let text = text.trim();
-    let text = text
-        .strip_prefix("sha256:")
-        .or_else(|| text.strip_prefix("SHA256:"))
-        .unwrap_or(text);
-    let digits: String = text
-        .chars()
-        .filter(|c| !matches!(c, ' ' | ':' | '\t'))
-        .collect();
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(digits.to_ascii_lowercase(), &mut out).ok()?;
-    Some(out)
-}
-
 async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcResponse, IpcError> {
     validate_username(&user).map_err(invalid)?;
-    let Some(wanted) = parse_fingerprint(&fingerprint) else {
+    let Some(wanted) = Fingerprint::parse(&fingerprint) else {
         return Err(invalid(
             "the fingerprint must be 64 hex digits, as `chat-cli fingerprint <user>` shows it \
              (spaces and colons are ignored)"
@@ -403,7 +386,7 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
     let (client, me) = agent.logged_in_client().await?;
     let _op = agent.op_lock.lock().await;
     let key = agent.directory_key(&client, &user).await?;
-    if key.fingerprint().0 != wanted {
+    if key.fingerprint() != wanted {
         return Err(err(
             IpcErrorKind::FingerprintMismatch,
             format!(

@@ -81,22 +81,13 @@ pub enum ServerTrust {
 /// 64 hex digits, optionally prefixed with `sha256:` and split by spaces or
 /// colons.
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
-    let trimmed = text.trim();
-    let body = trimmed
-        .strip_prefix("sha256:")
-        .or_else(|| trimmed.strip_prefix("SHA256:"))
-        .unwrap_or(trimmed);
-    let hex_digits: String = body
-        .chars()
-        .filter(|c| !matches!(c, ' ' | ':' | '\t'))
-        .collect();
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(&hex_digits, &mut out).map_err(|_| {
-        ClientError::Config(format!(
-            "relay fingerprint {text:?} is not 64 hex digits (see `relay fingerprint`)"
-        ))
-    })?;
-    Ok(out)
+    securechat_common::crypto::Fingerprint::parse(text)
+        .map(|f| f.0)
+        .ok_or_else(|| {
+            ClientError::Config(format!(
+                "relay fingerprint {text:?} is not 64 hex digits (see `relay fingerprint`)"
+            ))
+        })
 }
 
 /// Read CA certificates from PEM text.
