@@ -412,3 +412,53 @@ fn hostile_local_requests_get_typed_errors_and_change_nothing() {
         ["before the abuse"]
     );
 }
+
+#[test]
+fn password_guessing_by_others_never_locks_the_owner_out() {
+    use securechat_agentd::relay_client::{
+        parse_fingerprint, ClientError, RelayClient, ServerTrust,
+    };
+    use securechat_common::protocol::ErrorCode;
+
+    let mut w = world();
+    w.alice.send("bob", "before the guessing");
+    w.bob.wait_message("alice", "before the guessing");
+
+    // Someone guesses alice's password, from the same address as her own
+    // agentd even (everything here is 127.0.0.1), far past any limit.
+    let addr: std::net::SocketAddr = w.relay.addr.parse().unwrap();
+    let pin = parse_fingerprint(&w.relay.fingerprint).unwrap();
+    let guesser = IdentityKey::generate(KeySize::Rsa2048).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let codes = rt.block_on(async {
+        let client = RelayClient::connect(addr, ServerTrust::Fingerprint(pin))
+            .await
+            .unwrap();
+        let mut codes = Vec::new();
+        for i in 0..40 {
+            match client
+                .login("alice", &format!("wrong guess {i}"), "123456", &guesser)
+                .await
+            {
+                Err(ClientError::Relay(r)) => codes.push(r.code),
+                other => panic!("a guess was not refused: {other:?}"),
+            }
+        }
+        codes
+    });
+    assert!(codes.contains(&ErrorCode::InvalidCredentials), "{codes:?}");
+    assert!(
+        codes.contains(&ErrorCode::RateLimited),
+        "guessing is slowed: {codes:?}"
+    );
+
+    // Alice's agentd reconnects and resumes her session: no login needed.
+    w.alice.restart();
+    w.alice.wait_logged_in();
+    assert_eq!(w.alice.status()["login_needed"], false);
+    w.alice.send("bob", "after the guessing");
+    w.bob.wait_message("alice", "after the guessing");
+}
