@@ -7,7 +7,8 @@
 //!   │   resume (token + challenge signature)  ── SessionExpired ─► "login needed"
 //!   │      │                                                              │
 //!   │   publish connection; read pushes until it closes ──────────────────┘
-//!   └── or until asked to reconnect (logout, rotate-key, unlock)
+//!   └── or until asked to reconnect (rotate-key, unlock, a logout the relay
+//!       did not confirm): unpublished, closed, and at once connect again
 //! ```
 
 use std::sync::Arc;
@@ -93,21 +94,28 @@ pub(crate) async fn run(agent: Arc<Agent>) {
             }
         );
         backoff.reset();
-        agent.set_conn(Some(client.clone()), logged_in);
+        // Listen for "reconnect" before the connection is published: a
+        // request that asks right after seeing it is not missed.
         let reconnect = agent.reconnect.notified();
-        tokio::select! {
+        agent.set_conn(Some(client.clone()), logged_in);
+        let asked = tokio::select! {
             r = receive::push_loop(&agent, &client) => {
                 if let Err(e) = r {
                     agent.note_error(format!("connection lost: {e}"));
                 }
+                false
             }
-            _ = reconnect => {
-                tracing::info!("reconnecting as asked");
-                client.close("reconnecting").await;
-            }
-        }
+            _ = reconnect => true,
+        };
+        // Unpublished before it is closed, so that no request picks up a
+        // connection on its way out.
         agent.set_conn(None, false);
-        tokio::time::sleep(backoff.step()).await;
+        if asked {
+            tracing::info!("reconnecting as asked");
+            client.close("reconnecting").await;
+        } else {
+            tokio::time::sleep(backoff.step()).await;
+        }
     }
 }
 
