@@ -439,6 +439,10 @@ pub enum IpcErrorKind {
     InvalidInput,
     /// Anything else; agentd's log says more.
     Internal,
+    /// The relay's TLS certificate was refused (not the pinned one, not
+    /// issued by the trusted CA, or not valid for the name); agentd retries
+    /// only slowly until someone checks the relay and re-pins it.
+    CertificateRejected,
 }
 
 /// Why a line could not be encoded or decoded.
