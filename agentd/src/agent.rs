@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch, Notify};
 
 use crate::config::AgentConfig;
 use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
-use crate::relay_client::{ClientError, RelayClient};
+use crate::relay_client::{CertRejection, ClientError, RelayClient};
 use crate::store::{Store, StoreError};
 
 /// How long a request waits for the relay connection to come back.
@@ -96,6 +96,9 @@ pub(crate) fn open_inbox(
 pub(crate) struct Conn {
     pub client: Option<Arc<RelayClient>>,
     pub logged_in: bool,
+    /// The last attempt found a relay whose certificate was refused: the
+    /// answer to requests until a connection succeeds.
+    pub refused: Option<IpcError>,
 }
 
 #[derive(Default)]
@@ -177,6 +180,9 @@ impl From<ClientError> for IpcError {
                 out.relay_code = Some(reply.code);
                 out
             }
+            ClientError::CertificateRejected { addr, rejection } => {
+                certificate_refused(&addr.to_string(), &rejection)
+            }
             ClientError::Connect { .. } | ClientError::Connection(_) | ClientError::Stream(_) => {
                 err(
                     IpcErrorKind::RelayUnavailable,
@@ -186,6 +192,79 @@ impl From<ClientError> for IpcError {
             other => err(IpcErrorKind::Internal, other.to_string()),
         }
     }
+}
+
+/// What a refused relay certificate means and how to re-pin it after
+/// checking; `relay` is the relay's `HOST:PORT`.
+pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> IpcError {
+    let check = "check the certificate on the relay host with `relay fingerprint --data-dir DIR`";
+    let (what, fix) = match rejection {
+        CertRejection::PinMismatch {
+            expected,
+            presented,
+        } => {
+            let presented = hex::encode(presented);
+            (
+                format!(
+                    "the relay at {relay} presented a different certificate than the pinned one; \
+                     agentd refused it and sent nothing.\n  \
+                     pinned:    sha256:{}\n  presented: sha256:{presented}\n\
+                     This is expected if the relay's certificate was replaced (for example a \
+                     new data directory); otherwise someone may be intercepting the connection.",
+                    hex::encode(expected)
+                ),
+                format!(
+                    "To re-pin: {check}; only if it prints sha256:{presented}, restart agentd \
+                     with `--relay {relay} --relay-fingerprint sha256:{presented}`."
+                ),
+            )
+        }
+        CertRejection::UnknownIssuer => (
+            format!(
+                "the certificate of the relay at {relay} is not signed by the CA given with \
+                 --relay-cert; agentd refused it and sent nothing."
+            ),
+            format!(
+                "Give the CA that issued it with --relay-cert, or pin the certificate instead: \
+                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 sha256:...` (the fingerprint it printed)."
+            ),
+        ),
+        CertRejection::NameMismatch {
+            expected,
+            presented,
+        } => (
+            format!(
+                "the certificate of the relay at {relay} is not valid for the name {expected} \
+                 (it is for: {}); agentd refused it and sent nothing.",
+                if presented.is_empty() {
+                    "names that could not be read".to_string()
+                } else {
+                    presented.join(", ")
+                }
+            ),
+            format!(
+                "Use a name the certificate carries in --relay, or pin the certificate instead: \
+                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 sha256:...` (the fingerprint it printed)."
+            ),
+        ),
+        other => (
+            format!(
+                "the certificate of the relay at {relay} was refused ({other}); agentd sent \
+                 nothing."
+            ),
+            format!(
+                "Have the relay's certificate fixed, or pin it instead: {check}, then restart \
+                 agentd with `--relay {relay} --relay-fingerprint sha256:...` (the fingerprint \
+                 it printed)."
+            ),
+        ),
+    };
+    err(
+        IpcErrorKind::CertificateRejected,
+        format!("{what}\n{fix} Until then agentd retries only slowly."),
+    )
 }
 
 /// The pending key of an interrupted rotation, if one is on disk and opens.
@@ -319,7 +398,17 @@ impl Agent {
     }
 
     pub(crate) fn set_conn(&self, client: Option<Arc<RelayClient>>, logged_in: bool) {
-        self.conn.send_replace(Conn { client, logged_in });
+        self.conn.send_replace(Conn {
+            client,
+            logged_in,
+            refused: None,
+        });
+    }
+
+    /// Record whether the last connection attempt refused the relay's
+    /// certificate (`None`: it failed for another reason).
+    pub(crate) fn set_refused(&self, refused: Option<IpcError>) {
+        self.conn.send_modify(|c| c.refused = refused);
     }
 
     pub(crate) fn set_logged_in(&self, logged_in: bool) {
@@ -351,6 +440,9 @@ impl Agent {
     }
 
     fn unavailable(&self) -> IpcError {
+        if let Some(refused) = self.conn.borrow().refused.clone() {
+            return refused;
+        }
         let why = lock(&self.flags)
             .last_error
             .clone()
@@ -365,11 +457,11 @@ impl Agent {
     pub(crate) async fn any_client(&self) -> Result<Arc<RelayClient>, IpcError> {
         self.relay_configured()?;
         let mut rx = self.conn.subscribe();
-        let client =
-            match tokio::time::timeout(READY_WAIT, rx.wait_for(|c| c.client.is_some())).await {
-                Ok(Ok(c)) => c.client.clone(),
-                _ => None,
-            };
+        let ready = rx.wait_for(|c| c.client.is_some() || c.refused.is_some());
+        let client = match tokio::time::timeout(READY_WAIT, ready).await {
+            Ok(Ok(c)) => c.client.clone(),
+            _ => None,
+        };
         client.ok_or_else(|| self.unavailable())
     }
 
@@ -400,7 +492,7 @@ impl Agent {
         let mut rx = self.conn.subscribe();
         let ready = tokio::time::timeout(
             READY_WAIT,
-            rx.wait_for(|c| c.client.is_some() && c.logged_in),
+            rx.wait_for(|c| (c.client.is_some() && c.logged_in) || c.refused.is_some()),
         )
         .await;
         let client = match ready {

@@ -238,14 +238,25 @@ async fn login(
 
 async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
     let conn = agent.conn();
+    // A connection whose session the relay ended (or that had none) is
+    // clean and stays up, so a `login` right after uses it. One that did
+    // not answer may still carry the session: it is replaced.
+    let mut clean = true;
     if let (Some(client), true) = (conn.client, conn.logged_in) {
-        if let Err(e) = client.call(&Request::Logout).await {
-            tracing::warn!("logout on the relay failed: {e}");
+        match client.call(&Request::Logout).await {
+            Ok(_) | Err(ClientError::Relay(_)) => {}
+            Err(e) => {
+                tracing::warn!("logout on the relay failed: {e}; reconnecting");
+                clean = false;
+            }
         }
     }
     keystore::remove_session(&agent.config.paths.session())?;
     agent.set_logged_in(false);
-    agent.reconnect.notify_waiters();
+    if !clean {
+        agent.set_conn(None, false);
+        agent.reconnect.notify_waiters();
+    }
     Ok(IpcResponse::Ok)
 }
 

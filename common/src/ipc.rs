@@ -531,6 +531,10 @@ pub enum IpcErrorKind {
     /// The directory's key for a contact does not have the fingerprint the
     /// user gave to `trust`; nothing was pinned.
     FingerprintMismatch,
+    /// The relay's TLS certificate was refused (not the pinned one, not
+    /// issued by the trusted CA, or not valid for the name); agentd retries
+    /// only slowly until someone checks the relay and re-pins it.
+    CertificateRejected,
 }
 
 /// Why a line could not be encoded or decoded.
