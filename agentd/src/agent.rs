@@ -353,6 +353,14 @@ impl Agent {
         lock(&self.rotation)
     }
 
+    /// Ask the connection manager for a fresh connection (after logout,
+    /// rotate-key, unlock). A request made while it is busy connecting is
+    /// kept (a stored permit) rather than lost, and acted on once it
+    /// listens again.
+    pub(crate) fn request_reconnect(&self) {
+        self.reconnect.notify_one();
+    }
+
     /// The lock that orders sends to `user`.
     pub(crate) fn send_lane(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut lanes = lock(&self.send_lanes);

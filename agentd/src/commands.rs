@@ -255,7 +255,7 @@ async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
     agent.set_logged_in(false);
     if !clean {
         agent.set_conn(None, false);
-        agent.reconnect.notify_waiters();
+        agent.request_reconnect();
     }
     Ok(IpcResponse::Ok)
 }
@@ -439,7 +439,7 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
 }
 
 fn unsettled_rotation(agent: &Agent) -> IpcError {
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     err(
         IpcErrorKind::RelayUnavailable,
         "an earlier key rotation was interrupted and is not settled yet; agentd settles it \
@@ -498,7 +498,7 @@ async fn rotate_key(
         // both; the next connection finds out which one it holds.
         Err(e) => {
             rotation::keep_pending(agent, &new_key);
-            agent.reconnect.notify_waiters();
+            agent.request_reconnect();
             return Err(err(
                 IpcErrorKind::RelayUnavailable,
                 format!(
@@ -519,7 +519,7 @@ async fn rotate_key(
         )?;
     }
     rotation::finish(agent, &new_key)?;
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     Ok(IpcResponse::KeyRotated {
         old_fingerprint: keys.current.public_key().fingerprint().to_string(),
         new_fingerprint: new_key.public_key().fingerprint().to_string(),
@@ -560,7 +560,7 @@ async fn unlock(
     .await
     .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))??;
     agent.set_keys(Keys::Ready(keys));
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     Ok(IpcResponse::Ok)
 }
 
