@@ -462,3 +462,82 @@ fn password_guessing_by_others_never_locks_the_owner_out() {
     w.alice.send("bob", "after the guessing");
     w.bob.wait_message("alice", "after the guessing");
 }
+
+#[test]
+fn what_the_relay_alters_or_readdresses_is_caught() {
+    let mut w = world();
+    w.alice.send("bob", "delivered once");
+    w.bob.wait_message("alice", "delivered once");
+    w.bob.stop();
+    w.alice.send("bob", "the relay would like to change this");
+    w.alice.send("bob", "and to show this one to alice");
+
+    // The relay operator edits its queue while bob is away: it flips a byte
+    // of one message and hands the other to alice instead.
+    w.relay.stop();
+    let queued = {
+        let store = RedbStore::open(&w.relay.db_path()).unwrap();
+        let queued = store.queued_after("bob", 0, 10).unwrap();
+        for q in &queued {
+            store.ack("bob", &q.id, unix_now()).unwrap();
+        }
+        queued
+    };
+    assert_eq!(queued.len(), 2);
+    let raw = std::fs::read(w.relay.db_path()).unwrap();
+    assert!(
+        !raw.windows(14).any(|x| x == b"the relay woul"),
+        "the relay's database holds only ciphertext"
+    );
+    let mut altered: securechat_common::Envelope =
+        postcard::from_bytes(&queued[0].envelope).unwrap();
+    altered.ciphertext[0] ^= 1;
+    // (A fresh id, or the relay's own dedupe would not queue it again.)
+    altered.id = MessageId::random().unwrap();
+    let readdressed: securechat_common::Envelope =
+        postcard::from_bytes(&queued[1].envelope).unwrap();
+    w.relay.enqueue_directly("bob", &altered);
+    w.relay.enqueue_directly("alice", &readdressed);
+    w.relay.restart();
+    w.bob.restart();
+
+    // Queued behind them, so once it is in, they were handled.
+    w.alice.send("bob", "after the tampering");
+    w.bob.wait_message("alice", "after the tampering");
+    let bob_inbox = texts(&w.bob.json(&["inbox", "--all"]));
+    assert_eq!(
+        bob_inbox,
+        ["delivered once", "after the tampering"],
+        "nothing altered reached bob"
+    );
+    let reasons: Vec<String> = w.bob.status()["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("signature")),
+        "{reasons:?}"
+    );
+    wait_for("alice to reject the message addressed to bob", || {
+        let status = w.alice.status();
+        status["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| {
+                r["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("addressed to \"bob\"")
+            })
+            .then_some(())
+    });
+    assert!(texts(&w.alice.json(&["inbox", "--all"]))
+        .iter()
+        .all(|t| !t.contains("show this one")));
+    // The missing message is reported as missing, by number.
+    let alerts = w.bob.status()["sequence_alerts"].clone();
+    assert!(alerts.to_string().contains("from alice"), "{alerts}");
+}
