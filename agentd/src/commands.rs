@@ -361,6 +361,7 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
             directory: None,
         }));
     };
+    validate_username(&user).map_err(invalid)?;
     let pinned = agent
         .store
         .pin(&user)?

@@ -384,6 +384,7 @@ fn hostile_local_requests_get_typed_errors_and_change_nothing() {
         ("login while logged in", br#"{"request":"login","username":"bob","password":"long enough pw","totp":"123456"}"#.to_vec(), "already_logged_in"),
         ("register while logged in", br#"{"request":"register","username":"eve","email":"eve@example.org","password":"long enough pw"}"#.to_vec(), "already_logged_in"),
         ("unknown request", br#"{"request":"delete_everything"}"#.to_vec(), "bad_request"),
+        ("fingerprint of an invalid name", br#"{"request":"fingerprint","user":"\u001b[2J"}"#.to_vec(), "invalid_input"),
     ];
     let mut raw = Raw::greeted(&w.bob);
     for (what, line, kind) in &cases {
