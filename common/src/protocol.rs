@@ -351,11 +351,14 @@ pub enum ErrorCode {
     TooManyAttempts,
     /// The relay could not send the verification mail.
     MailFailed,
-    /// Unknown user or wrong password (deliberately not told apart).
+    /// Unknown user, wrong password, or a wrong or already used TOTP code
+    /// (deliberately not told apart).
     InvalidCredentials,
-    /// The TOTP code is wrong.
+    /// The TOTP code is wrong. Not sent by the relay since a wrong code
+    /// gets [`ErrorCode::InvalidCredentials`]; kept for the wire numbering.
     InvalidTotp,
-    /// The TOTP code was already used; wait for the next one.
+    /// The TOTP code was already used. Not sent by the relay since a used
+    /// code gets [`ErrorCode::InvalidCredentials`]; kept for the wire numbering.
     TotpReused,
     /// The signature over the challenge does not verify with the account key.
     InvalidSignature,
@@ -381,4 +384,7 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Something failed on the relay; the log says what.
     Internal,
+    /// The relay is too busy to take this request now (its password checks
+    /// are all taken); retry in a moment.
+    Busy,
 }

@@ -1,8 +1,8 @@
 //! Account secrets: password hashes, TOTP, emailed codes, session tokens.
 //!
 //! * passwords: argon2id with the OWASP parameters (19 MiB, 2 passes, 1 lane),
-//!   stored as a PHC string; hashing is slow on purpose, so callers run it on
-//!   the blocking pool. [`Passwords::verify_unknown_user`] spends the same time
+//!   stored as a PHC string; hashing is slow on purpose, so it runs on the
+//!   relay's own password workers ([`crate::password_pool`]). [`Passwords::verify_unknown_user`] spends the same time
 //!   on a dummy hash, so an unknown name and a wrong password look alike;
 //! * TOTP: RFC 6238, SHA-1, 6 digits, 30 s steps, ±1 step accepted; the
 //!   matched step is returned so the caller can refuse it the second time;
@@ -35,6 +35,9 @@ pub enum AccountError {
     /// The TOTP parameters were refused.
     #[error("TOTP setup failed: {0}")]
     Totp(String),
+    /// The password worker threads could not be started.
+    #[error("cannot start the password worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// argon2id hashing with fixed parameters and a dummy hash for unknown users.
@@ -173,20 +176,45 @@ mod tests {
     fn totp_accepts_adjacent_steps_only() {
         let secret = new_totp_secret().unwrap();
         let t = totp(&secret, "alice").unwrap();
-        let now = 1_700_000_000;
+        // A time at which the codes of the five steps around it all differ,
+        // so that "refused" below cannot be a chance match of another step
+        // (two six-digit codes agree once in a million).
+        let mut now = 1_700_000_000;
+        let distinct = |now: u64| {
+            let codes: Vec<String> = (0..5)
+                .map(|i| t.generate((now / TOTP_STEP_SECS + i - 2) * TOTP_STEP_SECS))
+                .collect();
+            codes
+                .iter()
+                .enumerate()
+                .all(|(i, c)| !codes[i + 1..].contains(c))
+        };
+        while !distinct(now) {
+            now += TOTP_STEP_SECS;
+        }
         let step = now / TOTP_STEP_SECS;
         for (offset, ok) in [(-2i64, false), (-1, true), (0, true), (1, true), (2, false)] {
-            let at = ((step as i64 + offset) as u64) * TOTP_STEP_SECS;
-            let code = t.generate(at);
-            let got = check_totp(&t, &code, now);
-            if ok {
-                assert_eq!(got, Some((step as i64 + offset) as u64));
-            } else {
-                assert_ne!(got, Some((step as i64 + offset) as u64));
-            }
+            let at = step.checked_add_signed(offset).unwrap();
+            let code = t.generate(at * TOTP_STEP_SECS);
+            let want = ok.then_some(at);
+            assert_eq!(check_totp(&t, &code, now), want, "offset {offset}");
         }
+        // A wrong six-digit code: any code that no step in the window has.
+        let window: Vec<String> = (step - 1..=step + 1)
+            .map(|s| t.generate(s * TOTP_STEP_SECS))
+            .collect();
+        let wrong = (0..1_000_000u32)
+            .map(|n| format!("{n:06}"))
+            .find(|c| !window.contains(c))
+            .unwrap();
+        assert_eq!(check_totp(&t, &wrong, now), None);
+        // The right code with anything around it is not the right code.
+        let right = t.generate(now);
+        assert_eq!(check_totp(&t, &format!(" {right}"), now), None);
+        assert_eq!(check_totp(&t, &format!("{right}0"), now), None);
         assert_eq!(check_totp(&t, "12345", now), None);
         assert_eq!(check_totp(&t, "abcdef", now), None);
+        assert_eq!(check_totp(&t, "", now), None);
         assert!(t.get_url().starts_with("otpauth://totp/securechat:alice?"));
     }
 

@@ -7,8 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::mail::MailConfig;
-use crate::ratelimit::Limit;
+use crate::ratelimit::{Limit, LoginLimits};
 use crate::store::Quota;
 use crate::tls::TlsSource;
 
@@ -31,6 +32,27 @@ pub const DEFAULT_CODE_TTL: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_CODE_ATTEMPTS: u32 = 5;
 /// Default session lifetime: 30 days.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default cap on open QUIC connections in all.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on open QUIC connections from one source (an IPv4 address or
+/// an IPv6 /64): room for an office behind one NAT address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Default time a connection may stay open without a successful login or
+/// resume. A `Register` or `Verify` that succeeds starts the time again.
+pub const DEFAULT_UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `Send` requests per sender per minute.
+pub const DEFAULT_SENDS_PER_MINUTE: u32 = 600;
+/// Default share of a recipient's quota (messages and bytes) that one
+/// sender may fill: 50 %.
+pub const DEFAULT_SENDER_SHARE_PERCENT: u8 = 50;
+/// Default password checks that may wait for a free argon2 worker; past it
+/// the relay answers `Busy`.
+pub const DEFAULT_ARGON2_QUEUE: usize = 8;
+
+/// Default argon2 workers: one per core the relay may use.
+pub fn default_argon2_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// Everything the relay needs to run.
 #[derive(Clone, Debug)]
@@ -50,22 +72,44 @@ pub struct Config {
     pub retention: Duration,
     /// Per-recipient queue limits.
     pub quota: Quota,
+    /// The percentage (1 to 100) of a recipient's quota, in messages and in
+    /// bytes, that one sender may fill.
+    pub sender_share_percent: u8,
     /// How long an emailed code is valid.
     pub code_ttl: Duration,
     /// Wrong codes allowed before a registration is locked.
     pub max_code_attempts: u32,
     /// How long a session token is valid.
     pub session_ttl: Duration,
-    /// Failed logins allowed per account per window.
-    pub login_failures_per_account: Limit,
-    /// Login, resume, register and verify attempts allowed per peer IP per window.
-    pub attempts_per_ip: Limit,
+    /// How password guessing is slowed down: growing delays per (account,
+    /// source) and a ceiling per account. Never applied to `Resume`.
+    pub login_limits: LoginLimits,
+    /// Login, resume, register and verify attempts allowed per source (an
+    /// IPv4 address or an IPv6 /64) per window.
+    pub attempts_per_source: Limit,
+    /// Most QUIC connections open at once; more are refused.
+    pub max_connections: usize,
+    /// Most QUIC connections open at once from one source (an IPv4 address
+    /// or an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// How long a connection may stay without a successful login or resume
+    /// (a successful `Register` or `Verify` starts the time again).
+    pub unauthenticated_timeout: Duration,
+    /// `Send` requests allowed per sender per window.
+    pub sends_per_sender: Limit,
+    /// Threads that hash and check passwords (argon2id, 19 MiB each).
+    pub argon2_workers: usize,
+    /// Password checks that may wait for a worker; more are answered `Busy`.
+    pub argon2_queue: usize,
     /// How often expired messages, registrations and sessions are swept.
     pub sweep_interval: Duration,
     /// QUIC idle timeout (clients send keep-alives well within it).
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests and commits.
     pub shutdown_grace: Duration,
+    /// The relay's time; tests pass [`Clock::adjustable`] and move it
+    /// instead of waiting.
+    pub clock: Clock,
 }
 
 impl Config {
@@ -82,20 +126,28 @@ impl Config {
                 messages: DEFAULT_QUOTA_MESSAGES,
                 bytes: DEFAULT_QUOTA_BYTES,
             },
+            sender_share_percent: DEFAULT_SENDER_SHARE_PERCENT,
             code_ttl: DEFAULT_CODE_TTL,
             max_code_attempts: DEFAULT_MAX_CODE_ATTEMPTS,
             session_ttl: DEFAULT_SESSION_TTL,
-            login_failures_per_account: Limit {
-                max: 5,
-                window: Duration::from_secs(300),
-            },
-            attempts_per_ip: Limit {
+            login_limits: LoginLimits::default(),
+            attempts_per_source: Limit {
                 max: 30,
                 window: Duration::from_secs(60),
             },
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            unauthenticated_timeout: DEFAULT_UNAUTHENTICATED_TIMEOUT,
+            sends_per_sender: Limit {
+                max: DEFAULT_SENDS_PER_MINUTE,
+                window: Duration::from_secs(60),
+            },
+            argon2_workers: default_argon2_workers(),
+            argon2_queue: DEFAULT_ARGON2_QUEUE,
             sweep_interval: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            clock: Clock::system(),
         }
     }
 }

@@ -1,18 +1,20 @@
 //! One QUIC connection: its request streams, login state and push stream.
 //!
 //! ```text
-//!  connection task
+//!  connection task (admitted under the connection caps, see `admission`)
 //!    ├─ accept_bi ─► request task: read ≤ MAX_FRAME_LEN+4 bytes → decode
 //!    │                 → handlers::dispatch → one Response frame → finish
+//!    ├─ login deadline: no login or resume in time → closed with a reason
 //!    └─ after login: push task ─► uni stream: Push::Deliver{queued…, then new…}
 //! ```
 //!
 //! Bad frames get a typed error reply; a connection that keeps sending them
-//! is closed with a reason. When the connection ends, in-flight requests are
+//! is closed with a reason. A connection without a login may stay for
+//! `Config::unauthenticated_timeout`, counted from its start, from its last
+//! successful `Register` or `Verify`, or from the end of its login. When the connection ends, in-flight requests are
 //! allowed to finish (so a `Send` being committed is committed) before the
 //! task returns.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,14 +28,16 @@ use securechat_common::Envelope;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::admission::Full;
+use crate::clock::Clock;
+use crate::close;
 use crate::handlers;
+use crate::ratelimit::Source;
 use crate::server::Shared;
 use crate::store::blocking;
 
 /// Malformed frames tolerated per connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 8;
-/// QUIC application close code for a connection that sent too many bad frames.
-const BAD_FRAMES_CODE: u32 = 3;
 /// How long a client may take to send one whole request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Envelopes read from the store per push batch.
@@ -53,9 +57,17 @@ pub(crate) struct Auth {
 pub(crate) struct ConnState {
     pub(crate) id: u64,
     pub(crate) conn: quinn::Connection,
-    pub(crate) peer_ip: IpAddr,
+    /// Who the peer counts as for limits (its IPv4 address or IPv6 /64).
+    pub(crate) source: Source,
     challenge: Mutex<Option<[u8; BINDING_LEN]>>,
     auth: Mutex<Option<Auth>>,
+    /// While nobody is logged in: when the connection is closed unless a
+    /// login or resume succeeds first.
+    login_deadline: Mutex<Option<Instant>>,
+    /// Wakes the connection task when a deadline changes.
+    deadlines_changed: Notify,
+    clock: Clock,
+    login_timeout: Duration,
     bad_frames: AtomicU32,
     push_task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -90,9 +102,27 @@ impl ConnState {
         lock(&self.auth).clone()
     }
 
-    /// Record a login.
+    /// Record a login (no deadline while logged in) or its end (the
+    /// unauthenticated time starts again).
     pub(crate) fn set_auth(&self, auth: Option<Auth>) {
+        let logged_in = auth.is_some();
         *lock(&self.auth) = auth;
+        *lock(&self.login_deadline) = if logged_in {
+            None
+        } else {
+            Some(self.clock.now() + self.login_timeout)
+        };
+        self.deadlines_changed.notify_one();
+    }
+
+    /// Give a connection without a login its full time again (after a
+    /// successful step of registration, which takes a while).
+    pub(crate) fn restart_login_time(&self) {
+        let mut deadline = lock(&self.login_deadline);
+        if deadline.is_some() {
+            *deadline = Some(self.clock.now() + self.login_timeout);
+            self.deadlines_changed.notify_one();
+        }
     }
 
     /// Start the push task unless one runs already.
@@ -133,22 +163,61 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    let source = Source::of(peer.ip());
+    let _admitted = match shared.admission.admit(source) {
+        Ok(admitted) => admitted,
+        Err(full) => {
+            let (counter, reason) = match full {
+                Full::Relay => (&shared.stats.refused_relay_full, close::RELAY_FULL_REASON),
+                Full::Source => (&shared.stats.refused_source_full, close::SOURCE_FULL_REASON),
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%source, ?full, "connection refused: cap reached");
+            conn.close(close::TOO_MANY_CONNECTIONS_CODE.into(), reason);
+            return;
+        }
+    };
     let _open = shared.stats.connection_guard();
     let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, conn = id, "connection open");
+    let clock = shared.config.clock.clone();
+    let login_timeout = shared.config.unauthenticated_timeout;
     let state = Arc::new(ConnState {
         id,
         conn: conn.clone(),
-        peer_ip: peer.ip(),
+        source,
         challenge: Mutex::new(None),
         auth: Mutex::new(None),
+        login_deadline: Mutex::new(Some(clock.now() + login_timeout)),
+        deadlines_changed: Notify::new(),
+        clock: clock.clone(),
+        login_timeout,
         bad_frames: AtomicU32::new(0),
         push_task: Mutex::new(None),
     });
 
     let mut requests = JoinSet::new();
     let reason = loop {
+        let login_deadline = *lock(&state.login_deadline);
         tokio::select! {
+            () = sleep_until(&clock, login_deadline) => {
+                // A login may have won the race against the timer. Taking
+                // the deadline makes this fire once.
+                let due = {
+                    let mut deadline = lock(&state.login_deadline);
+                    let due = deadline.is_some_and(|d| clock.now() >= d);
+                    if due {
+                        *deadline = None;
+                    }
+                    due
+                };
+                if due && conn.close_reason().is_none() {
+                    shared.stats.login_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = id, "no login in time; closing");
+                    conn.close(close::LOGIN_TIMEOUT_CODE.into(), close::LOGIN_TIMEOUT_REASON);
+                }
+            }
+            () = state.deadlines_changed.notified() => {}
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     requests.spawn(serve_request(Arc::clone(&shared), Arc::clone(&state), send, recv));
@@ -195,7 +264,7 @@ async fn serve_request(
     let response = match read {
         Ok(bytes) => match codec::decode::<Request>(&bytes) {
             Ok(request) => {
-                tracing::debug!(conn = state.id, ?request, "request");
+                tracing::debug!(conn = state.id, request = %Summary(&request), "request");
                 handlers::dispatch(&shared, &state, request).await
             }
             Err(e) => bad_frame(&state, &e),
@@ -236,7 +305,42 @@ async fn serve_request(
         );
         state
             .conn
-            .close(BAD_FRAMES_CODE.into(), b"too many malformed requests");
+            .close(close::BAD_FRAMES_CODE.into(), close::BAD_FRAMES_REASON);
+    }
+}
+
+/// A request as it may appear in a log line: its kind, and a username only
+/// if it passes the rules (a peer may send anything up to the frame limit).
+struct Summary<'a>(&'a Request);
+
+impl std::fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, name) = match self.0 {
+            Request::Register { username, .. } => ("Register", Some(username)),
+            Request::Verify { username, .. } => ("Verify", Some(username)),
+            Request::Challenge => ("Challenge", None),
+            Request::Login { username, .. } => ("Login", Some(username)),
+            Request::Resume { username, .. } => ("Resume", Some(username)),
+            Request::Logout => ("Logout", None),
+            Request::LookupKey { username } => ("LookupKey", Some(username)),
+            Request::PublishKey { .. } => ("PublishKey", None),
+            Request::Send { envelope } => ("Send", Some(&envelope.recipient)),
+            Request::Ack { .. } => ("Ack", None),
+            Request::Online => ("Online", None),
+            _ => ("unknown request", None),
+        };
+        match name {
+            Some(name) => write!(f, "{kind} {}", handlers::loggable(name)),
+            None => f.write_str(kind),
+        }
+    }
+}
+
+/// Resolve at `deadline` on the relay's clock; never without one.
+async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => clock.sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

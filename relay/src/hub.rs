@@ -13,10 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// Close reason sent to a connection replaced by a newer login.
-pub const SUPERSEDED_REASON: &[u8] = b"superseded by a new connection";
-/// QUIC application close code for a superseded connection.
-pub const SUPERSEDED_CODE: u32 = 2;
+pub use crate::close::{SUPERSEDED_CODE, SUPERSEDED_REASON};
 
 struct Entry {
     conn_id: u64,

@@ -18,9 +18,13 @@
 //!
 //! * [`config`] — the typed [`Config`] and its defaults.
 //! * [`server`] — [`Relay::bind`], [`Relay::run`]: accept loop and shutdown.
-//! * `connection` — one QUIC connection: request streams, login state, pushes.
+//! * `admission` — connection caps, in all and per source.
+//! * `connection` — one QUIC connection: request streams, login state and
+//!   its deadlines, pushes.
+//! * [`close`] — the close codes and reasons a client can be sent.
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
+//! * [`password_pool`] — the threads that run argon2, with a bounded queue.
 //! * [`store`] — the [`store::Store`] trait, its redb backend, and the
 //!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
@@ -33,12 +37,15 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+mod admission;
 pub mod clock;
+pub mod close;
 pub mod config;
 mod connection;
 mod handlers;
 pub mod hub;
 pub mod mail;
+pub mod password_pool;
 pub mod ratelimit;
 pub mod server;
 pub mod status;

@@ -25,8 +25,10 @@ use serde::Deserialize;
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
 /// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
-/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`), then the
-/// defaults shown below. On start the relay prints `relay: listening on ..`,
+/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
+/// `max_connections`, `max_connections_per_source`,
+/// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
+/// `argon2_workers`, `argon2_queue`), then the defaults shown below. On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
 /// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
 #[derive(Debug, Parser)]
@@ -89,6 +91,41 @@ struct Cli {
     /// Most envelope bytes waiting for one recipient. Default: 268435456 (256 MiB).
     #[arg(long, value_name = "N")]
     quota_bytes: Option<u64>,
+
+    /// Most QUIC connections open at once; more are refused.
+    /// Default: 10000.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Most QUIC connections open at once from one source (an IPv4 address
+    /// or an IPv6 /64); more are closed with a reason. Default: 256.
+    #[arg(long, value_name = "N")]
+    max_connections_per_source: Option<usize>,
+
+    /// How long a connection may stay open without logging in (a successful
+    /// register or verify starts the time again). Default: 60s.
+    #[arg(long, value_name = "DURATION")]
+    unauthenticated_timeout: Option<String>,
+
+    /// Percentage (1-100) of a recipient's quota, in messages and in bytes,
+    /// that one sender may fill. Default: 50.
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    sender_share_percent: Option<u8>,
+
+    /// Messages one sender may send per minute. Default: 600.
+    #[arg(long, value_name = "N")]
+    sends_per_minute: Option<u32>,
+
+    /// Threads that hash and check passwords (argon2id, 19 MiB each).
+    /// Default: the number of cores.
+    #[arg(long, value_name = "N")]
+    argon2_workers: Option<usize>,
+
+    /// Password checks that may wait for a free worker; past that, logins
+    /// and registrations are answered "relay busy, retry in a moment".
+    /// Default: 8.
+    #[arg(long, value_name = "N")]
+    argon2_queue: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +151,13 @@ struct FileConfig {
     quota_bytes: Option<u64>,
     code_ttl: Option<String>,
     session_ttl: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    unauthenticated_timeout: Option<String>,
+    sender_share_percent: Option<u8>,
+    sends_per_minute: Option<u32>,
+    argon2_workers: Option<usize>,
+    argon2_queue: Option<usize>,
 }
 
 fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
@@ -191,6 +235,40 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         Some(text) => parse_duration("session_ttl", &text)?,
         None => DEFAULT_SESSION_TTL,
     };
+    if let Some(n) = cli.max_connections.or(file.max_connections) {
+        config.max_connections = n;
+    }
+    if let Some(n) = cli
+        .max_connections_per_source
+        .or(file.max_connections_per_source)
+    {
+        config.max_connections_per_source = n;
+    }
+    if let Some(text) = cli
+        .unauthenticated_timeout
+        .clone()
+        .or(file.unauthenticated_timeout)
+    {
+        config.unauthenticated_timeout = parse_duration("unauthenticated_timeout", &text)?;
+    }
+    if let Some(percent) = cli.sender_share_percent.or(file.sender_share_percent) {
+        if !(1..=100).contains(&percent) {
+            bail!("sender_share_percent must be 1 to 100, got {percent}");
+        }
+        config.sender_share_percent = percent;
+    }
+    if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
+        config.sends_per_sender.max = n;
+    }
+    if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
+        if n == 0 {
+            bail!("argon2_workers must be at least 1");
+        }
+        config.argon2_workers = n;
+    }
+    if let Some(n) = cli.argon2_queue.or(file.argon2_queue) {
+        config.argon2_queue = n;
+    }
     Ok(config)
 }
 

@@ -14,9 +14,9 @@
 //! ```
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,20 +24,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{AccountError, Passwords};
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
 use crate::mail::{MailError, Mailer};
-use crate::ratelimit::RateLimiter;
+use crate::password_pool::PasswordPool;
+use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
 use crate::status::Stats;
 use crate::store::writer::queue_writer;
-use crate::store::{blocking, QueueWriter, RedbStore, Store, StoreError, WriterTask};
+use crate::store::{blocking, QueueLimits, QueueWriter, RedbStore, Store, StoreError, WriterTask};
 use crate::tls::{TlsError, TlsIdentity};
 
-/// Close reason sent to every client when the relay stops.
-pub const SHUTDOWN_REASON: &[u8] = b"relay shutting down";
-/// QUIC application close code sent when the relay stops.
-pub const SHUTDOWN_CODE: u32 = 1;
+pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
 
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +84,21 @@ pub(crate) struct Shared {
     /// Sends and acks, batched into group commits.
     pub(crate) queue: QueueWriter,
     pub(crate) mailer: Mailer,
-    pub(crate) passwords: Passwords,
+    /// argon2 on threads of its own, bounded.
+    pub(crate) passwords: PasswordPool,
     pub(crate) hub: Hub,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) ip_limiter: RateLimiter<IpAddr>,
-    pub(crate) account_limiter: RateLimiter<String>,
+    /// Open connections, in all and per source, against their caps.
+    pub(crate) admission: Arc<Admission>,
+    /// Login, resume, register and verify attempts per source.
+    pub(crate) source_limiter: RateLimiter<Source>,
+    /// Password guesses in `Login`, per (account, source) and per account.
+    pub(crate) login_guesses: GuessLimiter,
+    /// Password checks of a repeated `Register` for a pending name: kept
+    /// apart from logins, so retrying a registration never delays a login.
+    pub(crate) register_guesses: GuessLimiter,
+    /// `Send` requests per sender.
+    pub(crate) send_limiter: RateLimiter<String>,
     pub(crate) next_conn_id: AtomicU64,
 }
 
@@ -132,9 +141,12 @@ impl Relay {
         let identity = TlsIdentity::load_or_create(&config.tls, &data_dir)?;
         let server_config = identity.server_config(config.idle_timeout)?;
         let mailer = Mailer::new(&config.mail, &data_dir)?;
-        let passwords = tokio::task::spawn_blocking(Passwords::new)
-            .await
-            .map_err(|e| AccountError::Hash(e.to_string()))??;
+        let (workers, queue) = (config.argon2_workers, config.argon2_queue);
+        let passwords = tokio::task::spawn_blocking(move || {
+            PasswordPool::new(Passwords::new()?, workers, queue)
+        })
+        .await
+        .map_err(|e| AccountError::Hash(e.to_string()))??;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             RelayError::Bind {
                 addr: config.listen,
@@ -149,10 +161,17 @@ impl Relay {
             ),
             None => None,
         };
-        let (queue, writer) = queue_writer(Arc::clone(&store), config.quota);
+        let limits = QueueLimits {
+            quota: config.quota,
+            sender_share_percent: config.sender_share_percent,
+        };
+        let (queue, writer) = queue_writer(Arc::clone(&store), limits);
         let shared = Arc::new(Shared {
-            ip_limiter: RateLimiter::new(config.attempts_per_ip),
-            account_limiter: RateLimiter::new(config.login_failures_per_account),
+            admission: Admission::new(config.max_connections, config.max_connections_per_source),
+            source_limiter: RateLimiter::new(config.attempts_per_source),
+            login_guesses: GuessLimiter::new(config.login_limits),
+            register_guesses: GuessLimiter::new(config.login_limits),
+            send_limiter: RateLimiter::new(config.sends_per_sender),
             config,
             store,
             queue,
@@ -257,6 +276,11 @@ impl Relay {
             tokio::select! {
                 () = &mut shutdown => break,
                 incoming = endpoint.accept() => match incoming {
+                    // Full: refuse before the handshake, the cheapest answer.
+                    Some(incoming) if shared.admission.relay_full() => {
+                        shared.stats.refused_relay_full.fetch_add(1, Ordering::Relaxed);
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         connections.spawn(connection::serve(Arc::clone(&shared), incoming));
                     }
@@ -310,17 +334,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     relay.run(shutdown).await
 }
 
-/// Create the data directory (mode 0700) if it does not exist.
+/// Create the data directory if it does not exist, and make it (mode 0700)
+/// reachable by the relay's user only, also when it existed already: it
+/// holds the TLS key, password hashes, TOTP secrets and mailed codes.
 pub fn create_private_dir(dir: &Path) -> Result<(), RelayError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| RelayError::DataDir {
         path: dir.to_path_buf(),
         source,
     };
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(())
 }
 
@@ -333,7 +357,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let retention = shared.config.retention.as_secs();
-        let now = crate::clock::unix_now();
+        let now = shared.config.clock.unix_now();
         match blocking(&shared.store, move |s| s.sweep(now, retention)).await {
             Ok(stats) if stats != Default::default() => tracing::info!(
                 expired_messages = stats.expired_messages,

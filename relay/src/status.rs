@@ -28,6 +28,20 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// QUIC connections open now.
     pub open_connections: AtomicU64,
+    /// Requests answered `Busy`: every password worker and queue place taken.
+    pub busy_refusals: AtomicU64,
+    /// Connections refused because the relay held its maximum.
+    pub refused_relay_full: AtomicU64,
+    /// Connections refused because their source held its maximum.
+    pub refused_source_full: AtomicU64,
+    /// Connections closed for not logging in within the time limit.
+    pub login_timeouts: AtomicU64,
+    /// `Send` requests refused: the sender sent too many this minute.
+    pub send_rate_refusals: AtomicU64,
+    /// `Send` requests refused: the recipient's queue was full.
+    pub quota_refusals: AtomicU64,
+    /// `Send` requests refused: the sender held its share of the queue.
+    pub sender_share_refusals: AtomicU64,
 }
 
 impl Default for Stats {
@@ -37,6 +51,13 @@ impl Default for Stats {
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
+            busy_refusals: AtomicU64::new(0),
+            refused_relay_full: AtomicU64::new(0),
+            refused_source_full: AtomicU64::new(0),
+            login_timeouts: AtomicU64::new(0),
+            send_rate_refusals: AtomicU64::new(0),
+            quota_refusals: AtomicU64::new(0),
+            sender_share_refusals: AtomicU64::new(0),
         }
     }
 }
@@ -78,6 +99,22 @@ pub struct StatusReport {
     pub messages_accepted: u64,
     /// Messages delivered (acknowledged) since start.
     pub messages_delivered: u64,
+    /// Password checks (argon2) running or waiting now.
+    pub password_checks_in_use: u64,
+    /// Requests answered `Busy` since start (password workers all taken).
+    pub busy_refusals: u64,
+    /// Connections refused since start: the relay held its maximum.
+    pub refused_connections_relay_full: u64,
+    /// Connections refused since start: their source held its maximum.
+    pub refused_connections_source_full: u64,
+    /// Connections closed since start for not logging in in time.
+    pub unauthenticated_timeouts: u64,
+    /// Sends refused since start: the sender's rate limit.
+    pub send_rate_refusals: u64,
+    /// Sends refused since start: the recipient's queue was full.
+    pub quota_refusals: u64,
+    /// Sends refused since start: the sender held its share of the queue.
+    pub sender_share_refusals: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
 }
@@ -95,6 +132,14 @@ pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store
         queued_bytes: counts.queued_bytes,
         messages_accepted: stats.accepted.load(Ordering::Relaxed),
         messages_delivered: stats.delivered.load(Ordering::Relaxed),
+        password_checks_in_use: shared.passwords.in_use() as u64,
+        busy_refusals: stats.busy_refusals.load(Ordering::Relaxed),
+        refused_connections_relay_full: stats.refused_relay_full.load(Ordering::Relaxed),
+        refused_connections_source_full: stats.refused_source_full.load(Ordering::Relaxed),
+        unauthenticated_timeouts: stats.login_timeouts.load(Ordering::Relaxed),
+        send_rate_refusals: stats.send_rate_refusals.load(Ordering::Relaxed),
+        quota_refusals: stats.quota_refusals.load(Ordering::Relaxed),
+        sender_share_refusals: stats.sender_share_refusals.load(Ordering::Relaxed),
         uptime_secs: stats.started.elapsed().as_secs(),
     })
 }
@@ -148,6 +193,38 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         (
             "Messages delivered since start",
             r.messages_delivered.to_string(),
+        ),
+        (
+            "Password checks running or waiting",
+            r.password_checks_in_use.to_string(),
+        ),
+        (
+            "Refused since start: relay busy (password checks)",
+            r.busy_refusals.to_string(),
+        ),
+        (
+            "Refused since start: relay at its connection limit",
+            r.refused_connections_relay_full.to_string(),
+        ),
+        (
+            "Refused since start: too many connections from one source",
+            r.refused_connections_source_full.to_string(),
+        ),
+        (
+            "Closed since start: no login in time",
+            r.unauthenticated_timeouts.to_string(),
+        ),
+        (
+            "Refused since start: sending too fast",
+            r.send_rate_refusals.to_string(),
+        ),
+        (
+            "Refused since start: recipient's queue full",
+            r.quota_refusals.to_string(),
+        ),
+        (
+            "Refused since start: sender's share of a queue full",
+            r.sender_share_refusals.to_string(),
         ),
         ("Uptime", uptime(r.uptime_secs)),
     ];

@@ -26,6 +26,13 @@ fn help_documents_the_flags_and_defaults() {
         "--retention",
         "--quota-messages",
         "--quota-bytes",
+        "--max-connections",
+        "--max-connections-per-source",
+        "--unauthenticated-timeout",
+        "--sender-share-percent",
+        "--sends-per-minute",
+        "--argon2-workers",
+        "--argon2-queue",
         "fingerprint",
         "127.0.0.1:7443",
     ] {

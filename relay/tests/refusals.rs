@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use securechat_agentd::relay_client::{ClientError, RelayClient};
@@ -10,11 +11,16 @@ use securechat_common::codec;
 use securechat_common::crypto::{login_transcript, IdentityKey, KeySize, LoginPurpose};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::limits::MAX_FRAME_LEN;
-use securechat_common::protocol::{AckOutcome, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use securechat_common::protocol::{
+    AckOutcome, ErrorCode, ErrorReply, Request, Response, PROTOCOL_VERSION,
+};
 use securechat_common::{Envelope, MessageId};
-use securechat_relay::ratelimit::Limit;
+use securechat_relay::config::DEFAULT_CODE_TTL;
+use securechat_relay::ratelimit::{Limit, LoginLimits};
 use securechat_testkit::relay::test_config;
-use securechat_testkit::{error_code, http_get, raw_request, SmtpServer, TestRelay, TestUser};
+use securechat_testkit::{
+    error_code, http_get, raw_request, SmtpServer, SourceClient, TestRelay, TestUser,
+};
 use zeroize::Zeroizing;
 
 fn code_of(err: ClientError) -> ErrorCode {
@@ -86,33 +92,41 @@ async fn each_login_factor_failure_is_typed() {
         .await;
     assert_eq!(error_code(no_challenge), Ok(ErrorCode::NoChallenge));
 
-    // Wrong password and unknown user look the same.
-    let r = manual_login(
-        &c,
-        &alice,
-        "wrong password",
-        &good_totp,
-        &alice.key,
-        binding,
-    )
-    .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+    // Wrong password, unknown user and a wrong code get one answer, word
+    // for word: only the holder of the password and a fresh code learns more.
+    let wrong_password = refusal(
+        manual_login(
+            &c,
+            &alice,
+            "wrong password",
+            &good_totp,
+            &alice.key,
+            binding,
+        )
+        .await,
+    );
+    assert_eq!(wrong_password.code, ErrorCode::InvalidCredentials);
     let ghost = TestUser::new("ghost").unwrap();
     let r = manual_login(&c, &ghost, &pw, "123456", &ghost.key, binding).await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+    assert_eq!(refusal(r), wrong_password);
 
-    // Wrong TOTP (a code two steps old is outside the window).
-    let stale = alice.totp_at_step(step - 3).unwrap();
-    let wrong = if stale == good_totp {
-        "000000".to_string()
-    } else {
-        stale
-    };
+    // Wrong TOTP: a code from outside the ±1 window, even with the right
+    // password, and also when the signature is wrong as well.
+    let window: Vec<String> = (step - 1..=step + 1)
+        .map(|s| alice.totp_at_step(s).unwrap())
+        .collect();
+    let wrong = [step - 3, step - 2, step + 2, step + 3]
+        .map(|s| alice.totp_at_step(s).unwrap())
+        .into_iter()
+        .find(|code| !window.contains(code))
+        .unwrap();
     let r = manual_login(&c, &alice, &pw, &wrong, &alice.key, binding).await;
-    assert_eq!(error_code(r), Ok(ErrorCode::InvalidTotp));
-
-    // Signed with another key.
+    assert_eq!(refusal(r), wrong_password);
     let mallory = IdentityKey::generate(KeySize::Rsa2048).unwrap();
+    let r = manual_login(&c, &alice, &pw, &wrong, &mallory, binding).await;
+    assert_eq!(refusal(r), wrong_password);
+
+    // Signed with another key, with the password and a fresh code right.
     let r = manual_login(&c, &alice, &pw, &good_totp, &mallory, binding).await;
     assert_eq!(error_code(r), Ok(ErrorCode::InvalidSignature));
 
@@ -146,7 +160,19 @@ async fn each_login_factor_failure_is_typed() {
         again.tls_binding().unwrap(),
     )
     .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::TotpReused));
+    assert_eq!(refusal(r), wrong_password);
+    // Nor does a used code with a wrong signature say that the password
+    // and the code were right.
+    let r = manual_login(
+        &again,
+        &alice,
+        &pw,
+        &good_totp,
+        &mallory,
+        again.tls_binding().unwrap(),
+    )
+    .await;
+    assert_eq!(refusal(r), wrong_password);
 
     // A bogus session token.
     let err = other
@@ -267,36 +293,39 @@ async fn registration_refusals_are_typed_and_store_nothing() {
 
 #[tokio::test]
 async fn expired_code_is_refused_and_registration_can_restart() {
-    let smtp = SmtpServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), Some(&smtp));
-    config.code_ttl = Duration::from_secs(1);
-    let relay = TestRelay::start(config).await.unwrap();
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut erin = TestUser::new("erin").unwrap();
+    erin.use_clock(relay.clock());
     c.call(&erin.register_request()).await.unwrap();
     let code = smtp
         .wait_for_code(&erin.email, Duration::from_secs(20))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let r = c
-        .call(&Request::Verify {
-            username: "erin".into(),
-            code: Zeroizing::new(code),
-        })
-        .await;
-    assert_eq!(error_code(r), Ok(ErrorCode::CodeExpired));
+    let verify = Request::Verify {
+        username: "erin".into(),
+        code: Zeroizing::new(code),
+    };
+    // A minute before the expiry the code still counts (a wrong one is
+    // "wrong", not "expired")...
+    let minute = Duration::from_secs(60);
+    relay.clock().advance(DEFAULT_CODE_TTL - minute);
+    let wrong = Request::Verify {
+        username: "erin".into(),
+        code: Zeroizing::new("not a code".into()),
+    };
+    assert_eq!(error_code(c.call(&wrong).await), Ok(ErrorCode::WrongCode));
+    // ...and at the expiry it does not.
+    relay.clock().advance(minute);
+    assert_eq!(
+        error_code(c.call(&verify).await),
+        Ok(ErrorCode::CodeExpired)
+    );
     assert_eq!(status(&relay).await["accounts"], 0);
-    relay.stop().await.unwrap();
 
-    // The expired registration no longer holds the name (a relay with the
-    // default lifetime, so a slow machine cannot expire this one too).
-    let relay = TestRelay::start(test_config(dir.path(), Some(&smtp)))
-        .await
-        .unwrap();
-    let c = relay.connect().await.unwrap();
+    // The expired registration no longer holds the name.
     erin.register(&c, &smtp).await.unwrap();
+    erin.login(&c).await.unwrap();
     relay.stop().await.unwrap();
 }
 
@@ -411,6 +440,8 @@ async fn send_refusals_are_typed_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
     config.quota.messages = 2;
+    // One sender may fill the whole queue here: this is about the quota.
+    config.sender_share_percent = 100;
     let relay = TestRelay::start(config).await.unwrap();
     let mut hank = TestUser::new("hank").unwrap();
     let mut ivy = TestUser::new("ivy").unwrap();
@@ -491,7 +522,11 @@ async fn send_refusals_are_typed_and_store_nothing() {
         panic!("{err}")
     };
     assert_eq!(reply.code, ErrorCode::QuotaExceeded);
-    assert!(reply.message.contains("full"), "{}", reply.message);
+    // It says nothing about how much waits for ivy.
+    assert_eq!(
+        reply.message,
+        "\"ivy\" cannot take more messages from you right now; try again later"
+    );
     assert_eq!(status(&relay).await["queued_messages"], 2);
 
     // Ivy drains her queue; then there is room again.
@@ -519,39 +554,165 @@ async fn send_refusals_are_typed_and_store_nothing() {
     relay.stop().await.unwrap();
 }
 
+/// The refusal of a call, with its message.
+fn refusal(r: Result<Response, ClientError>) -> ErrorReply {
+    match r {
+        Err(ClientError::Relay(reply)) => reply,
+        other => panic!("not a relay refusal: {other:?}"),
+    }
+}
+
+fn from(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A login with the right key but a wrong password, from `client`.
+async fn guess(client: &SourceClient, user: &TestUser) -> Result<Response, ClientError> {
+    client
+        .login(&user.name, "not the password", "000000", &user.key)
+        .await
+}
+
 #[tokio::test]
-async fn failed_logins_are_rate_limited_per_account() {
+async fn password_guessing_is_slowed_per_source_and_never_locks_the_owner_out() {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
-    config.login_failures_per_account = Limit {
-        max: 3,
-        window: Duration::from_secs(300),
+    config.login_limits = LoginLimits {
+        free_failures: 3,
+        first_delay: Duration::from_secs(2),
+        max_delay: Duration::from_secs(8),
+        forget_after: Duration::from_secs(3600),
+        per_account: Limit {
+            max: 12,
+            window: Duration::from_secs(3600),
+        },
     };
     let relay = TestRelay::start(config).await.unwrap();
+    let clock = relay.clock().clone();
     let mut jack = TestUser::new("jack").unwrap();
     let mut kate = TestUser::new("kate").unwrap();
+    jack.use_clock(&clock);
+    kate.use_clock(&clock);
     let c = relay.connect().await.unwrap();
     jack.register(&c, &smtp).await.unwrap();
     kate.register(&c, &smtp).await.unwrap();
-    let binding = c.tls_binding().unwrap();
+    let token = jack.login(&c).await.unwrap().token.unwrap();
+
+    // A stranger at 127.0.0.2 guesses: three failures, then a wait.
+    let stranger = SourceClient::connect(&relay, from(2)).await.unwrap();
     for _ in 0..3 {
-        let r = manual_login(&c, &jack, "not the password", "000000", &jack.key, binding).await;
-        assert_eq!(error_code(r), Ok(ErrorCode::InvalidCredentials));
+        assert_eq!(
+            error_code(guess(&stranger, &jack).await),
+            Ok(ErrorCode::InvalidCredentials)
+        );
     }
-    // Even the right password is refused for now.
-    let err = jack.login(&c).await.unwrap_err();
-    let refused = err
-        .downcast_ref::<ClientError>()
-        .map(|e| matches!(e, ClientError::Relay(r) if r.code == ErrorCode::RateLimited));
-    assert_eq!(refused, Some(true), "{err}");
-    // Another account is not affected, and successes never add up to a limit.
-    let k = relay.connect().await.unwrap();
-    let token = kate.login(&k).await.unwrap().token.unwrap();
-    for _ in 0..5 {
-        let again = relay.connect().await.unwrap();
-        again.resume("kate", &token, &kate.key).await.unwrap();
+    let wait = refusal(guess(&stranger, &jack).await);
+    assert_eq!(wait.code, ErrorCode::RateLimited);
+    assert!(wait.message.contains("retry after 2 s"), "{}", wait.message);
+    // Only that pair waits: another account from there is answered...
+    assert_eq!(
+        error_code(guess(&stranger, &kate).await),
+        Ok(ErrorCode::InvalidCredentials)
+    );
+    // ...and the owner logs in from his own address, and resumes.
+    let own = relay.connect().await.unwrap();
+    jack.login(&own).await.unwrap();
+    relay
+        .connect()
+        .await
+        .unwrap()
+        .resume("jack", &token, &jack.key)
+        .await
+        .unwrap();
+
+    // The owner's success did not clear the stranger's failures: after the
+    // wait one more guess is taken, and the next wait is twice as long.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        error_code(guess(&stranger, &jack).await),
+        Ok(ErrorCode::InvalidCredentials)
+    );
+    let wait = refusal(guess(&stranger, &jack).await);
+    assert_eq!(wait.code, ErrorCode::RateLimited);
+    assert!(wait.message.contains("retry after 4 s"), "{}", wait.message);
+
+    // Many sources together reach the account's ceiling (12 failures here:
+    // 4 from 127.0.0.2, then 3 + 3 + 2 more)...
+    for (last, tries) in [(3, 3), (4, 3), (5, 2)] {
+        let other = SourceClient::connect(&relay, from(last)).await.unwrap();
+        for _ in 0..tries {
+            assert_eq!(
+                error_code(guess(&other, &jack).await),
+                Ok(ErrorCode::InvalidCredentials)
+            );
+        }
     }
+    let fresh = SourceClient::connect(&relay, from(6)).await.unwrap();
+    let paused = refusal(guess(&fresh, &jack).await);
+    assert_eq!(paused.code, ErrorCode::RateLimited);
+    assert!(paused.message.contains("paused"), "{}", paused.message);
+    // ...which pauses password logins to it, even the owner's (with a TOTP
+    // code of a later step: he has used the current ones)...
+    clock.advance(Duration::from_secs(60));
+    let own = relay.connect().await.unwrap();
+    let err = jack.login(&own).await.unwrap_err();
+    let code = err.downcast_ref::<ClientError>().map(|e| match e {
+        ClientError::Relay(r) => Some(r.code),
+        _ => None,
+    });
+    assert_eq!(code, Some(Some(ErrorCode::RateLimited)), "{err}");
+    // ...but never a resume, from anywhere.
+    for client in [&own, &relay.connect().await.unwrap()] {
+        client.resume("jack", &token, &jack.key).await.unwrap();
+    }
+    let resumed = fresh.resume("jack", &token, &jack.key).await;
+    assert!(
+        matches!(resumed, Ok(Response::LoggedIn { .. })),
+        "{resumed:?}"
+    );
+    // Other accounts log in as usual.
+    kate.login(&relay.connect().await.unwrap()).await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retried_registrations_do_not_delay_the_owners_login() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.login_limits.free_failures = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let mut lena = TestUser::new("lena").unwrap();
+    // Someone with lena's email and key but another password keeps asking
+    // for the pending name: each is a password check, counted...
+    assert!(matches!(
+        c.call(&lena.register_request()).await,
+        Ok(Response::RegisterPending { .. })
+    ));
+    smtp.wait_for_code(&lena.email, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut other = TestUser::new("lena").unwrap();
+    other.key = IdentityKey::from_pkcs8(&lena.key.to_pkcs8().unwrap()).unwrap();
+    other.password = "another long password".into();
+    for _ in 0..2 {
+        assert_eq!(
+            error_code(c.call(&other.register_request()).await),
+            Ok(ErrorCode::UsernameTaken)
+        );
+    }
+    assert_eq!(
+        error_code(c.call(&other.register_request()).await),
+        Ok(ErrorCode::RateLimited)
+    );
+    // ...but apart from logins: lena, retrying from the same address once
+    // the wait is over, finishes her registration and logs in at once.
+    relay.clock().advance(Duration::from_secs(60));
+    lena.use_clock(relay.clock());
+    lena.register(&c, &smtp).await.unwrap();
+    lena.login(&c).await.unwrap();
     relay.stop().await.unwrap();
 }
 
@@ -560,7 +721,7 @@ async fn attempts_are_rate_limited_per_address() {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&smtp));
-    config.attempts_per_ip = Limit {
+    config.attempts_per_source = Limit {
         max: 3,
         window: Duration::from_secs(60),
     };
@@ -585,5 +746,350 @@ async fn attempts_are_rate_limited_per_address() {
         c.call(&Request::Challenge).await,
         Ok(Response::Challenge { .. })
     ));
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_names_are_refused_without_being_echoed_or_kept() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.login_limits.free_failures = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let mut mia = TestUser::new("mia").unwrap();
+    mia.register(&c, &smtp).await.unwrap();
+    let huge = "a".repeat(200 * 1024);
+    let short = |r: Result<Response, ClientError>, want: ErrorCode| {
+        let reply = refusal(r);
+        assert_eq!(reply.code, want, "{}", reply.message);
+        assert!(
+            reply.message.len() < 200,
+            "echoed: {} bytes",
+            reply.message.len()
+        );
+    };
+
+    // A name that can never be an account is the unknown user's answer,
+    // every time: it is not a guessing-limit key (which would refuse the
+    // third attempt here).
+    let mut nobody = TestUser::new("nobody").unwrap();
+    nobody.name = huge.clone();
+    for _ in 0..4 {
+        let binding = c.tls_binding().unwrap();
+        let r = manual_login(&c, &nobody, "some password", "123456", &nobody.key, binding).await;
+        short(r, ErrorCode::InvalidCredentials);
+    }
+    short(
+        c.call(&Request::Verify {
+            username: huge.clone(),
+            code: Zeroizing::new("123456".into()),
+        })
+        .await,
+        ErrorCode::NoPendingRegistration,
+    );
+    let mut register = mia.register_request();
+    if let Request::Register { username, .. } = &mut register {
+        *username = huge.clone();
+    }
+    short(c.call(&register).await, ErrorCode::InvalidUsername);
+    let resume = c.resume(&huge, &[7; 32], &mia.key).await;
+    let code = match resume {
+        Err(ClientError::Relay(reply)) => {
+            assert!(reply.message.len() < 200);
+            reply.code
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code, ErrorCode::SessionExpired);
+
+    mia.login(&c).await.unwrap();
+    short(
+        c.call(&Request::LookupKey {
+            username: huge.clone(),
+        })
+        .await,
+        ErrorCode::UnknownUser,
+    );
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn password_checks_past_the_workers_and_queue_are_answered_busy() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    // One check at a time, none waiting.
+    config.argon2_workers = 1;
+    config.argon2_queue = 0;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = std::sync::Arc::new(relay.connect().await.unwrap());
+    let template = TestUser::new("template").unwrap();
+    // Twenty registrations at once (each hashes a password).
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut request = template.register_request();
+        if let Request::Register {
+            username, email, ..
+        } = &mut request
+        {
+            *username = format!("burst{i}");
+            *email = format!("burst{i}@securechat.test");
+        }
+        let c = std::sync::Arc::clone(&c);
+        burst.spawn(async move { c.call(&request).await });
+    }
+    let (mut pending, mut busy) = (0, 0);
+    while let Some(done) = burst.join_next().await {
+        match done.unwrap() {
+            Ok(Response::RegisterPending { .. }) => pending += 1,
+            Err(ClientError::Relay(reply)) if reply.code == ErrorCode::Busy => {
+                assert_eq!(reply.message, "relay busy, retry in a moment");
+                busy += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pending >= 1 && busy >= 1, "{pending} pending, {busy} busy");
+    assert_eq!(status(&relay).await["busy_refusals"], busy);
+    assert_eq!(status(&relay).await["password_checks_in_use"], 0);
+
+    // Once the burst is over, everyone is served again.
+    let mut nora = TestUser::new("nora").unwrap();
+    nora.register(&c, &smtp).await.unwrap();
+    nora.login(&c).await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+/// How `client`'s connection was closed by the relay (waits for it).
+async fn close_reason(conn: &quinn::Connection) -> Vec<u8> {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => close.reason.to_vec(),
+        other => panic!("not closed by the relay with a reason: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_are_capped_in_all_and_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), None);
+    config.max_connections = 4;
+    config.max_connections_per_source = 2;
+    let relay = TestRelay::start(config).await.unwrap();
+    let online = |r: Result<Response, ClientError>| {
+        assert!(matches!(r, Ok(Response::Challenge { .. })), "{r:?}");
+    };
+
+    // Two from 127.0.0.1 are fine; a third is closed with a reason.
+    let first = relay.connect().await.unwrap();
+    let _second = relay.connect().await.unwrap();
+    let third = relay.connect().await.unwrap();
+    assert_eq!(
+        close_reason(third.connection()).await,
+        securechat_relay::close::SOURCE_FULL_REASON
+    );
+    // Other sources still get in, up to the relay's cap (4)...
+    let two = SourceClient::connect(&relay, from(2)).await.unwrap();
+    let _three = SourceClient::connect(&relay, from(3)).await.unwrap();
+    online(two.call(&Request::Challenge).await);
+    // ...past which connections are refused before the handshake.
+    let refused = SourceClient::connect(&relay, from(4)).await.unwrap_err();
+    let closed = refused
+        .chain()
+        .find_map(|e| e.downcast_ref::<quinn::ConnectionError>());
+    assert!(
+        matches!(closed, Some(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{refused:#}"
+    );
+    let s = status(&relay).await;
+    assert_eq!(s["refused_connections_source_full"], 1);
+    assert_eq!(s["refused_connections_relay_full"], 1);
+
+    // A place that is given back can be taken again.
+    first.close("done").await;
+    let again = relay.connect().await.unwrap();
+    online(again.call(&Request::Challenge).await);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_without_a_login_are_closed_after_the_time_limit() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    let minute = securechat_relay::config::DEFAULT_UNAUTHENTICATED_TIMEOUT;
+    config.unauthenticated_timeout = minute;
+    let relay = TestRelay::start(config).await.unwrap();
+    let clock = relay.clock().clone();
+    let second = Duration::from_secs(1);
+    let idle = relay.connect().await.unwrap();
+    let registering = relay.connect().await.unwrap();
+    let user = relay.connect().await.unwrap();
+    let mut olga = TestUser::new("olga").unwrap();
+    olga.use_clock(&clock);
+    olga.register(&user, &smtp).await.unwrap();
+    olga.login(&user).await.unwrap();
+
+    // Half-way, a registration step succeeds on one of them.
+    clock.advance(minute / 2);
+    let pia = TestUser::new("pia").unwrap();
+    assert!(matches!(
+        registering.call(&pia.register_request()).await,
+        Ok(Response::RegisterPending { .. })
+    ));
+    // A minute after the start, the idle one is closed with a reason...
+    clock.advance(minute / 2 + second);
+    assert_eq!(
+        close_reason(idle.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    // ...the registering one has the rest of its new minute, and the
+    // logged-in one has no limit.
+    assert!(registering.call(&Request::Challenge).await.is_ok());
+    assert!(user.call(&Request::Online).await.is_ok());
+    clock.advance(minute / 2);
+    assert_eq!(
+        close_reason(registering.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    // After a logout the time runs again.
+    assert_eq!(user.call(&Request::Logout).await.unwrap(), Response::Ok);
+    clock.advance(minute - second);
+    assert!(user.call(&Request::Challenge).await.is_ok());
+    clock.advance(second);
+    assert_eq!(
+        close_reason(user.connection()).await,
+        securechat_relay::close::LOGIN_TIMEOUT_REASON
+    );
+    assert_eq!(status(&relay).await["unauthenticated_timeouts"], 3);
+    relay.stop().await.unwrap();
+}
+
+/// Send a fresh message from `from` to `to` on `client`.
+async fn send(
+    client: &RelayClient,
+    from: &TestUser,
+    to: &TestUser,
+) -> Result<Response, ClientError> {
+    let envelope = from.seal_to(&to.name, to.key.public_key(), b"hi").unwrap();
+    client.call(&Request::Send { envelope }).await
+}
+
+#[tokio::test]
+async fn sends_are_limited_per_sender() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.sends_per_sender = Limit {
+        max: 3,
+        window: Duration::from_secs(60),
+    };
+    let relay = TestRelay::start(config).await.unwrap();
+    let (mut sam, mut rita) = (
+        TestUser::new("sam").unwrap(),
+        TestUser::new("rita").unwrap(),
+    );
+    let (q, r) = (
+        relay.connect().await.unwrap(),
+        relay.connect().await.unwrap(),
+    );
+    sam.register(&q, &smtp).await.unwrap();
+    rita.register(&r, &smtp).await.unwrap();
+    sam.login(&q).await.unwrap();
+    rita.login(&r).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            send(&q, &sam, &rita).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    let reply = refusal(send(&q, &sam, &rita).await);
+    assert_eq!(reply.code, ErrorCode::RateLimited);
+    assert!(
+        reply
+            .message
+            .contains("sending too fast (at most 3 messages per 60 s); retry after "),
+        "{}",
+        reply.message
+    );
+    // Another sender is not held back; the fast one is, until the minute is over.
+    assert!(send(&r, &rita, &sam).await.is_ok());
+    relay.clock().advance(Duration::from_secs(60));
+    assert!(send(&q, &sam, &rita).await.is_ok());
+    let s = status(&relay).await;
+    assert_eq!(s["send_rate_refusals"], 1);
+    assert_eq!(s["messages_accepted"], 5);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_sender_fills_only_half_of_a_queue_and_is_not_told_about_it() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.quota.messages = 4;
+    let relay = TestRelay::start(config).await.unwrap();
+    let c = relay.connect().await.unwrap();
+    let [mut tom, mut uma, mut vic] = ["tom", "uma", "vic"].map(|n| TestUser::new(n).unwrap());
+    for user in [&mut tom, &mut uma, &mut vic] {
+        user.register(&c, &smtp).await.unwrap();
+    }
+    let (t, u) = (
+        relay.connect().await.unwrap(),
+        relay.connect().await.unwrap(),
+    );
+    tom.login(&t).await.unwrap();
+    uma.login(&u).await.unwrap();
+
+    // tom floods vic: two fit (half of 4), then the same answer as a full
+    // queue.
+    for _ in 0..2 {
+        assert!(matches!(
+            send(&t, &tom, &vic).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    let share = refusal(send(&t, &tom, &vic).await);
+    assert_eq!(share.code, ErrorCode::QuotaExceeded);
+    assert_eq!(
+        share.message,
+        "\"vic\" cannot take more messages from you right now; try again later"
+    );
+    // uma still gets through to vic, until the queue itself is full.
+    for _ in 0..2 {
+        assert!(matches!(
+            send(&u, &uma, &vic).await,
+            Ok(Response::Stored { .. })
+        ));
+    }
+    // Word for word the same: the sender cannot tell which limit it met.
+    assert_eq!(refusal(send(&u, &uma, &vic).await), share);
+    let s = status(&relay).await;
+    assert_eq!(s["sender_share_refusals"], 1);
+    assert_eq!(s["quota_refusals"], 1);
+
+    // vic takes one of tom's: tom has room for one again.
+    let v = relay.connect().await.unwrap();
+    vic.login(&v).await.unwrap();
+    let mut pushes = v.accept_pushes().await.unwrap();
+    let Some(Ok(securechat_common::Push::Deliver { envelope: first, .. })) = pushes.next().await else {
+        panic!("no push");
+    };
+    assert_eq!(first.sender, "tom");
+    v.call(&Request::Ack {
+        id: first.id,
+        outcome: AckOutcome::Stored,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        send(&t, &tom, &vic).await,
+        Ok(Response::Stored { .. })
+    ));
+    assert_eq!(
+        error_code(send(&t, &tom, &vic).await),
+        Ok(ErrorCode::QuotaExceeded)
+    );
     relay.stop().await.unwrap();
 }

@@ -11,20 +11,21 @@ use std::time::Duration;
 use securechat_agentd::relay_client::{ClientError, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
+use securechat_relay::config::DEFAULT_CODE_TTL;
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{error_code, SmtpServer, TestRelay, TestUser};
 use zeroize::Zeroizing;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// More than a test takes between two steps, less than any lifetime it checks.
+const MINUTE: Duration = Duration::from_secs(60);
 
-async fn started(code_ttl: Option<Duration>) -> (SmtpServer, tempfile::TempDir, TestRelay) {
+async fn started() -> (SmtpServer, tempfile::TempDir, TestRelay) {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), Some(&smtp));
-    if let Some(ttl) = code_ttl {
-        config.code_ttl = ttl;
-    }
-    let relay = TestRelay::start(config).await.unwrap();
+    let relay = TestRelay::start(test_config(dir.path(), Some(&smtp)))
+        .await
+        .unwrap();
     (smtp, dir, relay)
 }
 
@@ -64,7 +65,7 @@ fn refusal(r: Result<Response, ClientError>) -> ErrorReply {
 
 #[tokio::test]
 async fn verify_is_answered_again_with_the_same_secret_until_the_first_login() {
-    let (smtp, _dir, relay) = started(None).await;
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut alice = TestUser::new("alice").unwrap();
     let code = register(&c, &smtp, &alice).await;
@@ -90,7 +91,7 @@ async fn verify_is_answered_again_with_the_same_secret_until_the_first_login() {
 
 #[tokio::test]
 async fn repeated_verify_counts_wrong_codes_with_the_registration() {
-    let (smtp, _dir, relay) = started(None).await;
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut bob = TestUser::new("bob").unwrap();
     let code = register(&c, &smtp, &bob).await;
@@ -127,12 +128,17 @@ async fn repeated_verify_counts_wrong_codes_with_the_registration() {
 
 #[tokio::test]
 async fn repeated_verify_ends_when_the_code_expires() {
-    let (smtp, _dir, relay) = started(Some(Duration::from_secs(2))).await;
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut carol = TestUser::new("carol").unwrap();
+    carol.use_clock(relay.clock());
     let code = register(&c, &smtp, &carol).await;
     carol.verify(&c, &code).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // A minute before the code's expiry the answer is still repeated...
+    relay.clock().advance(DEFAULT_CODE_TTL - MINUTE);
+    carol.verify(&c, &code).await.unwrap();
+    // ...from the expiry on it is not.
+    relay.clock().advance(MINUTE);
     assert_eq!(
         error_code(c.call(&verify_request("carol", &code)).await),
         Ok(ErrorCode::NoPendingRegistration)
@@ -144,7 +150,7 @@ async fn repeated_verify_ends_when_the_code_expires() {
 
 #[tokio::test]
 async fn register_retried_by_the_same_client_mails_a_new_code() {
-    let (smtp, _dir, relay) = started(None).await;
+    let (smtp, _dir, relay) = started().await;
     let c = relay.connect().await.unwrap();
     let mut dave = TestUser::new("dave").unwrap();
     let old = register(&c, &smtp, &dave).await;

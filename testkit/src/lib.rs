@@ -7,19 +7,24 @@
 //!  TestRelay  ── securechat_relay::Relay on 127.0.0.1:0, temp data dir
 //!  TestUser   ── identity key, password, TOTP from the relay's otpauth URI
 //!      └─ register / login through agentd's real QUIC RelayClient
+//!  SourceClient ── the same protocol from another loopback address
 //! ```
 //!
 //! * [`smtp`] — a real SMTP server process that stores mail in a Maildir.
 //! * [`relay`] — an in-process relay that can be stopped and restarted.
 //! * [`user`] — test accounts: registration with the mailed code, MFA login.
+//! * [`source`] — a client bound to a chosen loopback address, for
+//!   per-source limits.
 #![forbid(unsafe_code)]
 
 pub mod relay;
 pub mod smtp;
+pub mod source;
 pub mod user;
 
 pub use relay::TestRelay;
 pub use smtp::SmtpServer;
+pub use source::SourceClient;
 pub use user::TestUser;
 
 pub use user::error_code;

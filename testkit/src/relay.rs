@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use securechat_agentd::relay_client::{RelayClient, ServerTrust};
+use securechat_relay::clock::Clock;
 use securechat_relay::ratelimit::Limit;
 use securechat_relay::{Config, Relay, RelayError};
 use tokio::sync::oneshot;
@@ -21,28 +22,35 @@ pub struct TestRelay {
     status_addr: Option<SocketAddr>,
     fingerprint: [u8; 32],
     data_dir: PathBuf,
+    clock: Clock,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), RelayError>>>,
 }
 
 /// A test configuration: loopback, any port, status page on, mail to
-/// `smtp` (or the outbox), and rate limits high enough that a test's
-/// deliberate failures do not trip them.
+/// `smtp` (or the outbox), rate limits and time limits high enough that a
+/// test's deliberate failures do not trip them, and an adjustable clock that the
+/// test moves with [`TestRelay::clock`] instead of sleeping.
 pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
     let mut config = Config::new(data_dir);
     config.listen = "127.0.0.1:0".parse().unwrap_or(config.listen);
     config.status_listen = "127.0.0.1:0".parse().ok();
     config.mail.smtp_url = smtp.map(SmtpServer::url);
     config.mail.from = "relay@securechat.test".into();
-    config.login_failures_per_account = Limit {
-        max: 100,
-        window: Duration::from_secs(300),
-    };
-    config.attempts_per_ip = Limit {
+    config.login_limits.free_failures = 100;
+    config.attempts_per_source = Limit {
         max: 1000,
         window: Duration::from_secs(60),
     };
+    config.sends_per_sender = Limit {
+        max: 1_000_000,
+        window: Duration::from_secs(60),
+    };
     config.shutdown_grace = Duration::from_secs(3);
+    // Tests that move the clock by minutes keep their connections; a test
+    // of this limit sets it.
+    config.unauthenticated_timeout = Duration::from_secs(24 * 3600);
+    config.clock = Clock::adjustable();
     config
 }
 
@@ -50,6 +58,7 @@ impl TestRelay {
     /// Bind and start serving in a task of the current runtime.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let data_dir = config.data_dir.clone();
+        let clock = config.clock.clone();
         let relay = Relay::bind(config)
             .await
             .context("binding the test relay")?;
@@ -65,6 +74,7 @@ impl TestRelay {
             status_addr,
             fingerprint,
             data_dir,
+            clock,
             stop: Some(stop),
             task: Some(task),
         })
@@ -88,6 +98,14 @@ impl TestRelay {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The relay's clock: [`Clock::advance`] moves the relay's time (with
+    /// [`test_config`], whose clock is adjustable). Give it to the test's
+    /// users ([`TestUser::use_clock`](crate::TestUser::use_clock)) so their
+    /// TOTP codes follow.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// A new QUIC connection that pins this relay's certificate.

@@ -5,7 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
+use securechat_common::envelope::{seal, SealParams};
 use securechat_common::protocol::{ErrorCode, Request, Response};
+use securechat_common::{Envelope, MessageId, PublicKey};
+use securechat_relay::clock::Clock;
 use totp_rs::TOTP;
 use zeroize::Zeroizing;
 
@@ -26,6 +29,12 @@ pub struct TestUser {
     pub totp: Option<TOTP>,
     /// Last TOTP step used for a successful login.
     last_step: Option<u64>,
+    /// The time TOTP codes are made for: the system clock, or the relay's
+    /// adjustable one (see [`TestUser::use_clock`]).
+    clock: Clock,
+    /// The last sequence number sealed (one count for all recipients: the
+    /// relay does not look at it).
+    seq: std::sync::atomic::AtomicU64,
 }
 
 fn now_unix() -> u64 {
@@ -54,6 +63,8 @@ impl TestUser {
             key: IdentityKey::generate(KeySize::Rsa2048)?,
             totp: None,
             last_step: None,
+            clock: Clock::system(),
+            seq: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -112,15 +123,26 @@ impl TestUser {
         Ok(totp.generate(step * 30))
     }
 
-    /// The current TOTP step.
+    /// The current TOTP step on the system clock.
     pub fn current_step() -> u64 {
         now_unix() / 30
+    }
+
+    /// Make TOTP codes for the time of `clock` (the relay's, when the test
+    /// moves it) instead of the system clock.
+    pub fn use_clock(&mut self, clock: &Clock) {
+        self.clock = clock.clone();
+    }
+
+    /// The current TOTP step on this user's clock.
+    pub fn step_now(&self) -> u64 {
+        self.clock.unix_now() / 30
     }
 
     /// A step not used by an earlier login of this user and within the
     /// relay's ±1 window: the current one, or the next if that was used.
     pub fn fresh_step(&self) -> anyhow::Result<u64> {
-        let now = Self::current_step();
+        let now = self.step_now();
         let step = match self.last_step {
             Some(last) if last >= now => last + 1,
             _ => now,
@@ -140,6 +162,32 @@ impl TestUser {
             .await?;
         self.last_step = Some(step);
         Ok(logged)
+    }
+
+    /// An envelope from this user to `recipient`, sealed for
+    /// `recipient_key` and signed, with a fresh id and the current time.
+    pub fn seal_to(
+        &self,
+        recipient: &str,
+        recipient_key: &PublicKey,
+        body: &[u8],
+    ) -> anyhow::Result<Envelope> {
+        let timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Ok(seal(
+            &SealParams {
+                sender_key: &self.key,
+                sender: &self.name,
+                recipient,
+                recipient_key,
+                id: MessageId::random()?,
+                seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                timestamp_ms,
+            },
+            body,
+        )?)
     }
 
     /// Mark a step as used (after a login done by hand).

@@ -7,15 +7,22 @@
 //! has not logged in yet, before the code's expiry, is answered again with
 //! the same TOTP secret; wrong codes there count against the same attempts.
 //!
-//! Login checks, in order: rate limits, the connection's challenge, password
-//! (an unknown user costs the same argon2 time and gets the same answer),
-//! TOTP (±1 step), the signature over the challenge transcript bound to this
-//! TLS session, and finally records the TOTP step so the code cannot be used
-//! again. Only after the password has matched does an error say which factor
-//! failed.
+//! Login checks, in order: the per-source attempt limit, the connection's
+//! challenge, the password-guessing limits (per account and source, with
+//! growing delays, and per account; see [`crate::ratelimit`]), password
+//! (an unknown user costs the same argon2 time), TOTP (±1 step, later than
+//! the last one used), the signature over the challenge transcript bound to
+//! this TLS session, and finally records the TOTP step so the code cannot
+//! be used again. An unknown user, a wrong password and a wrong or used code
+//! all get the same answer ([`ErrorCode::InvalidCredentials`], same text):
+//! only the holder of both the password and a fresh code learns that the
+//! signature failed ([`ErrorCode::InvalidSignature`]).
+//!
+//! A resume involves no password and no guessing limit: a valid session
+//! token and a fresh signature by the account key always get in, whatever
+//! others have tried against the account's password.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use securechat_common::crypto::{login_transcript, random_bytes, sha256, LoginPurpose};
 use securechat_common::limits::{
@@ -25,11 +32,14 @@ use securechat_common::protocol::{ErrorCode, ErrorReply, Response, BINDING_LEN};
 use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
-use super::{fail, internal, limit_peer, require_auth, Reply};
+use super::{
+    check_password, fail, internal, limit_peer, require_auth, reserve_password_check, whole_secs,
+    Reply,
+};
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
-use crate::clock::unix_now;
 use crate::connection::{Auth, ConnState};
 use crate::mail::Mailer;
+use crate::ratelimit::{GuessLimiter, Refusal};
 use crate::server::Shared;
 use crate::store::{blocking, Account, Activation, CodeAttempt, PendingRegistration, Session};
 
@@ -56,7 +66,7 @@ pub(super) async fn register(
     PublicKey::from_der(&public_key)
         .map_err(|e| fail(ErrorCode::InvalidPublicKey, e.to_string()))?;
 
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let name = username.clone();
     let (has_account, live_pending) = blocking(&shared.store, move |s| {
         let pending = s.pending(&name)?.filter(|p| p.expires_unix > now);
@@ -75,35 +85,23 @@ pub(super) async fn register(
         Some(p) if p.email == email && p.public_key == public_key => Some(p),
         Some(_) => return Err(username_taken(&username)),
     };
+    let slot = reserve_password_check(shared)?;
     let password_phc = match &replaced {
         Some(old) => {
-            if !shared
-                .account_limiter
-                .try_acquire(&username, Instant::now())
-            {
-                return Err(fail(
-                    ErrorCode::RateLimited,
-                    "too many registration attempts for this name; wait a few minutes and retry",
-                ));
-            }
-            let checker = Arc::clone(shared);
+            // Comparing the password is a guess like a login's, but counted
+            // apart: a client retrying its registration never delays a login.
+            limit_guesses(&shared.register_guesses, shared, state, &username)?;
             let phc = old.password_phc.clone();
-            let same =
-                tokio::task::spawn_blocking(move || checker.passwords.verify(&phc, &password))
-                    .await
-                    .map_err(|e| internal("password check task failed", e))?;
+            let same = check_password(shared, slot, move |p| p.verify(&phc, &password)).await?;
             if !same {
                 return Err(username_taken(&username));
             }
+            shared.register_guesses.succeeded(&username, state.source);
             old.password_phc.clone()
         }
-        None => {
-            let hasher = Arc::clone(shared);
-            tokio::task::spawn_blocking(move || hasher.passwords.hash(&password))
-                .await
-                .map_err(|e| internal("password hashing task failed", e))?
-                .map_err(|e| internal("password hashing failed", e))?
-        }
+        None => check_password(shared, slot, move |p| p.hash(&password))
+            .await?
+            .map_err(|e| internal("password hashing failed", e))?,
     };
     let code = new_code().map_err(|e| internal("code generation failed", e))?;
     let ttl = shared.config.code_ttl;
@@ -150,16 +148,20 @@ pub(super) async fn verify(
     code: Zeroizing<String>,
 ) -> Reply {
     limit_peer(shared, state)?;
+    if validate_username(&username).is_err() {
+        // Never a registration; not echoed (it may be anything, of any size).
+        return Err(fail(
+            ErrorCode::NoPendingRegistration,
+            "no registration is waiting for that name; register first",
+        ));
+    }
     let no_pending = || {
         fail(
             ErrorCode::NoPendingRegistration,
             format!("no registration is waiting for {username:?}; register first"),
         )
     };
-    if validate_username(&username).is_err() {
-        return Err(no_pending());
-    }
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let max = shared.config.max_code_attempts;
     let name = username.clone();
     let attempt = blocking(&shared.store, move |s| s.take_code_attempt(&name, now, max))
@@ -301,25 +303,62 @@ fn take_challenge(
     Ok((nonce, binding))
 }
 
-/// Count a login attempt against the account before any check runs (so
-/// concurrent guesses cannot slip past the limit); a success clears it, so
-/// in effect only failures accumulate.
-fn limit_account(shared: &Shared, username: &str) -> Result<(), ErrorReply> {
-    if !shared
-        .account_limiter
-        .try_acquire(&username.to_string(), Instant::now())
-    {
-        return Err(fail(
-            ErrorCode::RateLimited,
-            "too many failed logins for this account; wait a few minutes and retry",
-        ));
+/// Count a password attempt by this connection's source against the
+/// account before the password is checked (so concurrent guesses cannot
+/// slip past the limit); the caller takes it back on success with
+/// [`GuessLimiter::succeeded`], so in effect only failures accumulate.
+/// `username` must be valid: only account names become limiter keys.
+fn limit_guesses(
+    limiter: &GuessLimiter,
+    shared: &Shared,
+    state: &ConnState,
+    username: &str,
+) -> Result<(), ErrorReply> {
+    let now = shared.config.clock.now();
+    limiter
+        .begin(username, state.source, now)
+        .map_err(|refusal| match refusal {
+            Refusal::Pair { retry_after } => fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed attempts for this account from your address; \
+                     retry after {} s",
+                    whole_secs(retry_after)
+                ),
+            ),
+            Refusal::Account { retry_after } => fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed attempts for this account; password logins to it \
+                     are paused for {} s (a session resume still works)",
+                    whole_secs(retry_after)
+                ),
+            ),
+        })
+}
+
+/// A username as it may appear in a log line: only names that pass the
+/// rules (short, printable) are written; anything else is a placeholder.
+pub(crate) fn loggable(username: &str) -> &str {
+    if validate_username(username).is_ok() {
+        username
+    } else {
+        "<invalid username>"
     }
-    Ok(())
 }
 
 fn failed(username: &str, reply: ErrorReply) -> ErrorReply {
-    tracing::info!(%username, code = ?reply.code, "login refused");
+    tracing::info!(username = loggable(username), code = ?reply.code, "login refused");
     reply
+}
+
+/// The one answer for an unknown user, a wrong password and a wrong or used
+/// TOTP code.
+fn wrong_credentials() -> ErrorReply {
+    fail(
+        ErrorCode::InvalidCredentials,
+        "unknown user or wrong password or code",
+    )
 }
 
 fn bad_signature() -> ErrorReply {
@@ -355,51 +394,48 @@ pub(super) async fn login(
     signature: Vec<u8>,
 ) -> Reply {
     limit_peer(shared, state)?;
-    limit_account(shared, &username)?;
+    // Only a valid name can be an account, a limiter key or a log field. An
+    // invalid one gets the unknown user's answer after the same argon2
+    // time; the per-source limit above bounds how often.
+    let valid = validate_username(&username).is_ok();
     let (nonce, binding) = take_challenge(state, &username)?;
+    let slot = reserve_password_check(shared)?;
+    if valid {
+        limit_guesses(&shared.login_guesses, shared, state, &username)?;
+    }
 
     let name = username.clone();
-    let account = if validate_username(&username).is_ok() {
-        blocking(&shared.store, move |s| s.account(&name))
-            .await
-            .map_err(|e| internal("account lookup failed", e))?
+    let (account, last_step) = if valid {
+        blocking(&shared.store, move |s| {
+            Ok((s.account(&name)?, s.last_totp_step(&name)?))
+        })
+        .await
+        .map_err(|e| internal("account lookup failed", e))?
     } else {
-        None
+        (None, None)
     };
-    let checker = Arc::clone(shared);
     let phc = account.as_ref().map(|a| a.password_phc.clone());
-    let password_ok = tokio::task::spawn_blocking(move || match phc {
-        Some(phc) => checker.passwords.verify(&phc, &password),
+    let password_ok = check_password(shared, slot, move |p| match phc {
+        Some(phc) => p.verify(&phc, &password),
         None => {
-            checker.passwords.verify_unknown_user(&password);
+            p.verify_unknown_user(&password);
             false
         }
     })
-    .await
-    .map_err(|e| internal("password check task failed", e))?;
+    .await?;
     let account = match account {
         Some(account) if password_ok => account,
-        _ => {
-            return Err(failed(
-                &username,
-                fail(
-                    ErrorCode::InvalidCredentials,
-                    "unknown user or wrong password",
-                ),
-            ))
-        }
+        _ => return Err(failed(&username, wrong_credentials())),
     };
 
+    // A wrong or used code gets the wrong password's answer: telling them
+    // apart would confirm the password to whoever guessed it.
     let generator =
         totp(&account.totp_secret, &username).map_err(|e| internal("TOTP setup failed", e))?;
-    let Some(step) = check_totp(&generator, totp_code.trim(), unix_now()) else {
-        return Err(failed(
-            &username,
-            fail(
-                ErrorCode::InvalidTotp,
-                "the TOTP code is wrong (check the authenticator and the clock)",
-            ),
-        ));
+    let step = check_totp(&generator, totp_code.trim(), shared.config.clock.unix_now())
+        .filter(|step| last_step.is_none_or(|last| *step > last));
+    let Some(step) = step else {
+        return Err(failed(&username, wrong_credentials()));
     };
 
     check_account_signature(
@@ -411,22 +447,18 @@ pub(super) async fn login(
         &signature,
     )?;
 
+    // Recorded only now, so that a failed signature does not use up the
+    // code; a concurrent login that recorded it first wins.
     let name = username.clone();
     let fresh = blocking(&shared.store, move |s| s.accept_totp_step(&name, step))
         .await
         .map_err(|e| internal("recording the TOTP step failed", e))?;
     if !fresh {
-        return Err(failed(
-            &username,
-            fail(
-                ErrorCode::TotpReused,
-                "this TOTP code was already used; wait for the next one",
-            ),
-        ));
+        return Err(failed(&username, wrong_credentials()));
     }
 
     let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;
-    let expires = unix_now() + shared.config.session_ttl.as_secs();
+    let expires = shared.config.clock.unix_now() + shared.config.session_ttl.as_secs();
     let session = Session {
         username: username.clone(),
         expires_unix: expires,
@@ -434,13 +466,13 @@ pub(super) async fn login(
     blocking(&shared.store, move |s| s.put_session(&token_hash, &session))
         .await
         .map_err(|e| internal("storing the session failed", e))?;
-    shared.account_limiter.clear(&username);
+    shared.login_guesses.succeeded(&username, state.source);
     let unread = go_online(
         shared,
         state,
         Auth {
             username: username.clone(),
-            full_login_at: Some(Instant::now()),
+            full_login_at: Some(shared.config.clock.now()),
             token_hash,
         },
     )
@@ -475,8 +507,19 @@ pub(super) async fn resume(
     token: Zeroizing<Vec<u8>>,
     signature: Vec<u8>,
 ) -> Reply {
+    // No password is involved: a session token (256 random bits) and a
+    // fresh signature by the account key. Password failures, by anyone,
+    // never stand in the way of a resume.
     limit_peer(shared, state)?;
-    limit_account(shared, &username)?;
+    let session_gone = || {
+        fail(
+            ErrorCode::SessionExpired,
+            "the session token is unknown, revoked or expired; log in again",
+        )
+    };
+    if validate_username(&username).is_err() {
+        return Err(failed(&username, session_gone()));
+    }
     let (nonce, binding) = take_challenge(state, &username)?;
     let token_hash = sha256(&token);
     let name = username.clone();
@@ -487,22 +530,14 @@ pub(super) async fn resume(
     })
     .await
     .map_err(|e| internal("session lookup failed", e))?;
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     let (session, account) = match found {
         (Some(session), Some(account))
             if session.username == username && session.expires_unix > now =>
         {
             (session, account)
         }
-        _ => {
-            return Err(failed(
-                &username,
-                fail(
-                    ErrorCode::SessionExpired,
-                    "the session token is unknown, revoked or expired; log in again",
-                ),
-            ))
-        }
+        _ => return Err(failed(&username, session_gone())),
     };
     check_account_signature(
         &account.public_key,
@@ -512,7 +547,6 @@ pub(super) async fn resume(
         &binding,
         &signature,
     )?;
-    shared.account_limiter.clear(&username);
     let unread = go_online(
         shared,
         state,
@@ -551,9 +585,15 @@ pub(super) async fn publish_key(
     signature: Vec<u8>,
 ) -> Reply {
     let auth = require_auth(state)?;
-    let fresh = auth
-        .full_login_at
-        .is_some_and(|t| t.elapsed().as_secs() < FRESH_LOGIN_SECS);
+    let fresh = auth.full_login_at.is_some_and(|t| {
+        shared
+            .config
+            .clock
+            .now()
+            .saturating_duration_since(t)
+            .as_secs()
+            < FRESH_LOGIN_SECS
+    });
     if !fresh {
         return Err(fail(
             ErrorCode::FreshLoginRequired,

@@ -8,23 +8,26 @@ use securechat_common::limits::validate_username;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Response};
 use securechat_common::{Envelope, MessageId};
 
-use super::{fail, internal, require_auth, Reply};
-use crate::clock::unix_now;
+use super::{fail, internal, require_auth, whole_secs, Reply};
 use crate::connection::ConnState;
 use crate::server::Shared;
 use crate::store::{blocking, EnqueueOutcome};
 
 pub(super) async fn lookup(shared: &Arc<Shared>, state: &ConnState, username: String) -> Reply {
     require_auth(state)?;
+    if validate_username(&username).is_err() {
+        // Not echoed: it may be anything, of any size.
+        return Err(fail(
+            ErrorCode::UnknownUser,
+            "no user has that name (it breaks the username rules)",
+        ));
+    }
     let unknown = || {
         fail(
             ErrorCode::UnknownUser,
             format!("no user named {username:?}"),
         )
     };
-    if validate_username(&username).is_err() {
-        return Err(unknown());
-    }
     let name = username.clone();
     let account = blocking(&shared.store, move |s| s.account(&name))
         .await
@@ -45,6 +48,28 @@ pub(super) fn online(shared: &Shared, state: &ConnState) -> Reply {
 
 pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {
     let auth = require_auth(state)?;
+    let sent_at = shared.config.clock.now();
+    if let Err(wait) = shared.send_limiter.try_acquire(&auth.username, sent_at) {
+        shared
+            .stats
+            .send_rate_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        let limit = shared.send_limiter.limit();
+        return Err(fail(
+            ErrorCode::RateLimited,
+            format!(
+                "you are sending too fast (at most {} messages per {} s); retry after {} s",
+                limit.max,
+                limit.window.as_secs(),
+                whole_secs(wait)
+            ),
+        ));
+    }
+    // The shape first: it bounds the names before any is compared or shown.
+    envelope.check_shape().map_err(|e| match e {
+        CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
+        other => fail(ErrorCode::BadRequest, other.to_string()),
+    })?;
     if envelope.sender != auth.username {
         return Err(fail(
             ErrorCode::NotSender,
@@ -54,10 +79,6 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             ),
         ));
     }
-    envelope.check_shape().map_err(|e| match e {
-        CryptoError::TooLarge(_) => fail(ErrorCode::MessageTooLarge, e.to_string()),
-        other => fail(ErrorCode::BadRequest, other.to_string()),
-    })?;
     let recipient = envelope.recipient.clone();
     let unknown = || {
         fail(
@@ -71,12 +92,11 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
     let bytes =
         postcard::to_stdvec(&envelope).map_err(|e| internal("envelope encoding failed", e))?;
     let id = envelope.id;
-    let quota = shared.config.quota;
-    let now = unix_now();
+    let now = shared.config.clock.unix_now();
     // Grouped with concurrent sends and acks into one durable commit.
     let outcome = shared
         .queue
-        .enqueue(recipient.clone(), id, bytes, now)
+        .enqueue(recipient.clone(), auth.username, id, bytes, now)
         .await
         .map_err(|e| internal("storing a message failed", e))?;
     match outcome {
@@ -93,14 +113,23 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             id,
             duplicate: true,
         }),
-        EnqueueOutcome::QuotaExceeded { messages, bytes } => Err(fail(
-            ErrorCode::QuotaExceeded,
-            format!(
-                "the queue of {recipient:?} is full ({messages} messages, {bytes} bytes waiting; \
-                 limit {} messages or {} bytes); it drains as they come online, try again later",
-                quota.messages, quota.bytes
-            ),
-        )),
+        // One answer for both: how much waits for someone else, and from
+        // whom, is not the sender's business.
+        EnqueueOutcome::QuotaExceeded | EnqueueOutcome::SenderShareExceeded => {
+            let counter = if outcome == EnqueueOutcome::QuotaExceeded {
+                &shared.stats.quota_refusals
+            } else {
+                &shared.stats.sender_share_refusals
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            Err(fail(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "{recipient:?} cannot take more messages from you right now; \
+                     try again later"
+                ),
+            ))
+        }
         EnqueueOutcome::UnknownRecipient => Err(unknown()),
     }
 }
@@ -114,7 +143,7 @@ pub(super) async fn ack(
     let auth = require_auth(state)?;
     let removed = shared
         .queue
-        .ack(auth.username, id, unix_now())
+        .ack(auth.username, id, shared.config.clock.unix_now())
         .await
         .map_err(|e| internal("acknowledging a message failed", e))?;
     if removed {

@@ -10,12 +10,16 @@
 mod account;
 mod messages;
 
+pub(crate) use account::loggable;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 
+use crate::accounts::Passwords;
 use crate::connection::{Auth, ConnState};
+use crate::password_pool::Slot;
 use crate::server::Shared;
 
 /// A handler's result.
@@ -27,6 +31,9 @@ pub(crate) async fn dispatch(
     state: &Arc<ConnState>,
     request: Request,
 ) -> Response {
+    // A registration step that succeeds gives a connection without a login
+    // its full time again: mail takes a while to arrive.
+    let registration_step = matches!(request, Request::Register { .. } | Request::Verify { .. });
     let result = match request {
         Request::Register {
             username,
@@ -61,6 +68,9 @@ pub(crate) async fn dispatch(
             "this relay does not know that request",
         )),
     };
+    if registration_step && result.is_ok() {
+        state.restart_login_time();
+    }
     result.unwrap_or_else(Response::Error)
 }
 
@@ -88,17 +98,49 @@ pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
     })
 }
 
-/// Count an attempt from the peer's address; refuse past the limit.
+/// Count an attempt from the peer's source; refuse past the limit.
 pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
-    if shared
-        .ip_limiter
-        .try_acquire(&state.peer_ip, Instant::now())
-    {
-        Ok(())
-    } else {
-        Err(fail(
-            ErrorCode::RateLimited,
-            "too many attempts from your address; wait a minute and retry",
-        ))
-    }
+    shared
+        .source_limiter
+        .try_acquire(&state.source, shared.config.clock.now())
+        .map_err(|wait| {
+            fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many attempts from your address; retry after {} s",
+                    whole_secs(wait)
+                ),
+            )
+        })
+}
+
+/// Reserve a place among the password workers, or answer `Busy`.
+pub(crate) fn reserve_password_check(shared: &Shared) -> Result<Slot, ErrorReply> {
+    shared.passwords.try_reserve().map_err(|_| {
+        shared.stats.busy_refusals.fetch_add(1, Ordering::Relaxed);
+        fail(ErrorCode::Busy, "relay busy, retry in a moment")
+    })
+}
+
+/// Run an argon2 hash or check in the place `slot` holds.
+pub(crate) async fn check_password<T, F>(
+    shared: &Shared,
+    slot: Slot,
+    check: F,
+) -> Result<T, ErrorReply>
+where
+    T: Send + 'static,
+    F: FnOnce(&Passwords) -> T + Send + 'static,
+{
+    shared
+        .passwords
+        .run(slot, check)
+        .await
+        .map_err(|e| internal("password check failed", e))
+}
+
+/// A wait in whole seconds, rounded up (a client told "0 s" would retry
+/// too early).
+pub(crate) fn whole_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }

@@ -22,7 +22,9 @@
 //! * sessions, keyed by the SHA-256 of the token (the token itself is never stored);
 //! * the last accepted TOTP time step per account (a code works once);
 //! * per-recipient message queues in arrival order, a dedupe index on
-//!   (recipient, message id) and per-recipient totals for the quota.
+//!   (recipient, message id), per-recipient totals for the quota, and who
+//!   sent each queued message with per-(recipient, sender) totals, so one
+//!   sender can fill only its share of someone's queue.
 
 mod redb_store;
 pub mod writer;
@@ -54,6 +56,14 @@ pub enum StoreError {
     /// the batch was stored. Every request of the batch shares the cause.
     #[error("batched write failed: {0}")]
     Batch(Arc<StoreError>),
+    /// The database file could not be created or made private (mode 0600).
+    #[error("database file {path}: {source}; check the data directory's owner and permissions")]
+    File {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 macro_rules! redb_errors {
@@ -200,6 +210,41 @@ pub struct Quota {
     pub bytes: u64,
 }
 
+/// How much may wait in the queues: per recipient, and per sender within
+/// one recipient's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Per recipient.
+    pub quota: Quota,
+    /// The percentage (1 to 100) of `quota`, in messages and in bytes, that
+    /// one sender may fill in one recipient's queue.
+    pub sender_share_percent: u8,
+}
+
+impl QueueLimits {
+    /// Only the per-recipient quota: any one sender may fill all of it.
+    pub fn quota_only(quota: Quota) -> Self {
+        Self {
+            quota,
+            sender_share_percent: 100,
+        }
+    }
+
+    /// What one sender may have waiting in one recipient's queue (at least
+    /// one message and one byte, so that a tiny quota still takes something).
+    pub fn sender_quota(&self) -> Quota {
+        let share = |total: u64| {
+            let percent = u128::from(self.sender_share_percent.clamp(1, 100));
+            let part = u128::from(total) * percent / 100;
+            u64::try_from(part).unwrap_or(total).max(1)
+        };
+        Quota {
+            messages: share(self.quota.messages),
+            bytes: share(self.quota.bytes),
+        }
+    }
+}
+
 /// What [`Store::enqueue`] (or an enqueue in [`Store::write_queue_batch`]) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnqueueOutcome {
@@ -208,12 +253,10 @@ pub enum EnqueueOutcome {
     /// This (recipient, id) was stored before; nothing was added.
     Duplicate,
     /// The recipient's queue is full; nothing was added.
-    QuotaExceeded {
-        /// Messages waiting now.
-        messages: u64,
-        /// Bytes waiting now.
-        bytes: u64,
-    },
+    QuotaExceeded,
+    /// The sender holds its whole share of the recipient's queue
+    /// ([`QueueLimits::sender_quota`]); nothing was added.
+    SenderShareExceeded,
     /// No account has the recipient's name; nothing was added. Only
     /// [`Store::write_queue_batch`] checks this.
     UnknownRecipient,
@@ -224,10 +267,12 @@ pub enum EnqueueOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QueueOp {
     /// Queue an envelope for `recipient`, who must have an account,
-    /// deduplicated on `id` and limited by the batch's quota.
+    /// deduplicated on `id` and limited by the batch's [`QueueLimits`].
     Enqueue {
         /// Whose queue.
         recipient: String,
+        /// Who sent it (the logged-in user): counted for the sender's share.
+        sender: String,
         /// The message id (dedupe key).
         id: MessageId,
         /// The envelope, postcard-encoded.
@@ -369,6 +414,9 @@ pub trait Store: Send + Sync + 'static {
     /// is dropped in the same commit, so its secret is never shown again.
     fn accept_totp_step(&self, username: &str, step: u64) -> Result<bool, StoreError>;
 
+    /// The account's last accepted TOTP time step, if it has logged in.
+    fn last_totp_step(&self, username: &str) -> Result<Option<u64>, StoreError>;
+
     /// Store a session under the SHA-256 of its token.
     fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError>;
 
@@ -379,7 +427,10 @@ pub trait Store: Send + Sync + 'static {
     fn remove_session(&self, token_hash: &[u8; 32]) -> Result<(), StoreError>;
 
     /// Queue an envelope for `recipient`, deduplicated on `id` and limited by
-    /// `quota`; committed durably before returning.
+    /// `quota`; committed durably before returning. No sender is recorded
+    /// (this is for tools and tests; the relay's `Send` goes through
+    /// [`Store::write_queue_batch`]), so the message counts for the
+    /// recipient's quota only.
     fn enqueue(
         &self,
         recipient: &str,
@@ -393,15 +444,15 @@ pub trait Store: Send + Sync + 'static {
     /// outcome per op, in the same order.
     ///
     /// Each op sees the effect of the ops before it: an id enqueued twice
-    /// in a batch is stored once (the second is a duplicate), and the quota
-    /// counts what the batch has added so far. Unlike [`Store::enqueue`], an
-    /// enqueue for a name without an account is answered with
-    /// [`EnqueueOutcome::UnknownRecipient`]. On `Err` nothing of the batch
-    /// was stored.
+    /// in a batch is stored once (the second is a duplicate), and the
+    /// limits count what the batch has added so far. Unlike
+    /// [`Store::enqueue`], an enqueue for a name without an account is
+    /// answered with [`EnqueueOutcome::UnknownRecipient`], and the sender's
+    /// share is kept. On `Err` nothing of the batch was stored.
     fn write_queue_batch(
         &self,
         ops: &[QueueOp],
-        quota: Quota,
+        limits: QueueLimits,
     ) -> Result<Vec<QueueOutcome>, StoreError>;
 
     /// Up to `limit` queued envelopes for `recipient` with `seq > after`, oldest first.
@@ -415,12 +466,14 @@ pub trait Store: Send + Sync + 'static {
     /// Messages waiting for `recipient`.
     fn queue_len(&self, recipient: &str) -> Result<u64, StoreError>;
 
-    /// Delete an acknowledged message; `false` if it was not queued. The id
-    /// stays known for dedupe until the retention time has passed.
+    /// Delete an acknowledged message (and its count in its sender's
+    /// share); `false` if it was not queued. The id stays known for dedupe
+    /// until the retention time has passed.
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError>;
 
-    /// Remove messages stored before `now - retention_secs`, dedupe entries
-    /// of that age, and expired registrations, activations and sessions.
+    /// Remove messages stored before `now - retention_secs` (with their
+    /// counts in their senders' shares), dedupe entries of that age, and
+    /// expired registrations, activations and sessions.
     fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError>;
 
     /// Totals for the status page.

@@ -9,7 +9,8 @@ use securechat_common::MessageId;
 
 use super::{
     from_bytes, to_bytes, Account, Activation, CodeAttempt, EnqueueOutcome, PendingRegistration,
-    QueueOp, QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
+    QueueLimits, QueueOp, QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError,
+    SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -28,6 +29,12 @@ const QUEUE: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("
 const DEDUPE: TableDefinition<(&str, &[u8]), (u64, u64)> = TableDefinition::new("queue_dedupe");
 /// recipient → (messages, bytes) waiting.
 const TOTALS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queue_totals");
+/// (recipient, seq) → sender, for every queued message whose sender counts
+/// (sent through [`Store::write_queue_batch`]).
+const QUEUE_SENDERS: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue_senders");
+/// (recipient, sender) → (messages, bytes) waiting from that sender.
+const SENDER_TOTALS: TableDefinition<(&str, &str), (u64, u64)> =
+    TableDefinition::new("queue_sender_totals");
 /// Counters: "next_seq".
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -41,8 +48,14 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Open (or create) the database file and make sure every table exists.
+    /// Open (or create) the database file, readable and writable by its
+    /// owner only (mode 0600, also when it existed already), and make sure
+    /// every table exists.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        make_private_file(path).map_err(|source| StoreError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         {
@@ -54,11 +67,28 @@ impl RedbStore {
             tx.open_table(QUEUE)?;
             tx.open_table(DEDUPE)?;
             tx.open_table(TOTALS)?;
+            tx.open_table(QUEUE_SENDERS)?;
+            tx.open_table(SENDER_TOTALS)?;
             tx.open_table(META)?;
         }
         tx.commit()?;
         Ok(Self { db })
     }
+}
+
+/// Create `path` if missing (mode 0600 from the start, so it is never
+/// readable by others, even briefly) and set mode 0600 on it either way.
+/// redb initialises an empty file as a new database.
+fn make_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
 /// Remove every entry whose encoded value `expired` says is over; returns
@@ -317,6 +347,13 @@ impl Store for RedbStore {
         Ok(true)
     }
 
+    fn last_totp_step(&self, username: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let steps = tx.open_table(TOTP_STEPS)?;
+        let found = steps.get(username)?;
+        Ok(found.map(|g| g.value()))
+    }
+
     fn put_session(&self, token_hash: &[u8; 32], session: &Session) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.open_table(SESSIONS)?
@@ -348,7 +385,9 @@ impl Store for RedbStore {
         quota: Quota,
     ) -> Result<EnqueueOutcome, StoreError> {
         let tx = self.db.begin_write()?;
-        let outcome = QueueTables::open(&tx)?.enqueue(recipient, id, envelope, now, quota)?;
+        let limits = QueueLimits::quota_only(quota);
+        let outcome =
+            QueueTables::open(&tx)?.enqueue(recipient, None, id, envelope, now, limits)?;
         if outcome == EnqueueOutcome::Stored {
             tx.commit()?;
         }
@@ -358,7 +397,7 @@ impl Store for RedbStore {
     fn write_queue_batch(
         &self,
         ops: &[QueueOp],
-        quota: Quota,
+        limits: QueueLimits,
     ) -> Result<Vec<QueueOutcome>, StoreError> {
         let tx = self.db.begin_write()?;
         let mut changed = false;
@@ -369,11 +408,12 @@ impl Store for RedbStore {
                 let outcome = match op {
                     QueueOp::Enqueue {
                         recipient,
+                        sender,
                         id,
                         envelope,
                         now,
                     } => QueueOutcome::Enqueue(if tables.has_account(recipient)? {
-                        tables.enqueue(recipient, id, envelope, *now, quota)?
+                        tables.enqueue(recipient, Some(sender), id, envelope, *now, limits)?
                     } else {
                         EnqueueOutcome::UnknownRecipient
                     }),
@@ -457,9 +497,17 @@ impl Store for RedbStore {
                 }
             }
             let mut totals = tx.open_table(TOTALS)?;
+            let mut senders = tx.open_table(QUEUE_SENDERS)?;
+            let mut sender_totals = tx.open_table(SENDER_TOTALS)?;
             for (recipient, seq, size) in &expired {
                 queue.remove((recipient.as_str(), *seq))?;
                 subtract_totals(&mut totals, recipient, 1, *size)?;
+                let sender = senders
+                    .remove((recipient.as_str(), *seq))?
+                    .map(|g| g.value().to_string());
+                if let Some(sender) = sender {
+                    subtract_sender(&mut sender_totals, recipient, &sender, *size)?;
+                }
             }
             stats.expired_messages = expired.len() as u64;
 
@@ -516,6 +564,8 @@ struct QueueTables<'txn> {
     queue: redb::Table<'txn, (&'static str, u64), (u64, &'static [u8])>,
     dedupe: redb::Table<'txn, (&'static str, &'static [u8]), (u64, u64)>,
     totals: redb::Table<'txn, &'static str, (u64, u64)>,
+    senders: redb::Table<'txn, (&'static str, u64), &'static str>,
+    sender_totals: redb::Table<'txn, (&'static str, &'static str), (u64, u64)>,
     meta: redb::Table<'txn, &'static str, u64>,
 }
 
@@ -526,6 +576,8 @@ impl<'txn> QueueTables<'txn> {
             queue: tx.open_table(QUEUE)?,
             dedupe: tx.open_table(DEDUPE)?,
             totals: tx.open_table(TOTALS)?,
+            senders: tx.open_table(QUEUE_SENDERS)?,
+            sender_totals: tx.open_table(SENDER_TOTALS)?,
             meta: tx.open_table(META)?,
         })
     }
@@ -534,13 +586,15 @@ impl<'txn> QueueTables<'txn> {
         Ok(self.accounts.get(username)?.is_some())
     }
 
+    /// Queue one envelope; with a `sender`, also within its share.
     fn enqueue(
         &mut self,
         recipient: &str,
+        sender: Option<&str>,
         id: &MessageId,
         envelope: &[u8],
         now: u64,
-        quota: Quota,
+        limits: QueueLimits,
     ) -> Result<EnqueueOutcome, StoreError> {
         if self.dedupe.get((recipient, id.0.as_slice()))?.is_some() {
             return Ok(EnqueueOutcome::Duplicate);
@@ -551,9 +605,23 @@ impl<'txn> QueueTables<'txn> {
             .map(|g| g.value())
             .unwrap_or((0, 0));
         let size = envelope.len() as u64;
-        if messages + 1 > quota.messages || bytes + size > quota.bytes {
-            return Ok(EnqueueOutcome::QuotaExceeded { messages, bytes });
+        if exceeds((messages, bytes), size, limits.quota) {
+            return Ok(EnqueueOutcome::QuotaExceeded);
         }
+        let from_sender = match sender {
+            Some(sender) => {
+                let held = self
+                    .sender_totals
+                    .get((recipient, sender))?
+                    .map(|g| g.value())
+                    .unwrap_or((0, 0));
+                if exceeds(held, size, limits.sender_quota()) {
+                    return Ok(EnqueueOutcome::SenderShareExceeded);
+                }
+                Some((sender, held))
+            }
+            None => None,
+        };
         let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
         self.meta.insert("next_seq", seq + 1)?;
         self.queue.insert((recipient, seq), (now, envelope))?;
@@ -561,6 +629,11 @@ impl<'txn> QueueTables<'txn> {
             .insert((recipient, id.0.as_slice()), (seq, now))?;
         self.totals
             .insert(recipient, (messages + 1, bytes + size))?;
+        if let Some((sender, (held_messages, held_bytes))) = from_sender {
+            self.senders.insert((recipient, seq), sender)?;
+            self.sender_totals
+                .insert((recipient, sender), (held_messages + 1, held_bytes + size))?;
+        }
         Ok(EnqueueOutcome::Stored)
     }
 
@@ -584,9 +657,39 @@ impl<'txn> QueueTables<'txn> {
             .insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
         if let Some(size) = removed {
             subtract_totals(&mut self.totals, recipient, 1, size)?;
+            let sender = self
+                .senders
+                .remove((recipient, seq))?
+                .map(|g| g.value().to_string());
+            if let Some(sender) = sender {
+                subtract_sender(&mut self.sender_totals, recipient, &sender, size)?;
+            }
         }
         Ok(true)
     }
+}
+
+/// Whether one more message of `size` bytes on top of `held` (messages,
+/// bytes) goes past `quota`.
+fn exceeds(held: (u64, u64), size: u64, quota: Quota) -> bool {
+    held.0.saturating_add(1) > quota.messages || held.1.saturating_add(size) > quota.bytes
+}
+
+fn subtract_sender(
+    sender_totals: &mut redb::Table<(&str, &str), (u64, u64)>,
+    recipient: &str,
+    sender: &str,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    let key = (recipient, sender);
+    let (m, b) = sender_totals.get(key)?.map(|g| g.value()).unwrap_or((0, 0));
+    let (m, b) = (m.saturating_sub(1), b.saturating_sub(bytes));
+    if m == 0 {
+        sender_totals.remove(key)?;
+    } else {
+        sender_totals.insert(key, (m, b))?;
+    }
+    Ok(())
 }
 
 fn subtract_totals(

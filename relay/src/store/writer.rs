@@ -30,7 +30,7 @@ use securechat_common::MessageId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{blocking, EnqueueOutcome, QueueOp, QueueOutcome, Quota, Store, StoreError};
+use super::{blocking, EnqueueOutcome, QueueLimits, QueueOp, QueueOutcome, Store, StoreError};
 
 /// Most operations in one batch.
 pub const MAX_BATCH_OPS: usize = 256;
@@ -56,43 +56,45 @@ pub struct QueueWriter {
 pub struct WriterTask {
     store: Arc<dyn Store>,
     jobs: mpsc::Receiver<Job>,
-    quota: Quota,
+    limits: QueueLimits,
 }
 
 impl std::fmt::Debug for WriterTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriterTask")
-            .field("quota", &self.quota)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-/// A writer for `store`, enforcing `quota` on every enqueue, and the task
+/// A writer for `store`, enforcing `limits` on every enqueue, and the task
 /// that must run for its requests to be answered.
-pub fn queue_writer(store: Arc<dyn Store>, quota: Quota) -> (QueueWriter, WriterTask) {
+pub fn queue_writer(store: Arc<dyn Store>, limits: QueueLimits) -> (QueueWriter, WriterTask) {
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     (
         QueueWriter { jobs: tx },
         WriterTask {
             store,
             jobs: rx,
-            quota,
+            limits,
         },
     )
 }
 
 impl QueueWriter {
-    /// Queue an envelope for `recipient` (see [`QueueOp::Enqueue`]); returns
-    /// once the batch holding it has committed.
+    /// Queue an envelope from `sender` for `recipient` (see
+    /// [`QueueOp::Enqueue`]); returns once the batch holding it has committed.
     pub async fn enqueue(
         &self,
         recipient: String,
+        sender: String,
         id: MessageId,
         envelope: Vec<u8>,
         now: u64,
     ) -> Result<EnqueueOutcome, StoreError> {
         let op = QueueOp::Enqueue {
             recipient,
+            sender,
             id,
             envelope,
             now,
@@ -186,8 +188,8 @@ impl WriterTask {
         let count = batch.len();
         let (ops, replies): (Vec<QueueOp>, Vec<_>) =
             batch.into_iter().map(|job| (job.op, job.reply)).unzip();
-        let quota = self.quota;
-        let result = blocking(&self.store, move |s| s.write_queue_batch(&ops, quota)).await;
+        let limits = self.limits;
+        let result = blocking(&self.store, move |s| s.write_queue_batch(&ops, limits)).await;
         let result = result.and_then(|outcomes| {
             if outcomes.len() == count {
                 Ok(outcomes)
@@ -224,9 +226,12 @@ mod tests {
     use super::*;
     use crate::store::RedbStore;
 
-    const QUOTA: Quota = Quota {
-        messages: 1000,
-        bytes: 1 << 30,
+    const LIMITS: QueueLimits = QueueLimits {
+        quota: crate::store::Quota {
+            messages: 1000,
+            bytes: 1 << 30,
+        },
+        sender_share_percent: 100,
     };
 
     /// Counts batches and fails them on demand, around a real store.
@@ -278,10 +283,17 @@ mod tests {
             ) -> bool;
             set_public_key(username: &str, key: &[u8]) -> ();
             accept_totp_step(username: &str, step: u64) -> bool;
+            last_totp_step(username: &str) -> Option<u64>;
             put_session(hash: &[u8; 32], s: &crate::store::Session) -> ();
             session(hash: &[u8; 32]) -> Option<crate::store::Session>;
             remove_session(hash: &[u8; 32]) -> ();
-            enqueue(r: &str, id: &MessageId, e: &[u8], now: u64, q: Quota) -> EnqueueOutcome;
+            enqueue(
+                r: &str,
+                id: &MessageId,
+                e: &[u8],
+                now: u64,
+                q: crate::store::Quota
+            ) -> EnqueueOutcome;
             queued_after(r: &str, after: u64, limit: usize) -> Vec<crate::store::Queued>;
             queue_len(r: &str) -> u64;
             ack(r: &str, id: &MessageId, now: u64) -> bool;
@@ -292,7 +304,7 @@ mod tests {
         fn write_queue_batch(
             &self,
             ops: &[QueueOp],
-            quota: Quota,
+            limits: QueueLimits,
         ) -> Result<Vec<QueueOutcome>, StoreError> {
             self.batches.fetch_add(1, Ordering::SeqCst);
             self.ops.fetch_add(ops.len(), Ordering::SeqCst);
@@ -302,7 +314,7 @@ mod tests {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(StoreError::Corrupt("injected failure".into()));
             }
-            self.inner.write_queue_batch(ops, quota)
+            self.inner.write_queue_batch(ops, limits)
         }
     }
 
@@ -319,7 +331,7 @@ mod tests {
 
     fn start(probe: &Arc<Probe>) -> (QueueWriter, CancellationToken, tokio::task::JoinHandle<()>) {
         let store: Arc<dyn Store> = Arc::clone(probe) as Arc<dyn Store>;
-        let (writer, task) = queue_writer(store, QUOTA);
+        let (writer, task) = queue_writer(store, LIMITS);
         let stop = CancellationToken::new();
         let handle = tokio::spawn(task.run(stop.clone()));
         (writer, stop, handle)
@@ -338,7 +350,14 @@ mod tests {
             // Ids 0..50 twice each: one of every pair is a duplicate.
             let id = MessageId([i % 50; 16]);
             let to = if i == 99 { "nobody" } else { "bob" };
-            sends.spawn(async move { (i, writer.enqueue(to.into(), id, vec![i; 10], 1).await) });
+            sends.spawn(async move {
+                (
+                    i,
+                    writer
+                        .enqueue(to.into(), "alice".into(), id, vec![i; 10], 1)
+                        .await,
+                )
+            });
         }
         let mut stored = 0;
         let mut duplicates = 0;
@@ -386,7 +405,13 @@ mod tests {
             let writer = writer.clone();
             sends.spawn(async move {
                 writer
-                    .enqueue("bob".into(), MessageId([i; 16]), vec![i; 10], 1)
+                    .enqueue(
+                        "bob".into(),
+                        "alice".into(),
+                        MessageId([i; 16]),
+                        vec![i; 10],
+                        1,
+                    )
                     .await
             });
         }
@@ -410,7 +435,13 @@ mod tests {
             let writer = writer.clone();
             sends.spawn(async move {
                 writer
-                    .enqueue("bob".into(), MessageId([i; 16]), vec![i; 10], 1)
+                    .enqueue(
+                        "bob".into(),
+                        "alice".into(),
+                        MessageId([i; 16]),
+                        vec![i; 10],
+                        1,
+                    )
                     .await
             });
         }

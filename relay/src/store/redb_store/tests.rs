@@ -95,11 +95,14 @@ fn code_attempts_are_counted_then_locked_and_expire() {
 #[test]
 fn totp_steps_are_accepted_once_and_only_forward() {
     let (_dir, store) = open();
+    assert_eq!(store.last_totp_step("alice").unwrap(), None);
     assert!(store.accept_totp_step("alice", 10).unwrap());
     assert!(!store.accept_totp_step("alice", 10).unwrap());
     assert!(!store.accept_totp_step("alice", 9).unwrap());
+    assert_eq!(store.last_totp_step("alice").unwrap(), Some(10));
     assert!(store.accept_totp_step("alice", 11).unwrap());
     assert!(store.accept_totp_step("bob", 10).unwrap());
+    assert_eq!(store.last_totp_step("alice").unwrap(), Some(11));
 }
 
 #[test]
@@ -120,10 +123,7 @@ fn queue_dedupes_limits_acks_and_survives_reopen() {
         let full = store
             .enqueue("bob", &ids[3], &envelope(ids[3]), 10, QUOTA)
             .unwrap();
-        assert!(matches!(
-            full,
-            EnqueueOutcome::QuotaExceeded { messages: 3, .. }
-        ));
+        assert_eq!(full, EnqueueOutcome::QuotaExceeded);
         assert_eq!(store.queue_len("bob").unwrap(), 3);
         assert_eq!(store.queue_len("alice").unwrap(), 0);
     }
@@ -148,8 +148,13 @@ fn queue_dedupes_limits_acks_and_survives_reopen() {
 }
 
 fn send(to: &str, id: MessageId, now: u64) -> QueueOp {
+    send_from("alice", to, id, now)
+}
+
+fn send_from(from: &str, to: &str, id: MessageId, now: u64) -> QueueOp {
     QueueOp::Enqueue {
         recipient: to.into(),
+        sender: from.into(),
         id,
         envelope: envelope(id),
         now,
@@ -191,7 +196,9 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
             ack("bob", ids[0], 12),     // acked already in this batch
             ack("carol", ids[5], 12),   // never queued
         ];
-        let outcomes = store.write_queue_batch(&ops, QUOTA).unwrap();
+        let outcomes = store
+            .write_queue_batch(&ops, QueueLimits::quota_only(QUOTA))
+            .unwrap();
         use QueueOutcome::{Ack, Enqueue};
         assert_eq!(
             outcomes,
@@ -202,10 +209,7 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
                 Enqueue(EnqueueOutcome::UnknownRecipient),
                 Enqueue(stored),
                 Enqueue(stored),
-                Enqueue(EnqueueOutcome::QuotaExceeded {
-                    messages: 3,
-                    bytes: 3 * envelope(ids[0]).len() as u64,
-                }),
+                Enqueue(EnqueueOutcome::QuotaExceeded),
                 Ack(true),
                 Enqueue(stored),
                 Ack(false),
@@ -228,7 +232,7 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
     assert_eq!(counts.queued_bytes, 4 * envelope(ids[0]).len() as u64);
     // Sequence numbers keep growing across batches.
     let out = store
-        .write_queue_batch(&[send("carol", ids[3], 20)], QUOTA)
+        .write_queue_batch(&[send("carol", ids[3], 20)], QueueLimits::quota_only(QUOTA))
         .unwrap();
     assert_eq!(out, [QueueOutcome::Enqueue(stored)]);
     let carol = store.queued_after("carol", 0, 10).unwrap();
@@ -246,13 +250,12 @@ fn a_batch_counts_the_byte_quota_across_its_envelopes() {
         bytes: 2 * size + 1,
     };
     let ops: Vec<QueueOp> = ids.iter().map(|id| send("bob", *id, 1)).collect();
-    let outcomes = store.write_queue_batch(&ops, quota).unwrap();
+    let outcomes = store
+        .write_queue_batch(&ops, QueueLimits::quota_only(quota))
+        .unwrap();
     assert_eq!(
         outcomes[2],
-        QueueOutcome::Enqueue(EnqueueOutcome::QuotaExceeded {
-            messages: 2,
-            bytes: 2 * size
-        })
+        QueueOutcome::Enqueue(EnqueueOutcome::QuotaExceeded)
     );
     assert_eq!(store.queue_len("bob").unwrap(), 2);
 }
@@ -261,9 +264,15 @@ fn a_batch_counts_the_byte_quota_across_its_envelopes() {
 fn a_batch_that_changes_nothing_and_an_empty_batch_are_fine() {
     let (_dir, store) = open();
     let id = MessageId([1; 16]);
-    assert!(store.write_queue_batch(&[], QUOTA).unwrap().is_empty());
+    assert!(store
+        .write_queue_batch(&[], QueueLimits::quota_only(QUOTA))
+        .unwrap()
+        .is_empty());
     let out = store
-        .write_queue_batch(&[send("nobody", id, 1), ack("nobody", id, 1)], QUOTA)
+        .write_queue_batch(
+            &[send("nobody", id, 1), ack("nobody", id, 1)],
+            QueueLimits::quota_only(QUOTA),
+        )
         .unwrap();
     assert_eq!(
         out,
@@ -284,10 +293,7 @@ fn byte_quota_counts_envelope_sizes() {
         bytes: 10,
     };
     let out = store.enqueue("bob", &id, &envelope(id), 1, small).unwrap();
-    assert!(matches!(
-        out,
-        EnqueueOutcome::QuotaExceeded { bytes: 0, .. }
-    ));
+    assert_eq!(out, EnqueueOutcome::QuotaExceeded);
     assert_eq!(store.counts().unwrap().queued_messages, 0);
 }
 
@@ -360,4 +366,167 @@ fn sessions_and_keys() {
     assert_eq!(store.session(&[5; 32]).unwrap().unwrap().username, "alice");
     store.remove_session(&[5; 32]).unwrap();
     assert!(store.session(&[5; 32]).unwrap().is_none());
+}
+
+/// Per-(recipient, sender) counts, as the share check sees them.
+fn held(store: &RedbStore, recipient: &str, sender: &str) -> (u64, u64) {
+    let tx = store.db.begin_read().unwrap();
+    let table = tx.open_table(SENDER_TOTALS).unwrap();
+    let found = table.get((recipient, sender)).unwrap();
+    found.map(|g| g.value()).unwrap_or((0, 0))
+}
+
+#[test]
+fn one_sender_fills_only_its_share_of_a_queue() {
+    let (_dir, store) = open();
+    store.activate(&account("bob")).unwrap();
+    // A quota of 4 messages, half of it per sender.
+    let limits = QueueLimits {
+        quota: Quota {
+            messages: 4,
+            bytes: 1 << 20,
+        },
+        sender_share_percent: 50,
+    };
+    assert_eq!(limits.sender_quota().messages, 2);
+    let ids: Vec<MessageId> = (1..=8u8).map(|i| MessageId([i; 16])).collect();
+    let size = envelope(ids[0]).len() as u64;
+    use EnqueueOutcome::{Duplicate, QuotaExceeded, SenderShareExceeded, Stored};
+    use QueueOutcome::{Ack, Enqueue};
+    let ops = [
+        send_from("mallory", "bob", ids[0], 1),
+        send_from("mallory", "bob", ids[1], 1),
+        send_from("mallory", "bob", ids[2], 1), // past mallory's half
+        send_from("mallory", "bob", ids[0], 1), // a duplicate adds nothing
+        send_from("alice", "bob", ids[3], 1),   // others still get in
+        send_from("mallory", "carol", ids[4], 1),
+    ];
+    let out = store.write_queue_batch(&ops, limits).unwrap();
+    assert_eq!(
+        out,
+        [
+            Enqueue(Stored),
+            Enqueue(Stored),
+            Enqueue(SenderShareExceeded),
+            Enqueue(Duplicate),
+            Enqueue(Stored),
+            Enqueue(EnqueueOutcome::UnknownRecipient),
+        ]
+    );
+    assert_eq!(held(&store, "bob", "mallory"), (2, 2 * size));
+    assert_eq!(held(&store, "bob", "alice"), (1, size));
+
+    // An ack frees a place in its sender's share (and only there).
+    let out = store
+        .write_queue_batch(
+            &[
+                ack("bob", ids[0], 2),
+                send_from("mallory", "bob", ids[5], 2),
+                send_from("mallory", "bob", ids[6], 2),
+            ],
+            limits,
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        [Ack(true), Enqueue(Stored), Enqueue(SenderShareExceeded)]
+    );
+    assert_eq!(held(&store, "bob", "mallory"), (2, 2 * size));
+
+    // The whole quota still holds: alice's second fills it, and the next,
+    // from someone with nothing queued, is refused for the queue.
+    let out = store
+        .write_queue_batch(
+            &[
+                send_from("alice", "bob", ids[6], 3),
+                send_from("dave", "bob", ids[7], 3),
+            ],
+            limits,
+        )
+        .unwrap();
+    assert_eq!(out, [Enqueue(Stored), Enqueue(QuotaExceeded)]);
+
+    // A message queued without a sender counts for the queue only, and its
+    // ack takes nothing from anyone's share.
+    let (_dir2, other) = open();
+    let id = MessageId([9; 16]);
+    other
+        .enqueue("bob", &id, &envelope(id), 1, limits.quota)
+        .unwrap();
+    assert!(other.ack("bob", &id, 2).unwrap());
+    assert_eq!(held(&other, "bob", "mallory"), (0, 0));
+
+    // Byte shares count too.
+    let (_dir3, bytes) = open();
+    bytes.activate(&account("bob")).unwrap();
+    let by_bytes = QueueLimits {
+        quota: Quota {
+            messages: 100,
+            bytes: 4 * size,
+        },
+        sender_share_percent: 50,
+    };
+    let out = bytes
+        .write_queue_batch(
+            &[
+                send_from("mallory", "bob", ids[0], 1),
+                send_from("mallory", "bob", ids[1], 1),
+                send_from("mallory", "bob", ids[2], 1),
+            ],
+            by_bytes,
+        )
+        .unwrap();
+    assert_eq!(out[2], Enqueue(SenderShareExceeded));
+}
+
+#[test]
+fn the_sweep_gives_back_the_shares_of_expired_messages() {
+    let (_dir, store) = open();
+    store.activate(&account("bob")).unwrap();
+    let limits = QueueLimits {
+        quota: Quota {
+            messages: 2,
+            bytes: 1 << 20,
+        },
+        sender_share_percent: 50,
+    };
+    let (old, new) = (MessageId([1; 16]), MessageId([2; 16]));
+    let out = store
+        .write_queue_batch(&[send_from("mallory", "bob", old, 100)], limits)
+        .unwrap();
+    assert_eq!(out, [QueueOutcome::Enqueue(EnqueueOutcome::Stored)]);
+    let out = store
+        .write_queue_batch(&[send_from("mallory", "bob", new, 900)], limits)
+        .unwrap();
+    assert_eq!(
+        out,
+        [QueueOutcome::Enqueue(EnqueueOutcome::SenderShareExceeded)]
+    );
+    assert_eq!(store.sweep(1000, 500).unwrap().expired_messages, 1);
+    assert_eq!(held(&store, "bob", "mallory"), (0, 0));
+    let out = store
+        .write_queue_batch(&[send_from("mallory", "bob", new, 1000)], limits)
+        .unwrap();
+    assert_eq!(out, [QueueOutcome::Enqueue(EnqueueOutcome::Stored)]);
+    assert_eq!(held(&store, "bob", "mallory").0, 1);
+}
+
+#[test]
+fn shares_are_at_least_one_and_at_most_the_quota() {
+    let quota = Quota {
+        messages: 3,
+        bytes: u64::MAX,
+    };
+    let share = |percent| {
+        QueueLimits {
+            quota,
+            sender_share_percent: percent,
+        }
+        .sender_quota()
+    };
+    assert_eq!(share(50).messages, 1);
+    assert_eq!(share(0).messages, 1, "clamped to 1 %, at least one");
+    assert_eq!(share(100), quota);
+    assert_eq!(share(200), quota, "clamped to 100 %");
+    assert_eq!(share(50).bytes, u64::MAX / 2);
 }
