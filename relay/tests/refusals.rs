@@ -352,9 +352,12 @@ async fn malformed_frames_get_typed_errors_and_do_not_hurt_the_relay() {
     let c = relay.connect().await.unwrap();
 
     // Garbage bytes.
-    let r = raw_request(&c, b"\x00\x00\x00\x05\x01garbage!")
-        .await
-        .unwrap();
+    let garbage = [
+        &[0, 0, 0, 9, securechat_common::protocol::PROTOCOL_VERSION][..],
+        b"garbage!",
+    ]
+    .concat();
+    let r = raw_request(&c, &garbage).await.unwrap();
     assert!(
         matches!(r, Response::Error(ref e) if e.code == ErrorCode::BadRequest),
         "{r:?}"
