@@ -6,6 +6,7 @@
 //! through a `watch` channel so that a request can wait (bounded) for the
 //! manager to reconnect instead of failing at once.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use securechat_common::{IdentityKey, PublicKey};
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::config::AgentConfig;
-use crate::keystore::{self, KeyStoreError, Loaded, LockedKey, Sealer};
-use crate::relay_client::{ClientError, RelayClient};
+use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
+use crate::relay_client::{CertRejection, ClientError, RelayClient};
 use crate::store::{Store, StoreError};
 
 /// How long a request waits for the relay connection to come back.
@@ -46,6 +47,48 @@ pub(crate) struct ReadyKeys {
     pub pending: Option<Arc<IdentityKey>>,
     /// Re-encrypts key files when a passphrase is set.
     pub sealer: Option<Arc<Sealer>>,
+    /// Encrypts the inbox at rest.
+    pub inbox: InboxKey,
+}
+
+impl ReadyKeys {
+    /// Every key file with its plaintext, for [`keystore::reseal_all`].
+    pub(crate) fn files(
+        &self,
+        paths: &crate::paths::Paths,
+    ) -> Result<keystore::KeyFiles, KeyStoreError> {
+        let mut files = vec![(
+            paths.identity_key(),
+            keystore::identity_payload(&self.current)?,
+        )];
+        for k in &self.old {
+            files.push((
+                keystore::archive_path(&paths.old_keys(), k),
+                keystore::identity_payload(k)?,
+            ));
+        }
+        if let Some(k) = &self.pending {
+            files.push((paths.pending_key(), keystore::identity_payload(k)?));
+        }
+        files.push((paths.inbox_key(), self.inbox.payload()));
+        Ok(files)
+    }
+}
+
+/// Load (or make) the inbox key with the identity's protection, and encrypt
+/// inbox records an earlier version left in plain text.
+pub(crate) fn open_inbox(
+    paths: &crate::paths::Paths,
+    store: &Store,
+    sealer: Option<&Sealer>,
+) -> Result<InboxKey, KeyStoreError> {
+    let key = keystore::load_or_create_inbox_key(&paths.inbox_key(), sealer)?;
+    match store.seal_legacy_inbox(&key) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("encrypted {n} inbox message(s) stored by an earlier version"),
+        Err(e) => tracing::error!("encrypting the inbox of an earlier version: {e}"),
+    }
+    Ok(key)
 }
 
 /// The relay connection as the rest of the agent sees it.
@@ -53,6 +96,9 @@ pub(crate) struct ReadyKeys {
 pub(crate) struct Conn {
     pub client: Option<Arc<RelayClient>>,
     pub logged_in: bool,
+    /// The last attempt found a relay whose certificate was refused: the
+    /// answer to requests until a connection succeeds.
+    pub refused: Option<IpcError>,
 }
 
 #[derive(Default)]
@@ -75,6 +121,8 @@ pub struct Agent {
     /// Serialises finishing or undoing an interrupted rotation (short, no I/O
     /// with the relay while held).
     rotation: Mutex<()>,
+    /// One send at a time per recipient (see `commands::send_one`).
+    send_lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -132,6 +180,9 @@ impl From<ClientError> for IpcError {
                 out.relay_code = Some(reply.code);
                 out
             }
+            ClientError::CertificateRejected { addr, rejection } => {
+                certificate_refused(&addr.to_string(), &rejection)
+            }
             ClientError::Connect { .. } | ClientError::Connection(_) | ClientError::Stream(_) => {
                 err(
                     IpcErrorKind::RelayUnavailable,
@@ -141,6 +192,79 @@ impl From<ClientError> for IpcError {
             other => err(IpcErrorKind::Internal, other.to_string()),
         }
     }
+}
+
+/// What a refused relay certificate means and how to re-pin it after
+/// checking; `relay` is the relay's `HOST:PORT`.
+pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> IpcError {
+    let check = "check the certificate on the relay host with `relay fingerprint --data-dir DIR`";
+    let (what, fix) = match rejection {
+        CertRejection::PinMismatch {
+            expected,
+            presented,
+        } => {
+            let presented = hex::encode(presented);
+            (
+                format!(
+                    "the relay at {relay} presented a different certificate than the pinned one; \
+                     agentd refused it and sent nothing.\n  \
+                     pinned:    sha256:{}\n  presented: sha256:{presented}\n\
+                     This is expected if the relay's certificate was replaced (for example a \
+                     new data directory); otherwise someone may be intercepting the connection.",
+                    hex::encode(expected)
+                ),
+                format!(
+                    "To re-pin: {check}; only if it prints sha256:{presented}, restart agentd \
+                     with `--relay {relay} --relay-fingerprint sha256:{presented}`."
+                ),
+            )
+        }
+        CertRejection::UnknownIssuer => (
+            format!(
+                "the certificate of the relay at {relay} is not signed by the CA given with \
+                 --relay-cert; agentd refused it and sent nothing."
+            ),
+            format!(
+                "Give the CA that issued it with --relay-cert, or pin the certificate instead: \
+                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 sha256:...` (the fingerprint it printed)."
+            ),
+        ),
+        CertRejection::NameMismatch {
+            expected,
+            presented,
+        } => (
+            format!(
+                "the certificate of the relay at {relay} is not valid for the name {expected} \
+                 (it is for: {}); agentd refused it and sent nothing.",
+                if presented.is_empty() {
+                    "names that could not be read".to_string()
+                } else {
+                    presented.join(", ")
+                }
+            ),
+            format!(
+                "Use a name the certificate carries in --relay, or pin the certificate instead: \
+                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 sha256:...` (the fingerprint it printed)."
+            ),
+        ),
+        other => (
+            format!(
+                "the certificate of the relay at {relay} was refused ({other}); agentd sent \
+                 nothing."
+            ),
+            format!(
+                "Have the relay's certificate fixed, or pin it instead: {check}, then restart \
+                 agentd with `--relay {relay} --relay-fingerprint sha256:...` (the fingerprint \
+                 it printed)."
+            ),
+        ),
+    };
+    err(
+        IpcErrorKind::CertificateRejected,
+        format!("{what}\n{fix} Until then agentd retries only slowly."),
+    )
 }
 
 /// The pending key of an interrupted rotation, if one is on disk and opens.
@@ -199,6 +323,7 @@ impl Agent {
                     old: old.into_iter().map(Arc::new).collect(),
                     pending: load_pending(paths, None),
                     sealer: None,
+                    inbox: open_inbox(paths, &store, None)?,
                 })
             }
         };
@@ -220,11 +345,29 @@ impl Agent {
             reconnect: Notify::new(),
             op_lock: tokio::sync::Mutex::new(()),
             rotation: Mutex::new(()),
+            send_lanes: Mutex::new(HashMap::new()),
         })
     }
 
     pub(crate) fn rotation_guard(&self) -> MutexGuard<'_, ()> {
         lock(&self.rotation)
+    }
+
+    /// Ask the connection manager for a fresh connection (after logout,
+    /// rotate-key, unlock). A request made while it is busy connecting is
+    /// kept (a stored permit) rather than lost, and acted on once it
+    /// listens again.
+    pub(crate) fn request_reconnect(&self) {
+        self.reconnect.notify_one();
+    }
+
+    /// The lock that orders sends to `user`.
+    pub(crate) fn send_lane(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut lanes = lock(&self.send_lanes);
+        if lanes.len() > 1024 {
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
+        }
+        lanes.entry(user.to_string()).or_default().clone()
     }
 
     /// The unlocked keys, or why there are none.
@@ -263,7 +406,17 @@ impl Agent {
     }
 
     pub(crate) fn set_conn(&self, client: Option<Arc<RelayClient>>, logged_in: bool) {
-        self.conn.send_replace(Conn { client, logged_in });
+        self.conn.send_replace(Conn {
+            client,
+            logged_in,
+            refused: None,
+        });
+    }
+
+    /// Record whether the last connection attempt refused the relay's
+    /// certificate (`None`: it failed for another reason).
+    pub(crate) fn set_refused(&self, refused: Option<IpcError>) {
+        self.conn.send_modify(|c| c.refused = refused);
     }
 
     pub(crate) fn set_logged_in(&self, logged_in: bool) {
@@ -295,6 +448,9 @@ impl Agent {
     }
 
     fn unavailable(&self) -> IpcError {
+        if let Some(refused) = self.conn.borrow().refused.clone() {
+            return refused;
+        }
         let why = lock(&self.flags)
             .last_error
             .clone()
@@ -309,11 +465,11 @@ impl Agent {
     pub(crate) async fn any_client(&self) -> Result<Arc<RelayClient>, IpcError> {
         self.relay_configured()?;
         let mut rx = self.conn.subscribe();
-        let client =
-            match tokio::time::timeout(READY_WAIT, rx.wait_for(|c| c.client.is_some())).await {
-                Ok(Ok(c)) => c.client.clone(),
-                _ => None,
-            };
+        let ready = rx.wait_for(|c| c.client.is_some() || c.refused.is_some());
+        let client = match tokio::time::timeout(READY_WAIT, ready).await {
+            Ok(Ok(c)) => c.client.clone(),
+            _ => None,
+        };
         client.ok_or_else(|| self.unavailable())
     }
 
@@ -344,7 +500,7 @@ impl Agent {
         let mut rx = self.conn.subscribe();
         let ready = tokio::time::timeout(
             READY_WAIT,
-            rx.wait_for(|c| c.client.is_some() && c.logged_in),
+            rx.wait_for(|c| (c.client.is_some() && c.logged_in) || c.refused.is_some()),
         )
         .await;
         let client = match ready {
@@ -452,7 +608,11 @@ impl Agent {
             has_key,
             fingerprint,
             unread: self.store.unread_count()?,
-            held: self.store.held_list()?,
+            held: self
+                .store
+                .held_newest(securechat_common::ipc::STATUS_HELD_SHOWN)?,
+            held_count: self.store.held_count()?,
+            sequence_alerts: self.store.sequence_alerts()?,
             rejected: self.store.rejected_list()?,
             last_error: flags.last_error.clone(),
         })

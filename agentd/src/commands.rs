@@ -2,18 +2,20 @@
 
 use std::sync::Arc;
 
+use securechat_common::crypto::{CryptoError, Fingerprint};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::{
     BroadcastFailure, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SentInfo,
+    MAX_MARK_READ,
 };
 use securechat_common::limits::{
     validate_email, validate_password, validate_username, MAX_MESSAGE_LEN,
 };
-use securechat_common::protocol::{Request, Response};
+use securechat_common::protocol::{AckOutcome, Request, Response};
 use securechat_common::{IdentityKey, MessageId};
 use zeroize::Zeroizing;
 
-use crate::agent::{err, load_pending, now_ms, Agent, Keys, ReadyKeys};
+use crate::agent::{err, load_pending, now_ms, open_inbox, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
 use crate::receive::{deliver, open_any};
 use crate::relay_client::{ClientError, RelayClient};
@@ -61,9 +63,7 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
             ))
         }
         IpcRequest::Broadcast { text } => broadcast(agent, text).await,
-        IpcRequest::Inbox { all } => Ok(IpcResponse::Inbox {
-            messages: agent.store.take_inbox(all, None)?,
-        }),
+        IpcRequest::MarkRead { ids } => mark_read(agent, &ids),
         IpcRequest::Online => {
             let (client, _) = agent.logged_in_client().await?;
             Ok(IpcResponse::Online {
@@ -71,11 +71,14 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
             })
         }
         IpcRequest::Fingerprint { user } => fingerprint(agent, user).await,
-        IpcRequest::Trust { user } => trust(agent, user).await,
+        IpcRequest::Trust { user, fingerprint } => trust(agent, user, fingerprint).await,
         IpcRequest::RotateKey { password, totp } => rotate_key(agent, password, totp).await,
         IpcRequest::Unlock { passphrase } => unlock(agent, passphrase).await,
         IpcRequest::SetPassphrase { passphrase } => set_passphrase(agent, passphrase).await,
-        IpcRequest::Hello { .. } | IpcRequest::Watch { .. } => Err(err(
+        IpcRequest::Hello { .. }
+        | IpcRequest::Watch { .. }
+        | IpcRequest::Inbox { .. }
+        | IpcRequest::Held => Err(err(
             IpcErrorKind::BadRequest,
             "this request is not allowed here",
         )),
@@ -109,6 +112,7 @@ async fn register(
                 old: Vec::new(),
                 pending: None,
                 sealer: None,
+                inbox: open_inbox(&agent.config.paths, &agent.store, None)?,
             };
             agent.set_keys(Keys::Ready(keys.clone()));
             keys
@@ -234,14 +238,25 @@ async fn login(
 
 async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
     let conn = agent.conn();
+    // A connection whose session the relay ended (or that had none) is
+    // clean and stays up, so a `login` right after uses it. One that did
+    // not answer may still carry the session: it is replaced.
+    let mut clean = true;
     if let (Some(client), true) = (conn.client, conn.logged_in) {
-        if let Err(e) = client.call(&Request::Logout).await {
-            tracing::warn!("logout on the relay failed: {e}");
+        match client.call(&Request::Logout).await {
+            Ok(_) | Err(ClientError::Relay(_)) => {}
+            Err(e) => {
+                tracing::warn!("logout on the relay failed: {e}; reconnecting");
+                clean = false;
+            }
         }
     }
     keystore::remove_session(&agent.config.paths.session())?;
     agent.set_logged_in(false);
-    agent.reconnect.notify_waiters();
+    if !clean {
+        agent.set_conn(None, false);
+        agent.request_reconnect();
+    }
     Ok(IpcResponse::Ok)
 }
 
@@ -269,24 +284,58 @@ pub(crate) async fn send_one(
     let keys = agent.ready_keys()?;
     let recipient_key = agent.recipient_key(client, to).await?;
     let id = MessageId::random().map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
+    // One send per recipient at a time, so that numbers go out in order and
+    // a refused one can be given back.
+    let lane = agent.send_lane(to);
+    let _lane = lane.lock().await;
+    let seq = agent.store.reserve_seq(to)?;
     let params = SealParams {
         sender_key: &keys.current,
         sender: me,
         recipient: to,
         recipient_key: &recipient_key,
         id,
+        seq,
         timestamp_ms: now_ms(),
     };
-    let envelope =
-        seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
-    match client.call(&Request::Send { envelope }).await? {
-        Response::Stored { id, duplicate } => Ok(SentInfo {
+    let sealed =
+        seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()));
+    let answer = match sealed {
+        Ok(envelope) => client.call(&Request::Send { envelope }).await,
+        Err(e) => {
+            agent.store.release_seq(to, seq)?;
+            return Err(e);
+        }
+    };
+    match answer {
+        Ok(Response::Stored { id, duplicate }) => Ok(SentInfo {
             to: to.to_string(),
             id: id.to_string(),
             duplicate,
         }),
-        other => Err(unexpected("Send", &other)),
+        // A refusal: the relay stored nothing, the number is free again.
+        // (Without an answer it may have stored it: the number stays used.)
+        Err(e @ ClientError::Relay(_)) => {
+            agent.store.release_seq(to, seq)?;
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+        Ok(other) => Err(unexpected("Send", &other)),
     }
+}
+
+fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
+    if ids.len() > MAX_MARK_READ {
+        return Err(invalid(format!(
+            "at most {MAX_MARK_READ} ids per mark_read request"
+        )));
+    }
+    let ids = ids
+        .iter()
+        .map(|s| MessageId::from_hex(s).ok_or_else(|| invalid(format!("not a message id: {s:?}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    agent.store.mark_read(&ids)?;
+    Ok(IpcResponse::Ok)
 }
 
 async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError> {
@@ -312,6 +361,7 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
             directory: None,
         }));
     };
+    validate_username(&user).map_err(invalid)?;
     let pinned = agent
         .store
         .pin(&user)?
@@ -336,11 +386,29 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
     }))
 }
 
-async fn trust(agent: &Agent, user: String) -> Result<IpcResponse, IpcError> {
+async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcResponse, IpcError> {
     validate_username(&user).map_err(invalid)?;
+    let Some(wanted) = Fingerprint::parse(&fingerprint) else {
+        return Err(invalid(
+            "the fingerprint must be 64 hex digits, as `chat-cli fingerprint <user>` shows it \
+             (spaces and colons are ignored)"
+                .to_string(),
+        ));
+    };
     let (client, me) = agent.logged_in_client().await?;
     let _op = agent.op_lock.lock().await;
     let key = agent.directory_key(&client, &user).await?;
+    if key.fingerprint() != wanted {
+        return Err(err(
+            IpcErrorKind::FingerprintMismatch,
+            format!(
+                "nothing was trusted: the relay's directory gives {user} the key {}, not the one \
+                 you checked. Check the fingerprint with {user} again; if it is right, the relay \
+                 is not serving their key",
+                key.fingerprint()
+            ),
+        ));
+    }
     agent.store.set_pin(&user, key.as_der())?;
     tracing::info!("trusting the key of {user}: {}", key.fingerprint());
     let keys = agent.ready_keys()?;
@@ -348,9 +416,19 @@ async fn trust(agent: &Agent, user: String) -> Result<IpcResponse, IpcError> {
     for env in agent.store.held_from(&user)? {
         match open_any(&env, &me, &keys, &key) {
             Ok(body) => {
-                deliver(agent, &env, &body)?;
-                released += 1;
+                if deliver(agent, &keys, &env, &body, &key, None)? == AckOutcome::Stored {
+                    released += 1;
+                }
             }
+            // Signed by some other key: it stays held, whatever the user
+            // trusts, until the key that signed it is trusted.
+            Err(CryptoError::BadSignature) => agent.store.set_held_reason(
+                &env,
+                &format!(
+                    "signed by neither the pinned key nor {}; still held",
+                    key.fingerprint()
+                ),
+            )?,
             Err(e) => agent.store.reject(&env.id, &env.sender, &e.to_string())?,
         }
     }
@@ -362,7 +440,7 @@ async fn trust(agent: &Agent, user: String) -> Result<IpcResponse, IpcError> {
 }
 
 fn unsettled_rotation(agent: &Agent) -> IpcError {
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     err(
         IpcErrorKind::RelayUnavailable,
         "an earlier key rotation was interrupted and is not settled yet; agentd settles it \
@@ -421,7 +499,7 @@ async fn rotate_key(
         // both; the next connection finds out which one it holds.
         Err(e) => {
             rotation::keep_pending(agent, &new_key);
-            agent.reconnect.notify_waiters();
+            agent.request_reconnect();
             return Err(err(
                 IpcErrorKind::RelayUnavailable,
                 format!(
@@ -442,33 +520,48 @@ async fn rotate_key(
         )?;
     }
     rotation::finish(agent, &new_key)?;
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     Ok(IpcResponse::KeyRotated {
         old_fingerprint: keys.current.public_key().fingerprint().to_string(),
         new_fingerprint: new_key.public_key().fingerprint().to_string(),
     })
 }
 
-async fn unlock(agent: &Agent, passphrase: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
+async fn unlock(
+    agent: &Arc<Agent>,
+    passphrase: Zeroizing<String>,
+) -> Result<IpcResponse, IpcError> {
     let Some(locked) = agent.locked_key() else {
         agent.ready_keys()?;
         return Ok(IpcResponse::Ok);
     };
     let paths = agent.config.paths.clone();
+    let agent2 = Arc::clone(agent);
     let keys = tokio::task::spawn_blocking(move || {
         let (key, sealer) = locked.unlock(&passphrase)?;
         let old = keystore::load_old_keys(&paths.old_keys(), Some(&sealer))?;
-        Ok::<_, keystore::KeyStoreError>(ReadyKeys {
+        let mut keys = ReadyKeys {
             current: Arc::new(key),
             old: old.into_iter().map(Arc::new).collect(),
             pending: load_pending(&paths, Some(&sealer)),
+            inbox: open_inbox(&paths, &agent2.store, Some(&sealer))?,
             sealer: Some(Arc::new(sealer)),
-        })
+        };
+        if keys.sealer.as_ref().is_some_and(|s| s.is_outdated()) {
+            // Written with the first, weaker key derivation: rewrite every
+            // key file under today's parameters, same passphrase.
+            let stronger = Arc::new(Sealer::new(&passphrase)?);
+            let _guard = agent2.rotation_guard();
+            keystore::reseal_all(&paths, &keys.files(&paths)?, Some(&stronger))?;
+            keys.sealer = Some(stronger);
+            tracing::info!("key files re-encrypted with the current passphrase key derivation");
+        }
+        Ok::<_, keystore::KeyStoreError>(keys)
     })
     .await
     .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))??;
     agent.set_keys(Keys::Ready(keys));
-    agent.reconnect.notify_waiters();
+    agent.request_reconnect();
     Ok(IpcResponse::Ok)
 }
 
@@ -494,14 +587,7 @@ async fn set_passphrase(
     if keys.pending.is_none() && paths.pending_key().exists() {
         return Err(unsettled_rotation(agent));
     }
-    let mut files = vec![(paths.identity_key(), &*keys.current)];
-    files.extend(
-        keys.old
-            .iter()
-            .map(|k| (keystore::archive_path(&paths.old_keys(), k), &**k)),
-    );
-    files.extend(keys.pending.iter().map(|k| (paths.pending_key(), &**k)));
-    keystore::reseal_all(paths, &files, sealer.as_deref())?;
+    keystore::reseal_all(paths, &keys.files(paths)?, sealer.as_deref())?;
     agent.set_keys(Keys::Ready(ReadyKeys {
         sealer,
         ..keys.clone()

@@ -3,11 +3,13 @@
 //!
 //! ```text
 //!   ┌─► connect ──fail──► sleep(backoff: 0.2 s · 2ⁿ, cap 10 s, ± jitter) ─┐
+//!   │      │ └─certificate refused─► sleep(cap); requests get the refusal ─┤
 //!   │      │ok                                                            │
 //!   │   resume (token + challenge signature)  ── SessionExpired ─► "login needed"
 //!   │      │                                                              │
 //!   │   publish connection; read pushes until it closes ──────────────────┘
-//!   └── or until asked to reconnect (logout, rotate-key, unlock)
+//!   └── or until asked to reconnect (rotate-key, unlock, a logout the relay
+//!       did not confirm): unpublished, closed, and at once connect again
 //! ```
 
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use securechat_common::crypto::random_bytes;
 use securechat_common::protocol::ErrorCode;
 
-use crate::agent::Agent;
+use crate::agent::{certificate_refused, Agent};
 use crate::keystore;
 use crate::receive;
 use crate::relay_client::{ClientError, RelayClient};
@@ -49,6 +51,12 @@ impl Backoff {
         base.mul_f64(0.75 + f64::from(r) / 510.0)
     }
 
+    /// The longest delay, and the longest from now on (until a reset).
+    pub(crate) fn longest(&mut self) -> Duration {
+        self.next = BACKOFF_CAP;
+        self.step()
+    }
+
     /// Back to the shortest delay after a good connection.
     pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_START;
@@ -68,8 +76,19 @@ pub(crate) async fn run(agent: Arc<Agent>) {
                 .await
             {
                 Ok(c) => Arc::new(c),
+                Err(ClientError::CertificateRejected { rejection, .. }) => {
+                    let refused = certificate_refused(&relay.display, &rejection);
+                    agent.note_error(&refused);
+                    agent.set_refused(Some(refused));
+                    // Retrying soon cannot help: the certificate changes
+                    // only when someone changes the relay or agentd's
+                    // settings. Don't hammer the relay meanwhile.
+                    tokio::time::sleep(backoff.longest()).await;
+                    continue;
+                }
                 Err(e) => {
                     agent.note_error(&e);
+                    agent.set_refused(None);
                     tokio::time::sleep(backoff.step()).await;
                     continue;
                 }
@@ -93,21 +112,28 @@ pub(crate) async fn run(agent: Arc<Agent>) {
             }
         );
         backoff.reset();
-        agent.set_conn(Some(client.clone()), logged_in);
+        // Listen for "reconnect" before the connection is published: a
+        // request that asks right after seeing it is not missed.
         let reconnect = agent.reconnect.notified();
-        tokio::select! {
+        agent.set_conn(Some(client.clone()), logged_in);
+        let asked = tokio::select! {
             r = receive::push_loop(&agent, &client) => {
                 if let Err(e) = r {
                     agent.note_error(format!("connection lost: {e}"));
                 }
+                false
             }
-            _ = reconnect => {
-                tracing::info!("reconnecting as asked");
-                client.close("reconnecting").await;
-            }
-        }
+            _ = reconnect => true,
+        };
+        // Unpublished before it is closed, so that no request picks up a
+        // connection on its way out.
         agent.set_conn(None, false);
-        tokio::time::sleep(backoff.step()).await;
+        if asked {
+            tracing::info!("reconnecting as asked");
+            client.close("reconnecting").await;
+        } else {
+            tokio::time::sleep(backoff.step()).await;
+        }
     }
 }
 
@@ -190,5 +216,10 @@ mod tests {
         }
         b.reset();
         assert!(b.step() <= BACKOFF_START.mul_f64(1.26));
+        // After a refused certificate: the cap at once, and it stays there.
+        for _ in 0..3 {
+            assert!(b.longest() >= BACKOFF_CAP.mul_f64(0.74));
+            assert!(b.step() >= BACKOFF_CAP.mul_f64(0.74));
+        }
     }
 }

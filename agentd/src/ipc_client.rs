@@ -89,6 +89,13 @@ impl IpcClient {
         self.next().await
     }
 
+    /// Send a request without reading an answer: the start of a streamed
+    /// answer (read it with [`IpcClient::next`]), or a `MarkRead` inside a
+    /// `Watch` stream.
+    pub async fn send(&mut self, req: &IpcRequest) -> Result<(), IpcClientError> {
+        Ok(write_msg(&mut self.writer, req).await?)
+    }
+
     /// Read the next answer (for `Watch` streams); an error answer is `Err`.
     pub async fn next(&mut self) -> Result<IpcResponse, IpcClientError> {
         match read_msg::<IpcResponse, _>(&mut self.reader).await? {

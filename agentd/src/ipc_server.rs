@@ -9,7 +9,9 @@ use std::sync::Arc;
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
-use securechat_common::ipc::{IpcErrorKind, IpcRequest, IpcResponse, IPC_VERSION};
+use securechat_common::ipc::{
+    InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse, IPC_VERSION,
+};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::task::JoinSet;
 
@@ -18,6 +20,7 @@ use crate::commands;
 use crate::files::ensure_private_dir;
 use crate::ipc_io::{read_line, write_msg, IoLineError};
 use crate::paths::Paths;
+use crate::store::InboxFilter;
 use crate::AgentError;
 
 /// Create the socket directory (0700) and bind the socket, replacing a
@@ -143,6 +146,8 @@ where
         }
         match req {
             IpcRequest::Watch { from } => return watch(agent, from, reader, w).await,
+            IpcRequest::Inbox { all, from } => inbox(agent, all, from.as_deref(), w).await?,
+            IpcRequest::Held => held(agent, w).await?,
             req => {
                 let resp = commands::handle(agent, req)
                     .await
@@ -153,8 +158,74 @@ where
     }
 }
 
-/// Answer `Ok`, then stream unread messages (from `from`, if given) now and as they arrive,
-/// marking them read, until the client hangs up.
+/// Inbox messages read from the database per page while streaming.
+const PAGE: usize = 64;
+
+/// One page of the inbox after record `after`, or the error to answer.
+fn inbox_page(
+    agent: &Agent,
+    all: bool,
+    from: Option<&str>,
+    after: Option<u64>,
+) -> Result<Vec<(u64, InboxMessage)>, IpcError> {
+    let keys = agent.ready_keys()?;
+    let filter = InboxFilter {
+        all,
+        from,
+        after,
+        limit: PAGE,
+    };
+    Ok(agent.store.inbox_page(&keys.inbox, filter)?)
+}
+
+/// Stream the inbox one `Message` line each, then `End`. Nothing is marked
+/// read: the client does that once it has shown them.
+async fn inbox<W: AsyncWrite + Unpin>(
+    agent: &Agent,
+    all: bool,
+    from: Option<&str>,
+    w: &mut W,
+) -> Result<(), IoLineError> {
+    let mut after = None;
+    let mut count = 0u64;
+    loop {
+        let page = match inbox_page(agent, all, from, after) {
+            Ok(p) => p,
+            Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
+        };
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (_, m) in page {
+            write_msg(w, &IpcResponse::Message(m)).await?;
+            count += 1;
+        }
+    }
+    write_msg(w, &IpcResponse::End { count }).await
+}
+
+/// Stream the held messages, one `Held` line each, then `End`.
+async fn held<W: AsyncWrite + Unpin>(agent: &Agent, w: &mut W) -> Result<(), IoLineError> {
+    let mut after = None;
+    let mut count = 0u64;
+    loop {
+        let page = match agent.store.held_page(after, PAGE) {
+            Ok(p) => p,
+            Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
+        };
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (_, p) in page {
+            write_msg(w, &IpcResponse::Held(p)).await?;
+            count += 1;
+        }
+    }
+    write_msg(w, &IpcResponse::End { count }).await
+}
+
+/// Answer `Ok`, then stream unread messages (from `from`, if given) now and
+/// as they arrive, until the client hangs up. The client marks each one read
+/// with a `MarkRead` line once it has shown it; a message sent here but not
+/// marked stays unread for the next `inbox`.
 async fn watch<R, W>(
     agent: &Arc<Agent>,
     from: Option<String>,
@@ -167,23 +238,37 @@ where
 {
     let mut events = agent.events.subscribe();
     write_msg(w, &IpcResponse::Ok).await?;
+    // Records up to here were sent on this stream already.
+    let mut after = None;
     loop {
-        let msgs = match agent.store.take_inbox(false, from.as_deref()) {
-            Ok(m) => m,
-            Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
-        };
-        for m in msgs {
-            write_msg(w, &IpcResponse::Message(m)).await?;
+        loop {
+            let page = match inbox_page(agent, false, from.as_deref(), after) {
+                Ok(p) => p,
+                Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
+            };
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            for (_, m) in page {
+                write_msg(w, &IpcResponse::Message(m)).await?;
+            }
         }
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             },
-            line = read_line(reader) => match line {
-                // The client sends nothing more; any input or EOF ends the watch.
-                Ok(_) | Err(_) => return Ok(()),
-            },
+            line = read_line(reader) => {
+                let Ok(Some(line)) = line else { return Ok(()) };
+                // Only `mark_read` keeps the stream going; anything else ends it.
+                match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
+                    Ok(IpcRequest::MarkRead { ids }) => {
+                        if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {
+                            return write_msg(w, &IpcResponse::Error(e)).await;
+                        }
+                    }
+                    _ => return Ok(()),
+                }
+            }
         }
     }
 }

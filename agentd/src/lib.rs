@@ -19,7 +19,9 @@
 //! * `commands` — what each chat-cli request does.
 //! * `rotation` — finishing or undoing a key rotation a crash interrupted.
 //! * [`keystore`] — identity key (optionally passphrase-encrypted), old keys, session.
-//! * [`store`] — inbox, pins, seen ids, held and rejected messages.
+//! * [`store`] — the encrypted inbox, pins, seen ids, held and rejected
+//!   messages, sequence numbers.
+//! * `seq` — noticing messages the relay dropped, reordered or replayed.
 //! * [`ipc_client`] / [`ipc_io`] — the local socket protocol's client and line I/O.
 //!
 //! [`run`] is the whole daemon: give it an [`AgentConfig`] and a shutdown
@@ -45,6 +47,7 @@ pub mod paths;
 mod receive;
 pub mod relay_client;
 mod rotation;
+mod seq;
 pub mod store;
 
 pub use config::{AgentConfig, ConfigFile, RelaySettings};

@@ -82,6 +82,11 @@ impl Paths {
         self.home.join("old-keys")
     }
 
+    /// The key that encrypts the inbox (protected like the identity key).
+    pub fn inbox_key(&self) -> PathBuf {
+        self.home.join("inbox.key")
+    }
+
     /// The redb database.
     pub fn database(&self) -> PathBuf {
         self.home.join("agent.redb")

@@ -5,9 +5,15 @@
 //! Deliver(env) ─► seen before? ──yes──► Ack(Stored|Rejected) again
 //!      │no
 //!      ▼
+//! sender a valid username? addressed to us? (else rejected)
+//!      ▼
 //! pinned key (or look up + pin on first contact)
 //!      ▼
-//! open(env) ──ok──► inbox commit ──► Ack(Stored) ──► watchers
+//! open(env) ──ok──► timestamp not far in the future? ──► sequence number
+//!      │              (else rejected)                     (see `seq`)
+//!      │                                                   ▼
+//!      │              inbox commit ──► Ack(Stored) ──► watchers
+//!      │              (a replayed number: rejected, Ack(Rejected))
 //!      │ bad signature, and the directory key differs from the pin
 //!      ├──────────► held (until `trust`) ──► Ack(Stored)
 //!      │ anything else
@@ -22,13 +28,18 @@ use std::sync::Arc;
 use securechat_common::crypto::CryptoError;
 use securechat_common::envelope::{open, Envelope};
 use securechat_common::ipc::InboxMessage;
+use securechat_common::limits::validate_username;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request};
 use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
 use crate::agent::{now_ms, Agent, ReadyKeys};
 use crate::relay_client::{ClientError, RelayClient};
-use crate::store::Seen;
+use crate::store::{Delivery, Seen};
+
+/// How far ahead of agentd's clock a sender's timestamp may be before the
+/// message is refused (a day covers any time zone mistake).
+const MAX_FUTURE_MS: u64 = 24 * 3600 * 1000;
 
 /// Read pushes until the connection ends.
 pub(crate) async fn push_loop(agent: &Arc<Agent>, client: &RelayClient) -> Result<(), ClientError> {
@@ -37,9 +48,13 @@ pub(crate) async fn push_loop(agent: &Arc<Agent>, client: &RelayClient) -> Resul
         agent.set_logged_in(true);
         while let Some(push) = pushes.next().await {
             match push? {
-                Push::Deliver(env) => {
+                Push::Deliver {
+                    envelope: env,
+                    received_unix,
+                } => {
                     let id = env.id;
-                    if let Some(outcome) = decide(agent, client, env).await? {
+                    let relay_ms = received_unix.saturating_mul(1000);
+                    if let Some(outcome) = decide(agent, client, env, relay_ms).await? {
                         client.call(&Request::Ack { id, outcome }).await?;
                     }
                 }
@@ -69,25 +84,69 @@ pub(crate) fn open_any(
     }
 }
 
-/// Store a verified message and tell watchers.
+/// Store a message whose signature verified with `signer`, checking its
+/// timestamp and sequence number, and tell watchers. `relay_ms` is when the
+/// relay stored it, if known (held messages lose it).
 pub(crate) fn deliver(
     agent: &Agent,
+    keys: &ReadyKeys,
     env: &Envelope,
     body: &[u8],
-) -> Result<(), crate::store::StoreError> {
+    signer: &PublicKey,
+    relay_ms: Option<u64>,
+) -> Result<AckOutcome, crate::store::StoreError> {
+    let now = now_ms();
+    // The relay's clock is shown beside the sender's, never trusted to
+    // excuse it: a receive time from the future is dropped.
+    let relay_ms = relay_ms.filter(|&t| t <= now.saturating_add(MAX_FUTURE_MS));
+    if env.timestamp_ms > now.saturating_add(MAX_FUTURE_MS) {
+        let why = format!(
+            "its timestamp ({} ms since 1970) is more than a day in the future: the sender's \
+             clock is wrong",
+            env.timestamp_ms
+        );
+        tracing::warn!("rejected message {} from {}: {why}", env.id, env.sender);
+        agent.store.reject(&env.id, &env.sender, &why)?;
+        return Ok(AckOutcome::Rejected);
+    }
     let msg = InboxMessage {
         id: env.id.to_string(),
         from: env.sender.clone(),
         sent_ms: env.timestamp_ms,
-        received_ms: now_ms(),
+        relay_ms,
+        received_ms: now,
         text: String::from_utf8_lossy(body).into_owned(),
         read: false,
+        seq: env.seq,
+        missing_before: 0,
+        late: false,
     };
-    if agent.store.add_to_inbox(&env.id, &msg)? {
-        tracing::info!("message {} from {} stored", env.id, env.sender);
-        let _ = agent.events.send(msg);
+    let signer = signer.fingerprint().0;
+    match agent.store.deliver(&keys.inbox, &env.id, msg, signer)? {
+        Delivery::Stored(msg) => {
+            if msg.missing_before > 0 {
+                tracing::warn!(
+                    "{} message(s) from {} before number {} are missing",
+                    msg.missing_before,
+                    env.sender,
+                    env.seq
+                );
+            }
+            tracing::info!("message {} from {} stored", env.id, env.sender);
+            let _ = agent.events.send(*msg);
+            Ok(AckOutcome::Stored)
+        }
+        Delivery::Duplicate => Ok(AckOutcome::Stored),
+        Delivery::Replayed => {
+            tracing::warn!(
+                "message {} from {} reuses number {}: replay refused",
+                env.id,
+                env.sender,
+                env.seq
+            );
+            Ok(AckOutcome::Rejected)
+        }
     }
-    Ok(())
 }
 
 fn reject(agent: &Agent, env: &Envelope, reason: &str) -> Option<AckOutcome> {
@@ -110,6 +169,7 @@ async fn decide(
     agent: &Agent,
     client: &RelayClient,
     env: Envelope,
+    relay_ms: u64,
 ) -> Result<Option<AckOutcome>, ClientError> {
     match agent.store.seen(&env.id) {
         Ok(Some(Seen::Inbox | Seen::Held)) => return Ok(Some(AckOutcome::Stored)),
@@ -125,6 +185,10 @@ async fn decide(
     };
     if let Err(e) = env.check_shape() {
         return Ok(reject(agent, &env, &e.to_string()));
+    }
+    // Before the name reaches the directory, the pins or a terminal.
+    if let Err(e) = validate_username(&env.sender) {
+        return Ok(reject(agent, &env, &format!("invalid sender name: {e}")));
     }
     if env.recipient != me {
         let why = format!("addressed to {:?}, not to us", env.recipient);
@@ -157,8 +221,8 @@ async fn decide(
         }
     };
     match open_any(&env, &me, &keys, &pinned) {
-        Ok(body) => match deliver(agent, &env, &body) {
-            Ok(()) => Ok(Some(AckOutcome::Stored)),
+        Ok(body) => match deliver(agent, &keys, &env, &body, &pinned, Some(relay_ms)) {
+            Ok(outcome) => Ok(Some(outcome)),
             Err(e) => {
                 tracing::error!("store: {e}");
                 Ok(None)

@@ -8,18 +8,23 @@
 //! The relay's certificate is trusted either by pinning the SHA-256 of its
 //! DER encoding ([`ServerTrust::Fingerprint`], for the self-signed certificate
 //! a relay makes on first start) or through a CA certificate
-//! ([`ServerTrust::CaCert`], for a relay with a proper certificate).
+//! ([`ServerTrust::CaCert`], for a relay with a proper certificate). A
+//! refused certificate is its own error, [`ClientError::CertificateRejected`]
+//! with a typed [`CertRejection`], apart from a relay that cannot be reached
+//! ([`ClientError::Connect`]): the first needs a person to check the relay,
+//! the second only time.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use securechat_common::codec::{self, CodecError, FrameCodec};
 use securechat_common::crypto::{login_transcript, sha256, CryptoError, IdentityKey, LoginPurpose};
 use securechat_common::limits::MAX_FRAME_LEN;
@@ -40,12 +45,14 @@ pub enum ClientError {
     /// The relay address or TLS settings are unusable.
     #[error("invalid relay settings: {0}")]
     Config(String),
-    /// Connecting (UDP socket, QUIC or TLS handshake) failed.
+    /// The relay could not be reached: no UDP socket, no answer in time, or
+    /// a handshake that failed for another reason than the relay's
+    /// certificate (that is [`ClientError::CertificateRejected`]).
     #[error("cannot connect to the relay at {addr}: {reason}")]
     Connect {
         /// Where we tried.
         addr: SocketAddr,
-        /// What went wrong (a certificate mismatch shows up here).
+        /// What went wrong.
         reason: String,
     },
     /// The connection was lost or closed by the relay.
@@ -66,6 +73,93 @@ pub enum ClientError {
     /// Signing or key handling failed locally.
     #[error("crypto failure: {0}")]
     Crypto(#[from] CryptoError),
+    /// The relay answered, but its TLS certificate was refused in the
+    /// handshake (not the pinned one, not issued by the trusted CA, or not
+    /// valid for the name); nothing was sent.
+    #[error("refused the certificate of the relay at {addr}: {rejection}")]
+    CertificateRejected {
+        /// Where we tried.
+        addr: SocketAddr,
+        /// What was wrong with the certificate.
+        rejection: CertRejection,
+    },
+}
+
+/// Why the relay's TLS certificate was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertRejection {
+    /// The certificate is not the pinned one ([`ServerTrust::Fingerprint`]).
+    #[error(
+        "the relay presented certificate sha256:{}, which does not match the pinned sha256:{}",
+        hex::encode(presented),
+        hex::encode(expected)
+    )]
+    PinMismatch {
+        /// The pinned SHA-256.
+        expected: [u8; 32],
+        /// The SHA-256 of the certificate the relay presented.
+        presented: [u8; 32],
+    },
+    /// The certificate is not signed by a trusted CA ([`ServerTrust::CaCert`]):
+    /// none of them issued it, or the one it names as issuer did not sign it.
+    #[error("the relay's certificate is not signed by the trusted CA")]
+    UnknownIssuer,
+    /// The certificate does not carry the name the relay was reached by.
+    #[error(
+        "the relay's certificate is not valid for {expected} (it names: {})",
+        names(presented)
+    )]
+    NameMismatch {
+        /// The name we asked for (the host given in `--relay`).
+        expected: String,
+        /// The names in the certificate, when known.
+        presented: Vec<String>,
+    },
+    /// Anything else wrong with the certificate: expired, not yet valid,
+    /// badly signed or encoded.
+    #[error("the relay's certificate is not acceptable: {0}")]
+    Invalid(String),
+}
+
+fn names(presented: &[String]) -> String {
+    if presented.is_empty() {
+        "no name we could read".into()
+    } else {
+        presented.join(", ")
+    }
+}
+
+impl CertRejection {
+    /// The typed reason behind a verifier's refusal of the certificate
+    /// presented for `server_name`.
+    fn from_rustls(e: &rustls::Error, server_name: &ServerName<'_>) -> Self {
+        let rustls::Error::InvalidCertificate(cert) = e else {
+            return Self::Invalid(e.to_string());
+        };
+        match cert {
+            CertificateError::Other(other) => other
+                .0
+                .downcast_ref::<CertRejection>()
+                .cloned()
+                .unwrap_or_else(|| Self::Invalid(e.to_string())),
+            // A bad signature in the chain: a CA by the trusted one's name,
+            // but not its key.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownIssuer,
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => Self::NameMismatch {
+                expected: expected.to_str().into_owned(),
+                presented: presented.clone(),
+            },
+            CertificateError::NotValidForName => Self::NameMismatch {
+                expected: server_name.to_str().into_owned(),
+                presented: Vec::new(),
+            },
+            _ => Self::Invalid(e.to_string()),
+        }
+    }
 }
 
 /// How the relay's TLS certificate is trusted.
@@ -81,22 +175,13 @@ pub enum ServerTrust {
 /// 64 hex digits, optionally prefixed with `sha256:` and split by spaces or
 /// colons.
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
-    let trimmed = text.trim();
-    let body = trimmed
-        .strip_prefix("sha256:")
-        .or_else(|| trimmed.strip_prefix("SHA256:"))
-        .unwrap_or(trimmed);
-    let hex_digits: String = body
-        .chars()
-        .filter(|c| !matches!(c, ' ' | ':' | '\t'))
-        .collect();
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(&hex_digits, &mut out).map_err(|_| {
-        ClientError::Config(format!(
-            "relay fingerprint {text:?} is not 64 hex digits (see `relay fingerprint`)"
-        ))
-    })?;
-    Ok(out)
+    securechat_common::crypto::Fingerprint::parse(text)
+        .map(|f| f.0)
+        .ok_or_else(|| {
+            ClientError::Config(format!(
+                "relay fingerprint {text:?} is not 64 hex digits (see `relay fingerprint`)"
+            ))
+        })
 }
 
 /// Read CA certificates from PEM text.
@@ -159,11 +244,11 @@ impl RelayClient {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        let mut tls = match trust {
-            ServerTrust::Fingerprint(fp) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCert { fp, provider }))
-                .with_no_client_auth(),
+        let verifier: Arc<dyn ServerCertVerifier> = match trust {
+            ServerTrust::Fingerprint(fp) => Arc::new(PinnedCert {
+                fp,
+                provider: provider.clone(),
+            }),
             ServerTrust::CaCert(certs) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certs {
@@ -171,9 +256,21 @@ impl RelayClient {
                         .add(cert)
                         .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?;
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?
             }
         };
+        // Either verifier, wrapped only to keep the typed reason of a
+        // refusal (quinn reports a failed handshake as text).
+        let refused = Arc::new(Mutex::new(None));
+        let mut tls = builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(RecordRefusal {
+                inner: verifier,
+                refused: refused.clone(),
+            }))
+            .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let quic =
             QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
@@ -200,7 +297,10 @@ impl RelayClient {
             .connect(addr, server_name)
             .map_err(|e| connect_err(e.to_string()))?
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| match take_refusal(&refused) {
+                Some(rejection) => ClientError::CertificateRejected { addr, rejection },
+                None => connect_err(e.to_string()),
+            })?;
         Ok(Self { endpoint, conn })
     }
 
@@ -372,6 +472,66 @@ impl PushStream {
     }
 }
 
+fn take_refusal(slot: &Mutex<Option<CertRejection>>) -> Option<CertRejection> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Delegates to `inner` and keeps the typed reason when it refuses the
+/// relay's certificate.
+#[derive(Debug)]
+struct RecordRefusal {
+    inner: Arc<dyn ServerCertVerifier>,
+    refused: Arc<Mutex<Option<CertRejection>>>,
+}
+
+impl ServerCertVerifier for RecordRefusal {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(CertRejection::from_rustls(e, server_name));
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
+}
+
 /// Accepts exactly one certificate, identified by the SHA-256 of its DER.
 #[derive(Debug)]
 struct PinnedCert {
@@ -392,10 +552,12 @@ impl ServerCertVerifier for PinnedCert {
         if aws_lc_rs::constant_time::verify_slices_are_equal(&seen, &self.fp).is_ok() {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "relay certificate sha256:{} does not match the pinned sha256:{}",
-                hex::encode(seen),
-                hex::encode(self.fp)
+            let refusal = CertRejection::PinMismatch {
+                expected: self.fp,
+                presented: seen,
+            };
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(refusal)),
             )))
         }
     }

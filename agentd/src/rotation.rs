@@ -67,6 +67,7 @@ pub(crate) fn finish(agent: &Agent, new: &Arc<IdentityKey>) -> Result<ReadyKeys,
         old,
         pending: None,
         sealer: keys.sealer.clone(),
+        inbox: keys.inbox.clone(),
     };
     agent.set_keys(Keys::Ready(ready.clone()));
     tracing::info!(

@@ -1,34 +1,60 @@
 //! The local database (redb): inbox, pinned keys, seen ids, held and
-//! rejected messages, and a few settings.
+//! rejected messages, sequence numbers, and a few settings.
 //!
 //! ```text
-//! inbox     u64 seq   → JSON InboxMessage     (oldest first)
-//! seen      msg id    → u8 (1 inbox, 2 held, 3 rejected)   dedupe
-//! pins      username  → SubjectPublicKeyInfo DER            TOFU pins
-//! held      msg id    → postcard (Envelope, reason, at_ms) sender key changed
-//! rejected  u64 seq   → JSON Problem                        kept for status
-//! settings  name      → text                                account name
+//! inbox          u64 key   → sealed InboxMessage (see below)   oldest first
+//! inbox_unread   u64 key   → 1                                 not yet shown
+//! inbox_ids      msg id    → u64 key                           mark read by id
+//! seen           msg id    → u8 (1 inbox, 2 held, 3 rejected)  dedupe
+//! pins           username  → SubjectPublicKeyInfo DER          TOFU pins
+//! held           msg id    → postcard (Envelope, reason, at_ms) sender key changed
+//! rejected       u64       → JSON Problem                      kept for status
+//! seq_in         sender    → postcard SeqState                 gaps, replays (see `seq`)
+//! seq_out        recipient → u64, the next number to send
+//! seq_alerts     u64       → JSON Problem                      kept for status
+//! settings       name      → text                              account name
 //! ```
 //!
 //! A message is in `inbox` and in `seen` after one commit, and agentd acks
 //! it to the relay only after that commit returned.
+//!
+//! Inbox records are encrypted: `1 │ nonce (12) │ AES-256-GCM(JSON)`, with
+//! the record's key as associated data (so records cannot be swapped), under
+//! the inbox key from `inbox.key` (see `keystore`), which a passphrase
+//! protects like the identity key. Records written by earlier versions
+//! (plain JSON) are encrypted by [`Store::seal_legacy_inbox`] once the key is
+//! at hand. The database file is 0600 in agentd's 0700 home.
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use securechat_common::crypto::random_bytes;
 use securechat_common::envelope::Envelope;
 use securechat_common::ipc::{InboxMessage, Problem};
 use securechat_common::MessageId;
 
+use crate::keystore::InboxKey;
+use crate::seq::{self, SeqState, Verdict};
+
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+const UNREAD: TableDefinition<u64, u8> = TableDefinition::new("inbox_unread");
+const INBOX_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_ids");
 const SEEN: TableDefinition<&[u8], u8> = TableDefinition::new("seen");
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
 const HELD: TableDefinition<&[u8], &[u8]> = TableDefinition::new("held");
 const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
+const SEQ_IN: TableDefinition<&str, &[u8]> = TableDefinition::new("seq_in");
+const SEQ_OUT: TableDefinition<&str, u64> = TableDefinition::new("seq_out");
+const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("seq_alerts");
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 
-/// How many rejected messages `status` keeps.
-const KEEP_REJECTED: u64 = 50;
+/// How many rejected messages and sequence alerts `status` keeps.
+const KEEP_PROBLEMS: u64 = 50;
+
+/// First byte of an encrypted inbox record (plain JSON records start with `{`).
+const SEALED_V1: u8 = 1;
+const INBOX_AAD: &[u8] = b"securechat-inbox-v1\0";
 
 /// Why the database failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +63,12 @@ pub enum StoreError {
     /// redb failed (I/O, corruption, locked by another agentd).
     #[error("database: {0}")]
     Db(Box<redb::Error>),
-    /// A stored record does not decode.
+    /// A stored record does not decode (or does not decrypt with the inbox key).
     #[error("database record is damaged: {0}")]
     Corrupt(String),
+    /// Setting the database file's mode failed.
+    #[error("database file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 macro_rules! db_from {
@@ -58,6 +87,10 @@ db_from!(
     redb::CommitError
 );
 
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
 /// What `seen` remembers about a message id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {
@@ -67,6 +100,31 @@ pub enum Seen {
     Held,
     /// Rejected.
     Rejected,
+}
+
+/// What [`Store::deliver`] did with a verified message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the inbox now, with its sequence flags filled in.
+    Stored(Box<InboxMessage>),
+    /// The id was in the inbox already; nothing changed.
+    Duplicate,
+    /// Its sequence number was delivered before: refused, recorded as
+    /// rejected and as a sequence alert.
+    Replayed,
+}
+
+/// Which inbox messages [`Store::inbox_page`] returns.
+#[derive(Clone, Copy, Debug)]
+pub struct InboxFilter<'a> {
+    /// Read ones too.
+    pub all: bool,
+    /// Only from this sender.
+    pub from: Option<&'a str>,
+    /// Only after this record key (for paging).
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: usize,
 }
 
 /// The agent's database.
@@ -86,17 +144,109 @@ fn next_key<T: ReadableTable<u64, &'static [u8]>>(table: &T) -> Result<u64, Stor
     Ok(table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0))
 }
 
+fn cipher(key: &InboxKey) -> Result<LessSafeKey, StoreError> {
+    UnboundKey::new(&AES_256_GCM, key.as_bytes())
+        .map(LessSafeKey::new)
+        .map_err(|_| corrupt("unusable inbox key"))
+}
+
+fn aad(record: u64) -> Vec<u8> {
+    [INBOX_AAD, &record.to_be_bytes()].concat()
+}
+
+/// Encrypt one inbox message for record `record`.
+fn seal_record(key: &InboxKey, record: u64, msg: &InboxMessage) -> Result<Vec<u8>, StoreError> {
+    let mut body = serde_json::to_vec(msg).map_err(corrupt)?;
+    let nonce = random_bytes::<NONCE_LEN>().map_err(corrupt)?;
+    cipher(key)?
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad(record)),
+            &mut body,
+        )
+        .map_err(|_| corrupt("inbox encryption failed"))?;
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + body.len());
+    out.push(SEALED_V1);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decrypt (or, for a record of an earlier version, parse) record `record`.
+fn open_record(key: &InboxKey, record: u64, bytes: &[u8]) -> Result<InboxMessage, StoreError> {
+    if bytes.first() == Some(&b'{') {
+        return serde_json::from_slice(bytes).map_err(corrupt);
+    }
+    let (Some(&SEALED_V1), Some(nonce), Some(body)) = (
+        bytes.first(),
+        bytes.get(1..1 + NONCE_LEN),
+        bytes.get(1 + NONCE_LEN..),
+    ) else {
+        return Err(corrupt(format!(
+            "inbox record {record} has an unknown format"
+        )));
+    };
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(corrupt)?;
+    let mut body = zeroize::Zeroizing::new(body.to_vec());
+    let plain = cipher(key)?
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad(record)),
+            &mut body,
+        )
+        .map_err(|_| corrupt(format!("inbox record {record} does not decrypt")))?;
+    serde_json::from_slice(plain).map_err(corrupt)
+}
+
+/// Append a problem to a bounded list table.
+fn push_problem(
+    tx: &WriteTransaction,
+    table: TableDefinition<u64, &[u8]>,
+    problem: &Problem,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(problem).map_err(corrupt)?;
+    let mut t = tx.open_table(table)?;
+    let key = next_key(&t)?;
+    t.insert(key, json.as_slice())?;
+    if key >= KEEP_PROBLEMS {
+        t.remove(key - KEEP_PROBLEMS)?;
+    }
+    Ok(())
+}
+
+fn problems(db: &Database, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Problem>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(table)?;
+    let mut out = Vec::with_capacity(t.len()? as usize);
+    for entry in t.iter()? {
+        let (_, v) = entry?;
+        out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+    }
+    Ok(out)
+}
+
+fn held_record(bytes: &[u8]) -> Result<(Envelope, String, u64), StoreError> {
+    postcard::from_bytes(bytes).map_err(corrupt)
+}
+
 impl Store {
-    /// Open (or create) the database; fails if another agentd holds it.
+    /// Open (or create) the database, 0600; fails if another agentd holds it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         let db = Database::create(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let tx = db.begin_write()?;
         {
             tx.open_table(INBOX)?;
+            tx.open_table(UNREAD)?;
+            tx.open_table(INBOX_IDS)?;
             tx.open_table(SEEN)?;
             tx.open_table(PINS)?;
             tx.open_table(HELD)?;
             tx.open_table(REJECTED)?;
+            tx.open_table(SEQ_IN)?;
+            tx.open_table(SEQ_OUT)?;
+            tx.open_table(ALERTS)?;
             tx.open_table(SETTINGS)?;
         }
         tx.commit()?;
@@ -114,72 +264,211 @@ impl Store {
         }))
     }
 
-    /// Store a verified message in the inbox; `false` if its id was seen
-    /// before (nothing added). Committed when this returns.
-    pub fn add_to_inbox(&self, id: &MessageId, msg: &InboxMessage) -> Result<bool, StoreError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut seen = tx.open_table(SEEN)?;
-            if seen.get(id.0.as_slice())?.is_some_and(|v| v.value() == 1) {
-                return Ok(false);
-            }
-            seen.insert(id.0.as_slice(), 1)?;
-            let mut inbox = tx.open_table(INBOX)?;
-            let key = next_key(&inbox)?;
-            let json = serde_json::to_vec(msg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            inbox.insert(key, json.as_slice())?;
-            tx.open_table(HELD)?.remove(id.0.as_slice())?;
-        }
-        tx.commit()?;
-        Ok(true)
-    }
-
-    /// Inbox messages (unread only unless `all`), oldest first; the returned
-    /// ones are marked read in the same transaction. Each carries its read
-    /// state from before this call.
-    pub fn take_inbox(
-        &self,
-        all: bool,
-        from: Option<&str>,
-    ) -> Result<Vec<InboxMessage>, StoreError> {
-        let tx = self.db.begin_write()?;
-        let mut out = Vec::new();
-        {
-            let mut inbox = tx.open_table(INBOX)?;
-            let mut updates = Vec::new();
-            for entry in inbox.iter()? {
+    /// Encrypt inbox records that earlier versions stored as plain JSON,
+    /// keeping their read state. Returns how many were converted.
+    pub fn seal_legacy_inbox(&self, key: &InboxKey) -> Result<usize, StoreError> {
+        let legacy: Vec<(u64, InboxMessage)> = {
+            let tx = self.db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in tx.open_table(INBOX)?.iter()? {
                 let (k, v) = entry?;
-                let msg: InboxMessage = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if (all || !msg.read) && from.is_none_or(|f| f == msg.from) {
-                    if !msg.read {
-                        updates.push((k.value(), msg.clone()));
-                    }
-                    out.push(msg);
+                if v.value().first() == Some(&b'{') {
+                    out.push((k.value(), open_record(key, k.value(), v.value())?));
                 }
             }
-            for (k, mut msg) in updates {
-                msg.read = true;
-                let json =
-                    serde_json::to_vec(&msg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                inbox.insert(k, json.as_slice())?;
+            out
+        };
+        if legacy.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut inbox = tx.open_table(INBOX)?;
+            let mut unread = tx.open_table(UNREAD)?;
+            let mut ids = tx.open_table(INBOX_IDS)?;
+            for (k, msg) in &legacy {
+                if !msg.read {
+                    unread.insert(*k, 1)?;
+                }
+                if let Some(id) = MessageId::from_hex(&msg.id) {
+                    ids.insert(id.0.as_slice(), *k)?;
+                }
+                let sealed = seal_record(
+                    key,
+                    *k,
+                    &InboxMessage {
+                        read: false,
+                        ..msg.clone()
+                    },
+                )?;
+                inbox.insert(*k, sealed.as_slice())?;
             }
         }
         tx.commit()?;
+        Ok(legacy.len())
+    }
+
+    /// Store a verified message in the inbox, checking its sequence number
+    /// (see `seq`) in the same transaction. `signer` is the SHA-256 of the
+    /// key whose signature verified. Committed when this returns.
+    pub fn deliver(
+        &self,
+        key: &InboxKey,
+        id: &MessageId,
+        mut msg: InboxMessage,
+        signer: [u8; 32],
+    ) -> Result<Delivery, StoreError> {
+        let tx = self.db.begin_write()?;
+        let delivery = {
+            let mut seen = tx.open_table(SEEN)?;
+            if seen.get(id.0.as_slice())?.is_some_and(|v| v.value() == 1) {
+                return Ok(Delivery::Duplicate);
+            }
+            let mut seq_in = tx.open_table(SEQ_IN)?;
+            let state: Option<SeqState> = match seq_in.get(msg.from.as_str())? {
+                Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
+                None => None,
+            };
+            let (verdict, next) = seq::check(state.as_ref(), msg.seq, signer);
+            let alert = |reason: String| Problem {
+                id: msg.id.clone(),
+                from: msg.from.clone(),
+                reason,
+                at_ms: now_ms(),
+            };
+            match verdict {
+                Verdict::Replay { highest } => {
+                    let reason = format!(
+                        "replayed: message number {} from {} was delivered before (highest so far \
+                         {highest}); the relay sent it again",
+                        msg.seq, msg.from
+                    );
+                    push_problem(&tx, ALERTS, &alert(reason.clone()))?;
+                    push_problem(&tx, REJECTED, &alert(reason))?;
+                    seen.insert(id.0.as_slice(), 3)?;
+                    tx.open_table(HELD)?.remove(id.0.as_slice())?;
+                    Delivery::Replayed
+                }
+                verdict => {
+                    msg.missing_before = verdict.missing();
+                    msg.late = verdict == Verdict::Late;
+                    msg.read = false;
+                    if let Verdict::Gap { first, last } = verdict {
+                        let reason = if first == last {
+                            format!("1 message from {} is missing (number {first})", msg.from)
+                        } else {
+                            format!(
+                                "{} messages from {} are missing (numbers {first} to {last})",
+                                last - first + 1,
+                                msg.from
+                            )
+                        };
+                        push_problem(&tx, ALERTS, &alert(reason))?;
+                    }
+                    let bytes = postcard::to_stdvec(&next).map_err(corrupt)?;
+                    seq_in.insert(msg.from.as_str(), bytes.as_slice())?;
+                    seen.insert(id.0.as_slice(), 1)?;
+                    let mut inbox = tx.open_table(INBOX)?;
+                    let record = next_key(&inbox)?;
+                    inbox.insert(record, seal_record(key, record, &msg)?.as_slice())?;
+                    tx.open_table(UNREAD)?.insert(record, 1)?;
+                    tx.open_table(INBOX_IDS)?.insert(id.0.as_slice(), record)?;
+                    tx.open_table(HELD)?.remove(id.0.as_slice())?;
+                    Delivery::Stored(Box::new(msg))
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(delivery)
+    }
+
+    /// Inbox messages in the order they arrived, with their record keys, as
+    /// `filter` says. Changes nothing: see [`Store::mark_read`].
+    pub fn inbox_page(
+        &self,
+        key: &InboxKey,
+        filter: InboxFilter<'_>,
+    ) -> Result<Vec<(u64, InboxMessage)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let inbox = tx.open_table(INBOX)?;
+        let unread = tx.open_table(UNREAD)?;
+        let start = filter.after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        if filter.after == Some(u64::MAX) {
+            return Ok(out);
+        }
+        for entry in inbox.range(start..)? {
+            if out.len() >= filter.limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let record = k.value();
+            let is_unread = unread.get(record)?.is_some();
+            if !filter.all && !is_unread {
+                continue;
+            }
+            let mut msg = open_record(key, record, v.value())?;
+            if filter.from.is_some_and(|f| f != msg.from) {
+                continue;
+            }
+            msg.read = !is_unread;
+            out.push((record, msg));
+        }
         Ok(out)
+    }
+
+    /// Mark these messages read; unknown ids are ignored. Returns how many
+    /// changed.
+    pub fn mark_read(&self, ids: &[MessageId]) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = 0;
+        {
+            let by_id = tx.open_table(INBOX_IDS)?;
+            let mut unread = tx.open_table(UNREAD)?;
+            for id in ids {
+                if let Some(record) = by_id.get(id.0.as_slice())? {
+                    changed += u64::from(unread.remove(record.value())?.is_some());
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Unread inbox messages.
     pub fn unread_count(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
-        let mut n = 0;
-        for entry in tx.open_table(INBOX)?.iter()? {
-            let (_, v) = entry?;
-            let msg: InboxMessage = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            n += u64::from(!msg.read);
+        Ok(tx.open_table(UNREAD)?.len()?)
+    }
+
+    /// Take the next sequence number for a message to `user`. It is
+    /// committed before the message is sealed, so that a crash can at worst
+    /// skip a number (the recipient sees a gap), never use one twice.
+    pub fn reserve_seq(&self, user: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write()?;
+        let seq = {
+            let mut t = tx.open_table(SEQ_OUT)?;
+            let seq = t.get(user)?.map_or(1, |v| v.value());
+            t.insert(user, seq + 1)?;
+            seq
+        };
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Give back a number the relay certainly did not store (it refused the
+    /// message), if no later one was taken since.
+    pub fn release_seq(&self, user: &str, seq: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(SEQ_OUT)?;
+            let next = t.get(user)?.map(|v| v.value());
+            if next == Some(seq + 1) {
+                t.insert(user, seq)?;
+            }
         }
-        Ok(n)
+        tx.commit()?;
+        Ok(())
     }
 
     /// The pinned key of `user` (SPKI DER).
@@ -199,8 +488,7 @@ impl Store {
 
     /// Keep an envelope out of the inbox until its sender's key is trusted.
     pub fn hold(&self, env: &Envelope, reason: &str) -> Result<(), StoreError> {
-        let bytes = postcard::to_stdvec(&(env, reason, now_ms()))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let bytes = postcard::to_stdvec(&(env, reason, now_ms())).map_err(corrupt)?;
         let tx = self.db.begin_write()?;
         {
             tx.open_table(HELD)?
@@ -211,40 +499,81 @@ impl Store {
         Ok(())
     }
 
-    fn held_all(&self) -> Result<Vec<(Envelope, String, u64)>, StoreError> {
+    /// Update why a held envelope is held (it stays held).
+    pub fn set_held_reason(&self, env: &Envelope, reason: &str) -> Result<(), StoreError> {
+        self.hold(env, reason)
+    }
+
+    /// Held envelopes from `user`, in the order their sender numbered them.
+    pub fn held_from(&self, user: &str) -> Result<Vec<Envelope>, StoreError> {
         let tx = self.db.begin_read()?;
         let mut out = Vec::new();
         for entry in tx.open_table(HELD)?.iter()? {
             let (_, v) = entry?;
-            let rec: (Envelope, String, u64) =
-                postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push(rec);
+            let (env, _, _) = held_record(v.value())?;
+            if env.sender == user {
+                out.push(env);
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    /// How many messages are held.
+    pub fn held_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(HELD)?.len()?)
+    }
+
+    /// Held messages as problems, at most `limit` after the id `after`
+    /// (paging by id), without keeping their envelopes in memory.
+    pub fn held_page(
+        &self,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Problem)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HELD)?;
+        let mut out = Vec::new();
+        let iter = match &after {
+            Some(a) => t.range::<&[u8]>((
+                std::ops::Bound::Excluded(a.0.as_slice()),
+                std::ops::Bound::Unbounded,
+            ))?,
+            None => t.iter()?,
+        };
+        for entry in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = entry?;
+            let (env, reason, at_ms) = held_record(v.value())?;
+            out.push((
+                env.id,
+                Problem {
+                    id: env.id.to_string(),
+                    from: env.sender,
+                    reason,
+                    at_ms,
+                },
+            ));
         }
         Ok(out)
     }
 
-    /// Held envelopes from `user`.
-    pub fn held_from(&self, user: &str) -> Result<Vec<Envelope>, StoreError> {
-        Ok(self
-            .held_all()?
-            .into_iter()
-            .filter(|(e, _, _)| e.sender == user)
-            .map(|(e, _, _)| e)
-            .collect())
-    }
-
-    /// Held messages, for `status`.
-    pub fn held_list(&self) -> Result<Vec<Problem>, StoreError> {
-        Ok(self
-            .held_all()?
-            .into_iter()
-            .map(|(e, reason, at_ms)| Problem {
-                id: e.id.to_string(),
-                from: e.sender,
-                reason,
-                at_ms,
-            })
-            .collect())
+    /// The newest `limit` held messages, for `status`.
+    pub fn held_newest(&self, limit: usize) -> Result<Vec<Problem>, StoreError> {
+        let mut all: Vec<Problem> = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.held_page(after, 256)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            all.extend(page.into_iter().map(|(_, p)| p));
+            all.sort_by_key(|p| std::cmp::Reverse(p.at_ms));
+            all.truncate(limit);
+        }
+        Ok(all)
     }
 
     /// Record a rejected message (and drop it from `held`, if it was there).
@@ -255,15 +584,9 @@ impl Store {
             reason: reason.to_string(),
             at_ms: now_ms(),
         };
-        let json = serde_json::to_vec(&problem).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let tx = self.db.begin_write()?;
         {
-            let mut rejected = tx.open_table(REJECTED)?;
-            let key = next_key(&rejected)?;
-            rejected.insert(key, json.as_slice())?;
-            if key >= KEEP_REJECTED {
-                rejected.remove(key - KEEP_REJECTED)?;
-            }
+            push_problem(&tx, REJECTED, &problem)?;
             tx.open_table(SEEN)?.insert(id.0.as_slice(), 3)?;
             tx.open_table(HELD)?.remove(id.0.as_slice())?;
         }
@@ -273,17 +596,12 @@ impl Store {
 
     /// Recently rejected messages, oldest first.
     pub fn rejected_list(&self) -> Result<Vec<Problem>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(REJECTED)?;
-        let mut out = Vec::with_capacity(t.len()? as usize);
-        for entry in t.iter()? {
-            let (_, v) = entry?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            );
-        }
-        Ok(out)
+        problems(&self.db, REJECTED)
+    }
+
+    /// Recent gaps and replays in senders' numbering, oldest first.
+    pub fn sequence_alerts(&self) -> Result<Vec<Problem>, StoreError> {
+        problems(&self.db, ALERTS)
     }
 
     /// A setting.
@@ -316,35 +634,66 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn msg(from: &str, text: &str) -> InboxMessage {
+    fn msg(from: &str, seq: u64, text: &str) -> InboxMessage {
         InboxMessage {
-            id: "00".into(),
+            id: hex::encode([seq as u8; 16]),
             from: from.into(),
             sent_ms: 1,
+            relay_ms: None,
             received_ms: 2,
             text: text.into(),
             read: false,
+            seq,
+            missing_before: 0,
+            late: false,
+        }
+    }
+
+    fn id(seq: u64) -> MessageId {
+        MessageId([seq as u8; 16])
+    }
+
+    fn all<'a>() -> InboxFilter<'a> {
+        InboxFilter {
+            all: true,
+            from: None,
+            after: None,
+            limit: usize::MAX,
+        }
+    }
+
+    fn unread<'a>() -> InboxFilter<'a> {
+        InboxFilter {
+            all: false,
+            ..all()
         }
     }
 
     #[test]
-    fn inbox_dedupes_and_marks_read() {
+    fn inbox_dedupes_and_marks_read_only_when_asked() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("a.redb")).unwrap();
-        let id = MessageId([7; 16]);
-        assert!(store.add_to_inbox(&id, &msg("bob", "hi")).unwrap());
-        assert!(!store.add_to_inbox(&id, &msg("bob", "hi")).unwrap());
-        assert_eq!(store.seen(&id).unwrap(), Some(Seen::Inbox));
+        let key = InboxKey::generate().unwrap();
+        let first = store.deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32]);
+        assert!(matches!(first.unwrap(), Delivery::Stored(_)));
+        assert_eq!(
+            store
+                .deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32])
+                .unwrap(),
+            Delivery::Duplicate
+        );
+        assert_eq!(store.seen(&id(1)).unwrap(), Some(Seen::Inbox));
         assert_eq!(store.unread_count().unwrap(), 1);
-        let got = store.take_inbox(false, None).unwrap();
-        assert_eq!(got.len(), 1);
-        assert!(!got[0].read);
-        assert!(store.take_inbox(false, None).unwrap().is_empty());
-        let all = store.take_inbox(true, None).unwrap();
-        assert!(all[0].read);
-        store
-            .reject(&MessageId([8; 16]), "eve", "bad signature")
-            .unwrap();
+        // Listing changes nothing.
+        for _ in 0..2 {
+            let got = store.inbox_page(&key, unread()).unwrap();
+            assert_eq!(got.len(), 1);
+            assert!(!got[0].1.read);
+        }
+        assert_eq!(store.mark_read(&[id(1), id(9)]).unwrap(), 1);
+        assert!(store.inbox_page(&key, unread()).unwrap().is_empty());
+        assert!(store.inbox_page(&key, all()).unwrap()[0].1.read);
+        store.reject(&id(8), "eve", "bad signature").unwrap();
         assert_eq!(store.rejected_list().unwrap().len(), 1);
         store.set_pin("bob", b"der").unwrap();
         assert_eq!(store.pin("bob").unwrap().unwrap(), b"der");
@@ -352,10 +701,111 @@ mod tests {
             .set_settings(&[("username", "alice"), ("pending_username", "")])
             .unwrap();
         assert_eq!(store.setting("username").unwrap().as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn the_inbox_is_encrypted_at_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let key = InboxKey::generate().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            let m = msg("bob", 1, "the eagle lands at midnight");
+            store.deliver(&key, &id(1), m, [0; 32]).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(9).any(|w| w == b"the eagle"));
+        let store = Store::open(&path).unwrap();
+        let other = InboxKey::generate().unwrap();
+        assert!(matches!(
+            store.inbox_page(&other, all()),
+            Err(StoreError::Corrupt(_))
+        ));
         assert_eq!(
-            store.setting("pending_username").unwrap().as_deref(),
-            Some("")
+            store.inbox_page(&key, all()).unwrap()[0].1.text,
+            "the eagle lands at midnight"
         );
+    }
+
+    #[test]
+    fn plain_records_of_earlier_versions_are_sealed_keeping_read_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut inbox = tx.open_table(INBOX).unwrap();
+                for (k, read) in [(0u64, true), (1, false)] {
+                    let m = InboxMessage {
+                        read,
+                        ..msg("bob", k + 1, "old secret")
+                    };
+                    inbox
+                        .insert(k, serde_json::to_vec(&m).unwrap().as_slice())
+                        .unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let key = InboxKey::generate().unwrap();
+        assert_eq!(store.seal_legacy_inbox(&key).unwrap(), 2);
+        assert_eq!(store.seal_legacy_inbox(&key).unwrap(), 0);
+        assert_eq!(store.unread_count().unwrap(), 1);
+        let got = store.inbox_page(&key, all()).unwrap();
+        assert_eq!((got[0].1.read, got[1].1.read), (true, false));
+        drop(store);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(10).any(|w| w == b"old secret"));
+    }
+
+    #[test]
+    fn sequence_gaps_late_arrivals_and_replays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        let deliver = |n: u64, seq: u64| store.deliver(&key, &id(n), msg("bob", seq, "x"), [5; 32]);
+        assert!(matches!(deliver(1, 1).unwrap(), Delivery::Stored(_)));
+        let Delivery::Stored(gap) = deliver(4, 4).unwrap() else {
+            panic!("stored")
+        };
+        assert_eq!(gap.missing_before, 2);
+        let Delivery::Stored(late) = deliver(3, 3).unwrap() else {
+            panic!("stored")
+        };
+        assert!(late.late);
+        // Number 3 again under another id: the relay replays it.
+        assert_eq!(deliver(30, 3).unwrap(), Delivery::Replayed);
+        assert_eq!(store.seen(&id(30)).unwrap(), Some(Seen::Rejected));
+        let alerts = store.sequence_alerts().unwrap();
+        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        assert!(alerts[0].reason.contains("2 messages from bob are missing"));
+        assert!(alerts[1].reason.contains("replayed"));
+        assert_eq!(store.inbox_page(&key, all()).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn sent_numbers_are_reserved_durably_and_given_back_on_refusal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.reserve_seq("bob").unwrap(), 1);
+            assert_eq!(store.reserve_seq("bob").unwrap(), 2);
+            store.release_seq("bob", 2).unwrap();
+            assert_eq!(store.reserve_seq("bob").unwrap(), 2);
+            assert_eq!(store.reserve_seq("carol").unwrap(), 1);
+        }
+        let store = Store::open(&path).unwrap();
+        // A number taken before a crash is never used again.
+        assert_eq!(store.reserve_seq("bob").unwrap(), 3);
+        // An older number cannot be given back once a later one is out.
+        store.release_seq("bob", 2).unwrap();
+        assert_eq!(store.reserve_seq("bob").unwrap(), 4);
     }
 
     #[test]
@@ -364,14 +814,21 @@ mod tests {
         // message is in the database, and a redelivery adds nothing.
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("a.redb");
-        let id = MessageId([9; 16]);
+        let key = InboxKey::generate().unwrap();
         {
             let store = Store::open(&path).unwrap();
-            assert!(store.add_to_inbox(&id, &msg("bob", "once")).unwrap());
+            store
+                .deliver(&key, &id(9), msg("bob", 1, "once"), [0; 32])
+                .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.seen(&id).unwrap(), Some(Seen::Inbox));
-        assert!(!store.add_to_inbox(&id, &msg("bob", "once")).unwrap());
-        assert_eq!(store.take_inbox(true, None).unwrap().len(), 1);
+        assert_eq!(store.seen(&id(9)).unwrap(), Some(Seen::Inbox));
+        assert_eq!(
+            store
+                .deliver(&key, &id(9), msg("bob", 1, "once"), [0; 32])
+                .unwrap(),
+            Delivery::Duplicate
+        );
+        assert_eq!(store.inbox_page(&key, all()).unwrap().len(), 1);
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
 use securechat_agentd::Paths;
-use securechat_common::ipc::{IpcError, IpcRequest, IpcResponse};
+use securechat_common::ipc::{IpcError, IpcRequest, IpcResponse, MAX_MARK_READ};
 use zeroize::Zeroizing;
 
 /// Talk to your securechat agent (agentd).
@@ -85,11 +85,21 @@ enum Command {
         text: String,
     },
     /// Show unread messages (sender, time, text) and mark them read.
+    ///
+    /// Messages count as read only once they have been printed: if chat-cli
+    /// is interrupted, they show again next time. Control characters in
+    /// messages are shown escaped (`\x1b`, `\r`, `\u{202e}`); `--json` gives
+    /// the exact text.
     Inbox {
         /// Show read messages too.
         #[arg(long)]
         all: bool,
+        /// Only messages from this user.
+        #[arg(long, value_name = "USER")]
+        from: Option<String>,
     },
+    /// List messages held because their sender's key changed (see `trust`).
+    Held,
     /// List users connected to the relay now.
     Online,
     /// Send a message to everyone online (sealed for each of them).
@@ -106,10 +116,23 @@ enum Command {
         /// The contact (omit for your own key).
         user: Option<String>,
     },
-    /// Accept a contact's changed key (check the fingerprint with them first).
+    /// Pin a contact's key after checking its fingerprint with them.
+    ///
+    /// Only a key with exactly this fingerprint is pinned: if the relay's
+    /// directory serves another one, nothing changes. Without FINGERPRINT
+    /// (on a terminal) the directory's fingerprint is shown and you are
+    /// asked to confirm it. Held messages signed by that key move to the
+    /// inbox; others stay held.
+    ///
+    ///   chat-cli fingerprint bob        # compare with what bob reads out
+    ///   chat-cli trust bob "1a2b 3c4d …"
+    #[command(verbatim_doc_comment)]
     Trust {
         /// The contact.
         user: String,
+        /// The fingerprint you checked with them (64 hex digits; spaces,
+        /// colons and a `sha256:` prefix are ignored).
+        fingerprint: Option<String>,
     },
     /// Make a new key pair and publish it (needs password + TOTP code).
     RotateKey {
@@ -174,9 +197,10 @@ fn main() -> ExitCode {
                 };
                 eprintln!("{value}");
             } else if let Some(e) = &f.agent {
-                eprintln!("chat-cli: {}", e.message);
+                // The message may quote the relay or another user.
+                eprintln!("chat-cli: {}", output::sanitize(&e.message));
             } else {
-                eprintln!("chat-cli: {:#}", f.error);
+                eprintln!("chat-cli: {}", output::sanitize(&format!("{:#}", f.error)));
             }
             ExitCode::FAILURE
         }
@@ -274,9 +298,158 @@ fn print(json: bool, resp: &IpcResponse) -> Result<()> {
         serde_json::to_writer(&mut out, resp)?;
         writeln!(out)?;
     } else {
-        out.write_all(output::human(resp).as_bytes())?;
+        out.write_all(output::sanitize(&output::human(resp)).as_bytes())?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Mark messages read, in requests of at most [`MAX_MARK_READ`] ids.
+async fn mark_read(client: &mut IpcClient, ids: Vec<String>) -> Result<(), IpcClientError> {
+    for chunk in ids.chunks(MAX_MARK_READ) {
+        client
+            .request(&IpcRequest::MarkRead {
+                ids: chunk.to_vec(),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// `inbox`: print each message as it streams in, and only after all are
+/// printed (and stdout flushed) mark them read.
+async fn inbox(paths: &Paths, json: bool, all: bool, from: Option<String>) -> Result<(), Failure> {
+    let mut client = connect(paths).await?;
+    client.send(&IpcRequest::Inbox { all, from }).await?;
+    let mut shown = Vec::new();
+    let mut collected = Vec::new();
+    let mut printed = 0u64;
+    loop {
+        match client.next().await? {
+            IpcResponse::Message(m) => {
+                printed += 1;
+                if !m.read {
+                    shown.push(m.id.clone());
+                }
+                if json {
+                    collected.push(m);
+                } else {
+                    print(false, &IpcResponse::Message(m))?;
+                }
+            }
+            IpcResponse::End { .. } => break,
+            other => return Err(anyhow::anyhow!("unexpected answer from agentd: {other:?}").into()),
+        }
+    }
+    if json {
+        let doc = serde_json::json!({ "response": "inbox", "messages": collected });
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &doc)?;
+        writeln!(out)?;
+        out.flush()?;
+    } else if printed == 0 {
+        println!(
+            "{}",
+            if all {
+                "no messages"
+            } else {
+                "no new messages"
+            }
+        );
+    }
+    mark_read(&mut client, shown).await?;
+    Ok(())
+}
+
+/// `held`: every message held because its sender's key changed.
+async fn held(paths: &Paths, json: bool) -> Result<(), Failure> {
+    let mut client = connect(paths).await?;
+    client.send(&IpcRequest::Held).await?;
+    let mut collected = Vec::new();
+    loop {
+        match client.next().await? {
+            IpcResponse::Held(p) => {
+                if json {
+                    collected.push(p);
+                } else {
+                    print(false, &IpcResponse::Held(p))?;
+                }
+            }
+            IpcResponse::End { count } => {
+                if json {
+                    let doc = serde_json::json!({ "response": "held", "messages": collected });
+                    println!("{doc}");
+                } else if count == 0 {
+                    println!("no held messages");
+                }
+                return Ok(());
+            }
+            other => return Err(anyhow::anyhow!("unexpected answer from agentd: {other:?}").into()),
+        }
+    }
+}
+
+/// `trust USER [FINGERPRINT]`: without a fingerprint, show the directory's
+/// and ask the user at the terminal to confirm exactly that one.
+async fn trust(
+    paths: &Paths,
+    json: bool,
+    user: String,
+    fingerprint: Option<String>,
+) -> Result<(), Failure> {
+    let mut client = connect(paths).await?;
+    let fingerprint = match fingerprint {
+        Some(f) => f,
+        None => {
+            if json || !std::io::stdin().is_terminal() {
+                return Err(anyhow::anyhow!(
+                    "give the fingerprint you checked with {user}: chat-cli trust {user} \
+                     <fingerprint> (`chat-cli fingerprint {user}` shows the relay's)"
+                )
+                .into());
+            }
+            let info = client
+                .request(&IpcRequest::Fingerprint {
+                    user: Some(user.clone()),
+                })
+                .await?;
+            let IpcResponse::Fingerprint(info) = info else {
+                return Err(anyhow::anyhow!("unexpected answer from agentd: {info:?}").into());
+            };
+            let Some(directory) = info.directory else {
+                return Err(anyhow::anyhow!(
+                    "the relay's directory could not be asked for {user}'s key; try again when \
+                     agentd is connected"
+                )
+                .into());
+            };
+            eprintln!(
+                "{}",
+                output::sanitize(&format!(
+                    "The relay's directory gives {user} the key\n\n    {directory}\n\nCompare it \
+                     with what {user} reads out from `chat-cli fingerprint` on their side."
+                ))
+            );
+            eprint!(
+                "Pin exactly this key for {}? Type yes: ",
+                output::sanitize(&user)
+            );
+            std::io::stderr().flush().ok();
+            let mut answer = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut answer)
+                .context("reading the answer")?;
+            if answer.trim() != "yes" {
+                return Err(anyhow::anyhow!("nothing was trusted").into());
+            }
+            directory
+        }
+    };
+    let resp = client
+        .request(&IpcRequest::Trust { user, fingerprint })
+        .await?;
+    print(json, &resp)?;
     Ok(())
 }
 
@@ -313,7 +486,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             to: user,
             text: message_text(text)?,
         },
-        Command::Inbox { all } => IpcRequest::Inbox { all },
+        Command::Inbox { all, from } => {
+            return runtime()?.block_on(inbox(&paths, json, all, from));
+        }
+        Command::Held => return runtime()?.block_on(held(&paths, json)),
         Command::Online => IpcRequest::Online,
         Command::Broadcast { text } => IpcRequest::Broadcast {
             text: message_text(text)?,
@@ -321,7 +497,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status => IpcRequest::Status,
         Command::Logout => IpcRequest::Logout,
         Command::Fingerprint { user } => IpcRequest::Fingerprint { user },
-        Command::Trust { user } => IpcRequest::Trust { user },
+        Command::Trust { user, fingerprint } => {
+            return runtime()?.block_on(trust(&paths, json, user, fingerprint));
+        }
         Command::RotateKey {
             password_stdin,
             totp,
@@ -388,7 +566,14 @@ async fn chat(paths: &Paths, user: String, json: bool) -> Result<(), Failure> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
-            incoming = watcher.next() => print(json, &incoming?)?,
+            incoming = watcher.next() => {
+                let incoming = incoming?;
+                print(json, &incoming)?;
+                // Printed: now it counts as read.
+                if let IpcResponse::Message(m) = &incoming {
+                    watcher.send(&IpcRequest::MarkRead { ids: vec![m.id.clone()] }).await?;
+                }
+            }
             line = lines.next_line() => {
                 let Some(line) = line.context("reading stdin")? else { break };
                 if line.trim().is_empty() {

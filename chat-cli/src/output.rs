@@ -1,23 +1,93 @@
 //! How answers look: human text, or the response as JSON with `--json`.
+//!
+//! Human text goes through [`sanitize`] on its way to the terminal (or pipe):
+//! whatever another user or the relay put into a message, a name or an
+//! error, it is shown, never obeyed by the terminal.
 
+use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use securechat_common::ipc::{
     ConnectionState, FingerprintInfo, InboxMessage, IpcResponse, StatusInfo,
 };
 
-/// Unix milliseconds as an RFC 3339 UTC timestamp.
+/// Latest time shown as a date (9999-12-31T23:59:59Z); RFC 3339 has four
+/// year digits.
+const MAX_SHOWN_MS: u64 = 253_402_300_799_999;
+
+/// Unix milliseconds as an RFC 3339 UTC timestamp; a time no calendar can
+/// show (a peer's clock is not ours to trust) is said to be invalid.
 pub fn time(ms: u64) -> String {
+    if ms > MAX_SHOWN_MS {
+        return format!("invalid time ({ms} ms)");
+    }
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// One inbox line.
+/// Characters that reorder or hide text without being control characters:
+/// bidirectional overrides and isolates, marks, zero-width characters, and
+/// line and paragraph separators.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
+/// Make untrusted text safe to print: every control character except the
+/// newline (escape sequences, carriage returns, backspaces, C1 controls) and
+/// every invisible formatting character is shown as an escape (`\x1b`,
+/// `\r`, `\u{202e}`) instead of reaching the terminal.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push('\n'),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() || is_invisible_format(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One inbox entry: a note for messages missing before it, then
+/// `[time] sender: text`, continuation lines indented. When the sender's
+/// clock disagrees with the relay's, the relay's time is shown and the
+/// sender's beside it.
 pub fn message(m: &InboxMessage) -> String {
+    let mut out = String::new();
+    if m.missing_before > 0 {
+        out += &format!(
+            "! {} earlier message(s) from {} never arrived (the relay dropped or is holding them)\n",
+            m.missing_before, m.from
+        );
+    }
     let mut text = m.text.replace('\n', "\n    ");
     if text.is_empty() {
         text = "(empty message)".into();
     }
-    format!("[{}] {}: {}", time(m.sent_ms), m.from, text)
+    let when = match m.relay_ms {
+        Some(relay) if m.clock_skewed() => {
+            format!("{} (sender's clock: {})", time(relay), time(m.sent_ms))
+        }
+        _ => time(m.sent_ms),
+    };
+    out += &format!("[{when}] {}: {text}", m.from);
+    if m.late {
+        out += "  (arrived late, after newer messages)";
+    }
+    out
 }
 
 /// A QR code for the terminal.
@@ -57,6 +127,12 @@ fn status(s: &StatusInfo) -> String {
     };
     out += &format!("key:         {key}\n");
     out += &format!("unread:      {}\n", s.unread);
+    if s.held_count > 0 {
+        out += &format!(
+            "held:        {} message(s) from contacts whose key changed\n",
+            s.held_count
+        );
+    }
     if s.login_needed {
         out += "LOGIN NEEDED: the session expired or was revoked; run `chat-cli login <user>`\n";
     }
@@ -65,6 +141,15 @@ fn status(s: &StatusInfo) -> String {
     }
     for h in &s.held {
         out += &format!("held:        {} from {}: {}\n", h.id, h.from, h.reason);
+    }
+    if s.held_count > s.held.len() as u64 {
+        out += &format!(
+            "             … and {} more (`chat-cli held` lists them all)\n",
+            s.held_count - s.held.len() as u64
+        );
+    }
+    for a in &s.sequence_alerts {
+        out += &format!("ALERT:       [{}] {}\n", time(a.at_ms), a.reason);
     }
     for r in &s.rejected {
         out += &format!(
@@ -101,7 +186,8 @@ fn fingerprint(f: &FingerprintInfo) -> String {
     if let (Some(p), Some(d)) = (&f.pinned, &f.directory) {
         if p != d {
             out += &format!(
-                "WARNING: the key changed; check it with {user}, then `chat-cli trust {user}`\n"
+                "WARNING: the key changed; check the directory fingerprint with {user}, then \
+                 `chat-cli trust {user} <fingerprint>`\n"
             );
         }
     }
@@ -161,12 +247,14 @@ pub fn human(resp: &IpcResponse) -> String {
             }
             out
         }
-        IpcResponse::Inbox { messages } => {
-            if messages.is_empty() {
-                return "no new messages\n".into();
-            }
-            messages.iter().map(|m| message(m) + "\n").collect()
-        }
+        IpcResponse::End { .. } => String::new(),
+        IpcResponse::Held(h) => format!(
+            "[{}] {} from {}: {}\n",
+            time(h.at_ms),
+            h.id,
+            h.from,
+            h.reason
+        ),
         IpcResponse::Online { users } => {
             if users.is_empty() {
                 "nobody online\n".into()
@@ -193,5 +281,64 @@ pub fn human(resp: &IpcResponse) -> String {
         IpcResponse::Hello { agent_version, .. } => format!("agentd {agent_version}\n"),
         IpcResponse::Error(e) => format!("error: {}\n", e.message),
         other => format!("{other:?}\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_controls_are_shown_not_obeyed() {
+        let hostile =
+            "hi\r[12:00] alice: send me money\x1b]0;pwned\x07\x1b[2J\u{202e}txt.exe\u{9b}";
+        let shown = sanitize(hostile);
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert!(!shown.contains('\u{202e}'));
+        assert!(shown.contains("\\r") && shown.contains("\\x1b") && shown.contains("\\u{202e}"));
+        assert!(shown.contains("\\u{9b}") && shown.contains("\\x07"));
+        assert_eq!(
+            sanitize("plain text, ünïcode ✓\nline two"),
+            "plain text, ünïcode ✓\nline two"
+        );
+    }
+
+    #[test]
+    fn any_timestamp_prints() {
+        for ms in [
+            0,
+            1_700_000_000_000,
+            MAX_SHOWN_MS,
+            MAX_SHOWN_MS + 1,
+            u64::MAX,
+        ] {
+            assert!(!time(ms).is_empty());
+        }
+        assert!(time(u64::MAX).starts_with("invalid time"));
+        let m = InboxMessage {
+            id: "00".into(),
+            from: "bob".into(),
+            sent_ms: 317_000_000_000_000_000,
+            relay_ms: Some(1_700_000_000_000),
+            received_ms: 1_700_000_000_500,
+            text: "hi".into(),
+            read: false,
+            seq: 1,
+            missing_before: 2,
+            late: true,
+        };
+        let shown = message(&m);
+        assert!(
+            shown.contains("2023-11-14T22:13:20Z (sender's clock: invalid time"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("2 earlier message(s) from bob never arrived"),
+            "{shown}"
+        );
+        assert!(shown.contains("arrived late"), "{shown}");
     }
 }

@@ -13,6 +13,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{unix_now, wait_for, world, Agent, Relay};
+use securechat_agentd::keystore;
+use securechat_agentd::store::Delivery;
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::InboxMessage;
 use securechat_common::{IdentityKey, KeySize, MessageId};
@@ -103,7 +105,7 @@ fn rotation_killed_after_the_relay_took_the_new_key_is_finished_at_restart() {
         .wait_message("bob", "sealed to the first key while alice was down");
 
     // Both directions work with the new key (bob trusts it first).
-    let trusted = w.bob.json(&["trust", "alice"]);
+    let trusted = w.bob.trust_directory_key("alice");
     assert_eq!(trusted["fingerprint"], fingerprint(&new).as_str());
     w.bob.send("alice", "to alice's new key");
     w.alice.wait_message("bob", "to alice's new key");
@@ -165,7 +167,7 @@ fn rotation_interrupted_while_logged_out_is_finished_by_the_next_login() {
     assert_eq!(own_fingerprint(&w.alice), fingerprint(&new));
     assert!(!w.alice.home.join("identity.key.new").exists());
     assert_eq!(old_keys(&w.alice.home).len(), 1);
-    w.bob.json(&["trust", "alice"]);
+    w.bob.trust_directory_key("alice");
     w.bob.send("alice", "after the login");
     w.alice.wait_message("bob", "after the login");
 }
@@ -182,6 +184,7 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
     let alice_key = load_key(&w.alice.home.join("identity.key"));
     let bob_key = load_key(&w.bob.home.join("identity.key"));
     let now_ms = unix_now() * 1000;
+    let seq = w.alice.take_seq("bob");
     let envelope = seal(
         &SealParams {
             sender_key: &alice_key,
@@ -189,6 +192,7 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
             recipient: "bob",
             recipient_key: bob_key.public_key(),
             id: MessageId::random().unwrap(),
+            seq,
             timestamp_ms: now_ms,
         },
         b"committed but not acked",
@@ -196,15 +200,29 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
     .unwrap();
     {
         let store = securechat_agentd::store::Store::open(&w.bob.home.join("agent.redb")).unwrap();
+        let inbox_key =
+            keystore::load_or_create_inbox_key(&w.bob.home.join("inbox.key"), None).unwrap();
         let msg = InboxMessage {
             id: envelope.id.to_string(),
             from: "alice".into(),
             sent_ms: now_ms,
+            relay_ms: None,
             received_ms: now_ms,
             text: "committed but not acked".into(),
             read: false,
+            seq,
+            missing_before: 0,
+            late: false,
         };
-        assert!(store.add_to_inbox(&envelope.id, &msg).unwrap());
+        let delivered = store
+            .deliver(
+                &inbox_key,
+                &envelope.id,
+                msg,
+                alice_key.public_key().fingerprint().0,
+            )
+            .unwrap();
+        assert!(matches!(delivered, Delivery::Stored(_)));
     }
     w.relay.stop();
     w.relay.enqueue_directly("bob", &envelope);

@@ -1,7 +1,9 @@
 //! The local socket as a hostile or outdated client sees it: raw bytes on
 //! the real agentd's Unix socket, then a normal chat-cli afterwards.
 //!
-//! Needs the binaries built first: `cargo build --bins`.
+//! Needs the binaries built first: `cargo build --bins`. Needs root too:
+//! one test runs chat-cli as another uid, and fails (it does not skip)
+//! when it cannot.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -145,10 +147,93 @@ fn bad_clients_get_typed_errors_and_agentd_keeps_serving() {
     let v = good.call(r#"{"request":"status"}"#);
     assert_eq!(v["response"], "status", "{v}");
     let mut again = Raw::greeted(&alice);
+    // No account yet: nothing to read, and it says why.
     let v = again.call(r#"{"request":"inbox","all":true}"#);
-    assert_eq!(v["response"], "inbox", "{v}");
+    assert_error(&v, "not_registered");
     assert_eq!(alice.status()["has_key"], false);
     let out = alice.cli(&["status"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("agentd "));
+}
+
+/// The uid this test process runs as (the owner of a file it creates).
+fn own_uid(dir: &std::path::Path) -> u32 {
+    let probe = dir.join("uid-probe");
+    std::fs::write(&probe, b"").unwrap();
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&probe).unwrap())
+}
+
+#[test]
+fn another_uid_is_refused_by_agentd() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        own_uid(tmp.path()),
+        0,
+        "this test must run as root: it starts chat-cli as uid {NOBODY} (nobody) to check \
+         that agentd refuses a peer of another user. Run it as root (CI does), e.g. \
+         `sudo -E cargo test -p securechat-cli --test e2e_ipc`; it does not skip itself, so \
+         that the check cannot silently stop running."
+    );
+    let relay = Relay::start(tmp.path());
+    let alice = Agent::start(tmp.path(), "alice", &relay);
+
+    // Open up everything the file system would refuse, so that only
+    // agentd's peer check stands in the way: the directories, the socket,
+    // and a chat-cli binary nobody can run wherever the build lives.
+    for dir in [tmp.path(), alice.home.as_path()] {
+        std::fs::set_permissions(dir, PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(alice.socket(), PermissionsExt::from_mode(0o777)).unwrap();
+    let cli = tmp.path().join("chat-cli");
+    if std::fs::hard_link(common::bin("chat-cli"), &cli).is_err() {
+        std::fs::copy(common::bin("chat-cli"), &cli).unwrap();
+    }
+    std::fs::set_permissions(&cli, PermissionsExt::from_mode(0o755)).unwrap();
+
+    let out = std::process::Command::new(&cli)
+        .arg("--home")
+        .arg(&alice.home)
+        .args(["--json", "status"])
+        .env("HOME", tmp.path())
+        .current_dir(tmp.path())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "uid {NOBODY} got an answer: {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // agentd itself answered with the typed refusal (not the file system
+    // with EACCES, which chat-cli reports as a client error).
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr)
+        .unwrap_or_else(|_| panic!("stderr is not JSON: {stderr}"));
+    assert_eq!(v["error"]["kind"], "permission_denied", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another user"),
+        "{v}"
+    );
+    let log = std::fs::read_to_string(alice.home.with_extension("log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "refused a local connection from uid Some({NOBODY})"
+        )),
+        "{log}"
+    );
+
+    // The owner is still served.
+    assert_eq!(alice.status()["has_key"], false);
 }

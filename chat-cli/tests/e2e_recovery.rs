@@ -66,7 +66,7 @@ fn messages_sealed_to_a_rotated_key_still_open() {
         rotated["new_fingerprint"]
     );
 
-    let trusted = w.bob.json(&["trust", "alice"]);
+    let trusted = w.bob.trust_directory_key("alice");
     assert_eq!(trusted["released"], 1, "{trusted}");
     w.bob.wait_message("alice", "sealed to bob's first key");
 
@@ -78,6 +78,7 @@ fn messages_sealed_to_a_rotated_key_still_open() {
     let alice_key =
         IdentityKey::from_pkcs8(&std::fs::read(w.alice.home.join("identity.key")).unwrap())
             .unwrap();
+    let seq = w.alice.take_seq("bob");
     let envelope = seal(
         &SealParams {
             sender_key: &alice_key,
@@ -85,6 +86,7 @@ fn messages_sealed_to_a_rotated_key_still_open() {
             recipient: "bob",
             recipient_key: bob_old.public_key(),
             id: MessageId::random().unwrap(),
+            seq,
             timestamp_ms: unix_now() * 1000,
         },
         b"queued before the rotation",
@@ -105,7 +107,7 @@ fn messages_sealed_to_a_rotated_key_still_open() {
     // before sealing to it.
     let err = w.alice.json_err(&["send", "bob", "refused"]);
     assert_eq!(err["kind"], "key_changed", "{err}");
-    let trusted = w.alice.json(&["trust", "bob"]);
+    let trusted = w.alice.trust_directory_key("bob");
     assert_eq!(trusted["fingerprint"], rotated["new_fingerprint"]);
     w.alice.send("bob", "sealed to bob's new key");
     w.bob.wait_message("alice", "sealed to bob's new key");

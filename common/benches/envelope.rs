@@ -41,6 +41,7 @@ fn main() {
                 recipient: "bob",
                 recipient_key: bob.public_key(),
                 id: MessageId::random().expect("rng"),
+                seq: 1,
                 timestamp_ms: 0,
             };
             let sealed = seal(&params(), &body).expect("seal");

@@ -226,8 +226,28 @@ mod tests {
             let junk: Vec<u8> = (0..64u8)
                 .map(|i| i.wrapping_mul(seed).wrapping_add(7))
                 .collect();
-            let _ = decode::<Request>(&junk);
-            let _ = decode::<Response>(&junk);
+            // As is, its length prefix (0x07...) is over the limit.
+            assert!(matches!(
+                decode::<Request>(&junk),
+                Err(CodecError::TooLarge { .. })
+            ));
+            // In a well-formed frame it reaches the body decoder.
+            let mut framed = BytesMut::new();
+            framed.put_u32(junk.len() as u32 + 1);
+            framed.put_u8(PROTOCOL_VERSION);
+            framed.put_slice(&junk);
+            for result in [
+                decode::<Request>(&framed).map(drop),
+                decode::<Response>(&framed).map(drop),
+            ] {
+                assert!(
+                    matches!(
+                        result,
+                        Ok(()) | Err(CodecError::Malformed(_) | CodecError::TrailingBytes(_))
+                    ),
+                    "{result:?}"
+                );
+            }
         }
     }
 

@@ -282,6 +282,23 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// Read a fingerprint as people copy it: 64 hex digits in either case,
+    /// optionally after `sha256:`, with any spaces, tabs and colons between.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let body = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("SHA256:"))
+            .unwrap_or(text);
+        let digits: String = body
+            .chars()
+            .filter(|c| !matches!(c, ' ' | ':' | '\t'))
+            .collect();
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(digits, &mut out).ok()?;
+        Some(Self(out))
+    }
 }
 
 impl std::fmt::Display for Fingerprint {

@@ -4,14 +4,21 @@
 //! Sealing a message for a recipient:
 //!
 //! 1. a fresh 256-bit key encrypts the body with AES-256-GCM; the header
-//!    (version, id, sender, recipient, timestamp) is the associated data;
+//!    (version, id, sender, recipient, sequence number, timestamp) is the
+//!    associated data;
 //! 2. that key is wrapped with RSA-OAEP-SHA256 for the recipient's key;
 //! 3. the sender signs, with RSA-PSS-SHA256, a transcript binding version,
-//!    id, sender, recipient, timestamp, wrapped key, nonce and ciphertext.
+//!    id, sender, recipient, sequence number, timestamp, wrapped key, nonce
+//!    and ciphertext.
 //!
 //! Opening checks the recipient name, then the signature, and only then
 //! decrypts: a relay that re-addresses, replays into another conversation or
 //! alters any byte is caught before any plaintext exists.
+//!
+//! The sequence number counts the sender's messages to this recipient
+//! (1, 2, 3, …). It is signed, so the relay cannot change it: the
+//! recipient's agent sees a message the relay dropped as a gap, a reordered
+//! one as late, and a replayed one as a number it has seen already.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use serde::{Deserialize, Serialize};
@@ -21,7 +28,7 @@ use crate::crypto::{put_field, random_bytes, CryptoError, IdentityKey, PublicKey
 use crate::limits::{MAX_CIPHERTEXT_LEN, MAX_MESSAGE_LEN, MAX_RSA_OUTPUT_LEN, USERNAME_LEN};
 
 /// Envelope format version.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// A message id: 16 random bytes chosen by the sender; the relay and the
 /// recipient deduplicate on it.
@@ -65,6 +72,8 @@ pub struct Envelope {
     pub sender: String,
     /// Recipient's username.
     pub recipient: String,
+    /// The sender's count of messages to this recipient, from 1.
+    pub seq: u64,
     /// Sender's clock at sealing, Unix milliseconds.
     pub timestamp_ms: u64,
     /// The message key, RSA-OAEP-SHA256 encrypted for the recipient.
@@ -81,11 +90,12 @@ impl Envelope {
     /// The associated data of the body cipher: every header field.
     fn header_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.sender.len() + self.recipient.len());
-        out.extend_from_slice(b"securechat-envelope-v1\0");
+        out.extend_from_slice(b"securechat-envelope-v2\0");
         out.push(self.version);
         out.extend_from_slice(&self.id.0);
         put_field(&mut out, self.sender.as_bytes());
         put_field(&mut out, self.recipient.as_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out
     }
@@ -106,6 +116,9 @@ impl Envelope {
         let bad = |what: &str| Err(CryptoError::Malformed(what.to_string()));
         if self.version != ENVELOPE_VERSION {
             return bad("unknown envelope version");
+        }
+        if self.seq == 0 {
+            return bad("sequence number 0 (they start at 1)");
         }
         for name in [&self.sender, &self.recipient] {
             if !USERNAME_LEN.contains(&name.chars().count()) {
@@ -143,6 +156,8 @@ pub struct SealParams<'a> {
     pub recipient_key: &'a PublicKey,
     /// The message id.
     pub id: MessageId,
+    /// The sender's sequence number for this recipient (from 1).
+    pub seq: u64,
     /// Unix milliseconds.
     pub timestamp_ms: u64,
 }
@@ -159,6 +174,7 @@ pub fn seal(params: &SealParams<'_>, plaintext: &[u8]) -> Result<Envelope, Crypt
         id: params.id,
         sender: params.sender.to_string(),
         recipient: params.recipient.to_string(),
+        seq: params.seq,
         timestamp_ms: params.timestamp_ms,
         wrapped_key: params.recipient_key.wrap_key(key.as_slice())?,
         nonce,
@@ -243,6 +259,7 @@ mod tests {
                 recipient: "bob",
                 recipient_key: p.bob.public_key(),
                 id: MessageId::random().unwrap(),
+                seq: 1,
                 timestamp_ms: 1_700_000_000_000,
             },
             text,
@@ -263,8 +280,9 @@ mod tests {
     fn any_change_to_a_bound_field_fails() {
         let p = keys();
         let env = sealed(&p, b"hi bob");
-        let mutations: [fn(&mut Envelope); 7] = [
+        let mutations: [fn(&mut Envelope); 8] = [
             |e| e.id.0[0] ^= 1,
+            |e| e.seq += 1,
             |e| e.sender = "mallory".into(),
             |e| e.timestamp_ms += 1,
             |e| e.wrapped_key[5] ^= 1,
@@ -299,6 +317,7 @@ mod tests {
             recipient: "bob",
             recipient_key: p.bob.public_key(),
             id: MessageId::random().unwrap(),
+            seq: 1,
             timestamp_ms: 0,
         };
         assert!(matches!(

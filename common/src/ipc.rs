@@ -10,9 +10,20 @@
 //!   │ ◄── {"response":"hello",...}         │  a typed `version_mismatch` error
 //!   │ {"request":"send","to":"bob",...} ─► │  seal, sign, wait for the relay's Stored
 //!   │ ◄── {"response":"sent",...}          │
+//!   │ {"request":"inbox","all":false} ───► │  one `message` line per inbox item,
+//!   │ ◄── {"response":"message",...} ...   │  then `end`; nothing is marked read
+//!   │ ◄── {"response":"end","count":2}     │
+//!   │ {"request":"mark_read","ids":[..]} ► │  once chat-cli has shown them
+//!   │ ◄── {"response":"ok"}                │
 //!   │ {"request":"watch","from":"bob"} ──► │  `ok`, then one `message` line per
-//!   │ ◄── {"response":"message",...} ...   │  inbox item until chat-cli hangs up
+//!   │ ◄── {"response":"message",...} ...   │  inbox item until chat-cli hangs up;
+//!   │ {"request":"mark_read","ids":[..]} ► │  chat-cli marks each one read once shown
 //! ```
+//!
+//! Lists are streamed one item per line, never as one reply, so that no
+//! number or size of messages can push a reply over the line limit; and a
+//! message counts as read only after the client has it, so a client that
+//! dies half way loses nothing.
 //!
 //! Errors cross the socket as [`IpcError`] with a machine-readable
 //! [`IpcErrorKind`], never as bare strings. Every line on either side is
@@ -21,14 +32,22 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::limits::MAX_MESSAGE_LEN;
 use crate::protocol::ErrorCode;
 
 /// Version of this local protocol; the first request ([`IpcRequest::Hello`])
 /// carries it and agentd refuses any other.
-pub const IPC_VERSION: u32 = 1;
+pub const IPC_VERSION: u32 = 2;
 
 /// Longest JSON line either side accepts, newline included.
-pub const MAX_LINE_LEN: usize = 256 * 1024;
+///
+/// Sized for the worst message: JSON escapes a control character as six
+/// bytes (`\u001b`), so a body of [`MAX_MESSAGE_LEN`] such characters takes
+/// six times its size, plus room for the other fields.
+pub const MAX_LINE_LEN: usize = 6 * MAX_MESSAGE_LEN + 64 * 1024;
+
+/// Most message ids one [`IpcRequest::MarkRead`] carries.
+pub const MAX_MARK_READ: usize = 1024;
 
 /// A request from chat-cli to agentd.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,11 +98,25 @@ pub enum IpcRequest {
         /// Message text.
         text: String,
     },
-    /// Read the local inbox; returned messages are marked read.
+    /// Read the local inbox: answered with one `Message` line per message,
+    /// oldest first, then `End`. Nothing is marked read; send `MarkRead`
+    /// for the messages once they are shown.
     Inbox {
         /// Include messages already read.
         all: bool,
+        /// Only messages from this user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
+    /// Mark inbox messages read (after the client has shown them). Inside a
+    /// `Watch` stream it gets no answer.
+    MarkRead {
+        /// Message ids (32 hex digits), at most [`MAX_MARK_READ`].
+        ids: Vec<String>,
+    },
+    /// Messages held because their sender's key changed: one `Held` line
+    /// each, then `End`.
+    Held,
     /// Users connected to the relay now.
     Online,
     /// A key fingerprint: our own (no user), or a contact's pinned and
@@ -92,11 +125,15 @@ pub enum IpcRequest {
         /// Whose key; `None` for our own.
         user: Option<String>,
     },
-    /// Accept a contact's current directory key as the pinned one and
-    /// release messages held because of the change.
+    /// Pin the contact's directory key, but only if its fingerprint is the
+    /// one given (the one the user checked), and release the held messages
+    /// that key signed.
     Trust {
         /// The contact.
         user: String,
+        /// The fingerprint the user checked (64 hex digits; spaces, colons
+        /// and a `sha256:` prefix are ignored).
+        fingerprint: String,
     },
     /// Make a new key pair and publish it after a fresh MFA login.
     RotateKey {
@@ -116,8 +153,9 @@ pub enum IpcRequest {
         passphrase: Option<Zeroizing<String>>,
     },
     /// Stream unread inbox messages (optionally from one user) now and as
-    /// they arrive: answered with `Ok`, then one `Message` line each; they
-    /// are marked read when sent. Ends when the client hangs up.
+    /// they arrive: answered with `Ok`, then one `Message` line each. The
+    /// client sends `MarkRead` lines for what it has shown; any other line,
+    /// or hanging up, ends the stream.
     Watch {
         /// Only messages from this user.
         from: Option<String>,
@@ -140,12 +178,21 @@ impl std::fmt::Debug for IpcRequest {
             IpcRequest::Status => "Status",
             IpcRequest::Send { to, .. } => return write!(f, "Send {{ to: {to:?}, .. }}"),
             IpcRequest::Broadcast { .. } => "Broadcast",
-            IpcRequest::Inbox { all } => return write!(f, "Inbox {{ all: {all} }}"),
+            IpcRequest::Inbox { all, from } => {
+                return write!(f, "Inbox {{ all: {all}, from: {from:?} }}")
+            }
+            IpcRequest::MarkRead { ids } => return write!(f, "MarkRead {{ {} ids }}", ids.len()),
+            IpcRequest::Held => "Held",
             IpcRequest::Online => "Online",
             IpcRequest::Fingerprint { user } => {
                 return write!(f, "Fingerprint {{ user: {user:?} }}")
             }
-            IpcRequest::Trust { user } => return write!(f, "Trust {{ user: {user:?} }}"),
+            IpcRequest::Trust { user, fingerprint } => {
+                return write!(
+                    f,
+                    "Trust {{ user: {user:?}, fingerprint: {fingerprint:?} }}"
+                )
+            }
             IpcRequest::RotateKey { .. } => "RotateKey",
             IpcRequest::Unlock { .. } => "Unlock",
             IpcRequest::SetPassphrase { .. } => "SetPassphrase",
@@ -205,11 +252,13 @@ pub enum IpcResponse {
         /// Not sent, with the reason.
         failed: Vec<BroadcastFailure>,
     },
-    /// Inbox contents.
-    Inbox {
-        /// Messages, oldest first.
-        messages: Vec<InboxMessage>,
+    /// The end of a streamed list (`Inbox`, `Held`).
+    End {
+        /// How many items were sent.
+        count: u64,
     },
+    /// One held message, in the answer to `Held`.
+    Held(Problem),
     /// Users online now.
     Online {
         /// Usernames, sorted.
@@ -233,7 +282,7 @@ pub enum IpcResponse {
         /// Fingerprint of the new, published key.
         new_fingerprint: String,
     },
-    /// One message pushed on a `Watch` stream.
+    /// One inbox message, in the answer to `Inbox` or on a `Watch` stream.
     Message(InboxMessage),
     /// The request failed.
     Error(IpcError),
@@ -266,14 +315,43 @@ pub struct InboxMessage {
     pub id: String,
     /// Sender.
     pub from: String,
-    /// Sender's timestamp, Unix milliseconds.
+    /// Sender's timestamp, Unix milliseconds (the sender's clock: it may be
+    /// wrong; see [`InboxMessage::clock_skewed`]).
     pub sent_ms: u64,
+    /// When the relay stored it, by the relay's clock, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_ms: Option<u64>,
     /// When agentd stored it, Unix milliseconds.
     pub received_ms: u64,
     /// The decrypted text.
     pub text: String,
     /// Whether it had been shown before this answer.
     pub read: bool,
+    /// The sender's sequence number for messages to us.
+    #[serde(default)]
+    pub seq: u64,
+    /// Messages from this sender that should have come before this one and
+    /// have not arrived (the relay dropped or is holding them back).
+    #[serde(default)]
+    pub missing_before: u64,
+    /// It arrived after later messages from the same sender (reordered, or
+    /// delayed by the relay).
+    #[serde(default)]
+    pub late: bool,
+}
+
+/// How far the sender's clock may be from the relay's before a message shows
+/// both times.
+pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
+impl InboxMessage {
+    /// True when the sender's timestamp is more than [`CLOCK_SKEW_MS`] from
+    /// the relay's receive time (or from agentd's, when the relay's is
+    /// unknown).
+    pub fn clock_skewed(&self) -> bool {
+        let reference = self.relay_ms.unwrap_or(self.received_ms);
+        self.sent_ms.abs_diff(reference) > CLOCK_SKEW_MS
+    }
 }
 
 /// A key's fingerprints as agentd sees them.
@@ -342,13 +420,24 @@ pub struct StatusInfo {
     pub fingerprint: Option<String>,
     /// Unread inbox messages.
     pub unread: u64,
-    /// Messages held because the sender's key changed (run `trust`).
+    /// The newest messages held because the sender's key changed (run
+    /// `trust`); at most [`STATUS_HELD_SHOWN`], `held_count` has them all.
     pub held: Vec<Problem>,
+    /// How many messages are held in all (`chat-cli held` lists them).
+    #[serde(default)]
+    pub held_count: u64,
+    /// Recent gaps and replays in senders' message sequences (the relay
+    /// dropped, reordered or replayed messages).
+    #[serde(default)]
+    pub sequence_alerts: Vec<Problem>,
     /// Recently rejected messages (bad signature, tampered, misaddressed).
     pub rejected: Vec<Problem>,
     /// The last connection error, if any.
     pub last_error: Option<String>,
 }
+
+/// How many held messages `status` lists; `chat-cli held` shows all.
+pub const STATUS_HELD_SHOWN: usize = 20;
 
 /// A typed error sent over the socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +528,13 @@ pub enum IpcErrorKind {
     InvalidInput,
     /// Anything else; agentd's log says more.
     Internal,
+    /// The directory's key for a contact does not have the fingerprint the
+    /// user gave to `trust`; nothing was pinned.
+    FingerprintMismatch,
+    /// The relay's TLS certificate was refused (not the pinned one, not
+    /// issued by the trusted CA, or not valid for the name); agentd retries
+    /// only slowly until someone checks the relay and re-pins it.
+    CertificateRejected,
 }
 
 /// Why a line could not be encoded or decoded.
@@ -492,6 +588,13 @@ mod tests {
                 totp: Zeroizing::new("123456".into()),
             },
             IpcRequest::Watch { from: None },
+            IpcRequest::Inbox {
+                all: true,
+                from: Some("bob".into()),
+            },
+            IpcRequest::MarkRead {
+                ids: vec!["00".repeat(16)],
+            },
         ];
         for req in reqs {
             let line = encode_line(&req).unwrap();
@@ -534,5 +637,34 @@ mod tests {
             Err(LineError::TooLarge(_))
         ));
         assert!(decode_line::<IpcRequest>(b"{\"request\":\"nope\"}").is_err());
+    }
+
+    #[test]
+    fn the_worst_message_fits_one_line() {
+        // Every byte a control character: JSON's most expensive escape.
+        let text: String = std::iter::repeat_n('\u{1}', MAX_MESSAGE_LEN).collect();
+        let msg = InboxMessage {
+            id: "ab".repeat(16),
+            from: "a".repeat(32),
+            sent_ms: u64::MAX,
+            relay_ms: Some(u64::MAX),
+            received_ms: u64::MAX,
+            text: text.clone(),
+            read: false,
+            seq: u64::MAX,
+            missing_before: u64::MAX,
+            late: true,
+        };
+        let line = encode_line(&IpcResponse::Message(msg)).unwrap();
+        assert!(line.len() > 6 * MAX_MESSAGE_LEN);
+        let send = IpcRequest::Send {
+            to: "a".repeat(32),
+            text,
+        };
+        encode_line(&send).unwrap();
+        let ids = IpcRequest::MarkRead {
+            ids: vec!["ab".repeat(16); MAX_MARK_READ],
+        };
+        encode_line(&ids).unwrap();
     }
 }

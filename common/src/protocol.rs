@@ -28,7 +28,7 @@
 //!   │ ◄── Challenge{nonce}                   │
 //!   │ Login{user,password,totp,sig} ──────► │  sig over login_transcript(nonce, TLS exporter)
 //!   │ ◄── LoggedIn{token,unread}             │
-//!   │ ◄═══ Push::Deliver(envelope) ═════════ │  (uni stream)
+//!   │ ◄═══ Push::Deliver{envelope,..} ══════ │  (uni stream)
 //!   │ Ack{id,outcome} ────────────────────► │  relay deletes the message
 //!   │ Send{envelope} ─────────────────────► │  committed to disk before the reply
 //!   │ ◄── Stored{id}                         │
@@ -43,7 +43,7 @@ use zeroize::Zeroizing;
 use crate::envelope::{Envelope, MessageId};
 
 /// Version of this protocol; every frame carries it and a mismatch is refused.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The TLS ALPN identifier of this protocol version.
 pub const ALPN: &[u8] = b"securechat/1";
@@ -281,7 +281,13 @@ impl std::fmt::Debug for Response {
 #[non_exhaustive]
 pub enum Push {
     /// A queued envelope for the logged-in user; answer with [`Request::Ack`].
-    Deliver(Envelope),
+    Deliver {
+        /// The envelope as the sender submitted it.
+        envelope: Envelope,
+        /// When the relay stored it, by the relay's clock (Unix seconds).
+        /// Shown beside the sender's own timestamp when the two disagree.
+        received_unix: u64,
+    },
 }
 
 /// A typed error from the relay, with a human explanation.

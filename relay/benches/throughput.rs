@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("push stream stalled")?
             .context("push stream ended")??;
-        let Push::Deliver(env) = push else {
+        let Push::Deliver { envelope: env, .. } = push else {
             continue;
         };
         received += 1;

@@ -6,7 +6,7 @@
 //!    │                 → handlers::dispatch → one Response frame → finish
 //!    ├─ login deadline: no login or resume in time → closed with a reason
 //!    ├─ session expiry: the login ends, closed with a reason
-//!    └─ after login: push task ─► uni stream: Push::Deliver(queued…, then new…)
+//!    └─ after login: push task ─► uni stream: Push::Deliver{queued…, then new…}
 //! ```
 //!
 //! Bad frames get a typed error reply; a connection that keeps sending them
@@ -449,7 +449,12 @@ async fn push_loop(
                 cursor = queued.seq;
                 let frame = postcard::from_bytes::<Envelope>(&queued.envelope)
                     .map_err(CodecError::from)
-                    .and_then(|env| codec::encode(&Push::Deliver(env)));
+                    .and_then(|envelope| {
+                        codec::encode(&Push::Deliver {
+                            envelope,
+                            received_unix: queued.received_unix,
+                        })
+                    });
                 let frame = match frame {
                     Ok(frame) => frame,
                     Err(e) => {

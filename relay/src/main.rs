@@ -4,6 +4,7 @@
 // terminal rather than rustdoc.
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -319,9 +320,15 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = shutdown_signal()?;
     let relay = Relay::bind(config).await.context("starting the relay")?;
+    // The banner is for whoever started us; if they stopped reading (a
+    // closed pipe), the relay serves on rather than dying of it.
+    let mut out = std::io::stdout().lock();
     for line in relay.banner() {
-        println!("{line}");
+        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            tracing::warn!("cannot print the start-up line {line:?}: {e}");
+        }
     }
+    drop(out);
     relay.run(shutdown).await.context("running the relay")?;
     Ok(())
 }

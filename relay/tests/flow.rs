@@ -61,7 +61,7 @@ async fn next_push(pushes: &mut PushStream) -> Envelope {
         .expect("push stream open")
         .expect("a valid push frame")
     {
-        Push::Deliver(env) => env,
+        Push::Deliver { envelope: env, .. } => env,
         other => panic!("push: {other:?}"),
     }
 }

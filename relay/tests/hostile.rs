@@ -249,10 +249,11 @@ fn cases() -> Vec<Case> {
     vec![
         case!(
             "bytes that are no frame",
-            "00 00 00 05 01 'garbage!'",
+            "00 00 00 09 <this build's protocol version> 'garbage!'",
             Refused(ErrorCode::BadRequest),
             |w| {
-                let r = raw_request(&w.m, b"\x00\x00\x00\x05\x01garbage!").await;
+                let garbage = [&[0, 0, 0, 9, PROTOCOL_VERSION][..], b"garbage!"].concat();
+                let r = raw_request(&w.m, &garbage).await;
                 outcome(w.m.connection(), answered(r))
             }
         ),
@@ -695,7 +696,7 @@ async fn hostile_inputs_get_their_exact_answer_and_honest_users_carry_on() {
         .await;
     assert!(matches!(r, Ok(Response::Stored { .. })), "{r:?}");
     let mut pushes = e.accept_pushes().await.unwrap();
-    let Some(Ok(Push::Deliver(got))) = pushes.next().await else {
+    let Some(Ok(Push::Deliver { envelope: got, .. })) = pushes.next().await else {
         panic!("eve got nothing");
     };
     assert_eq!(got, envelope);
@@ -715,7 +716,7 @@ async fn hostile_inputs_get_their_exact_answer_and_honest_users_carry_on() {
     assert_eq!(logged.unread, w.for_carol.len() as u64);
     let mut pushes = c.accept_pushes().await.unwrap();
     for id in &w.for_carol {
-        let Some(Ok(Push::Deliver(got))) = pushes.next().await else {
+        let Some(Ok(Push::Deliver { envelope: got, .. })) = pushes.next().await else {
             panic!("carol got nothing");
         };
         assert_eq!(got.id, *id);

@@ -468,7 +468,10 @@ async fn one_sender_fills_only_half_of_a_queue_and_is_not_told_about_it() {
     let v = relay.connect().await.unwrap();
     vic.login(&v).await.unwrap();
     let mut pushes = v.accept_pushes().await.unwrap();
-    let Some(Ok(securechat_common::Push::Deliver(first))) = pushes.next().await else {
+    let Some(Ok(securechat_common::Push::Deliver {
+        envelope: first, ..
+    })) = pushes.next().await
+    else {
         panic!("no push");
     };
     assert_eq!(first.sender, "tom");

@@ -348,9 +348,12 @@ async fn malformed_frames_get_typed_errors_and_do_not_hurt_the_relay() {
     let c = relay.connect().await.unwrap();
 
     // Garbage bytes.
-    let r = raw_request(&c, b"\x00\x00\x00\x05\x01garbage!")
-        .await
-        .unwrap();
+    let garbage = [
+        &[0, 0, 0, 9, securechat_common::protocol::PROTOCOL_VERSION][..],
+        b"garbage!",
+    ]
+    .concat();
+    let r = raw_request(&c, &garbage).await.unwrap();
     assert!(
         matches!(r, Response::Error(ref e) if e.code == ErrorCode::BadRequest),
         "{r:?}"
@@ -515,7 +518,8 @@ async fn send_refusals_are_typed_and_store_nothing() {
     assert_eq!(ivy.login(&v).await.unwrap().unread, 2);
     let mut pushes = v.accept_pushes().await.unwrap();
     for _ in 0..2 {
-        let Some(Ok(securechat_common::Push::Deliver(got))) = pushes.next().await else {
+        let Some(Ok(securechat_common::Push::Deliver { envelope: got, .. })) = pushes.next().await
+        else {
             panic!("no push");
         };
         v.call(&Request::Ack {

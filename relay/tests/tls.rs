@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use securechat_agentd::relay_client::{parse_ca_pem, ClientError, RelayClient, ServerTrust};
+use securechat_agentd::relay_client::{
+    parse_ca_pem, CertRejection, ClientError, RelayClient, ServerTrust,
+};
 use securechat_common::protocol::{Request, Response};
 use securechat_relay::tls::TlsSource;
 use securechat_testkit::relay::test_config;
@@ -86,11 +88,31 @@ async fn ca_signed_certificate_is_verified_by_name_and_issuer() {
     // Not logged in, so a typed refusal: the point is that the stream works.
     assert!(matches!(online(&client).await, Response::Error(_)));
 
-    // A name the certificate does not carry.
+    // A name the certificate does not carry: refused for that name, and the
+    // error shows which names it does carry.
     let err = connect(relay.addr(), "elsewhere.example", ServerTrust::CaCert(good))
         .await
         .expect_err("wrong name must be refused");
-    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    match &err {
+        ClientError::CertificateRejected {
+            addr,
+            rejection:
+                CertRejection::NameMismatch {
+                    expected,
+                    presented,
+                },
+        } => {
+            assert_eq!(*addr, relay.addr());
+            assert_eq!(expected, "elsewhere.example");
+            assert!(
+                presented
+                    .iter()
+                    .any(|n| n.contains("relay.securechat.test")),
+                "{presented:?}"
+            );
+        }
+        other => panic!("wanted a name mismatch, got {other:?}"),
+    }
 
     // Another CA.
     let other = parse_ca_pem(other_ca.pem.as_bytes()).expect("CA PEM");
@@ -101,7 +123,16 @@ async fn ca_signed_certificate_is_verified_by_name_and_issuer() {
     )
     .await
     .expect_err("unknown issuer must be refused");
-    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ClientError::CertificateRejected {
+                rejection: CertRejection::UnknownIssuer,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     // Pinning still works with a CA certificate: the pin is the leaf's hash.
     let pinned = connect(
@@ -126,8 +157,38 @@ async fn self_signed_relay_refuses_a_wrong_pin() {
     let err = RelayClient::connect(relay.addr(), ServerTrust::Fingerprint(wrong))
         .await
         .expect_err("a wrong pin must be refused");
+    // Typed, with both fingerprints, and shown to the user.
+    match &err {
+        ClientError::CertificateRejected {
+            rejection:
+                CertRejection::PinMismatch {
+                    expected,
+                    presented,
+                },
+            ..
+        } => {
+            assert_eq!(*expected, wrong);
+            assert_eq!(*presented, relay.fingerprint());
+        }
+        other => panic!("wanted a pin mismatch, got {other:?}"),
+    }
     let text = err.to_string();
     assert!(text.contains("does not match the pinned"), "{text}");
+    assert!(text.contains(&hex::encode(wrong)), "{text}");
     relay.connect().await.expect("the right pin still works");
     relay.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn unreachable_relay_is_not_a_certificate_refusal() {
+    // A UDP port with nobody behind it: the handshake times out (or the
+    // port is reported unreachable), which is not the certificate's fault.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("a free UDP port")
+        .local_addr()
+        .expect("its address");
+    let err = RelayClient::connect(port, ServerTrust::Fingerprint([7; 32]))
+        .await
+        .expect_err("nobody answers there");
+    assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
 }

@@ -32,6 +32,9 @@ pub struct TestUser {
     /// The time TOTP codes are made for: the system clock, or the relay's
     /// adjustable one (see [`TestUser::use_clock`]).
     clock: Clock,
+    /// The last sequence number sealed (one count for all recipients: the
+    /// relay does not look at it).
+    seq: std::sync::atomic::AtomicU64,
 }
 
 fn now_unix() -> u64 {
@@ -81,6 +84,7 @@ impl TestUser {
             totp: None,
             last_step: None,
             clock: Clock::system(),
+            seq: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -199,6 +203,7 @@ impl TestUser {
                 recipient,
                 recipient_key,
                 id: MessageId::random()?,
+                seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 timestamp_ms,
             },
             body,

@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The TOTP time step, seconds (the relay accepts the current step ±1, each
+/// step at most once per account, in increasing order).
+pub const TOTP_STEP: u64 = 30;
+
 /// Generous bound for anything that should happen "soon".
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -359,6 +363,13 @@ impl Agent {
 
     /// Register, verify with the mailed code, and log in with a TOTP code.
     pub fn onboard(&mut self, relay: &Relay) {
+        self.register_and_verify(relay);
+        self.login(0);
+    }
+
+    /// Register and verify with the mailed code (keeps the TOTP secret), not
+    /// logged in yet.
+    pub fn register_and_verify(&mut self, relay: &Relay) {
         let email = format!("{}@example.org", self.name);
         let out = self.register();
         assert!(
@@ -375,7 +386,6 @@ impl Agent {
             .unwrap()
             .starts_with("otpauth://totp/"));
         self.secret = Some(secret);
-        self.login(0);
     }
 
     /// Log in with the TOTP code of the current step plus `step_offset`.
@@ -395,6 +405,11 @@ impl Agent {
 
     /// The TOTP code for now plus `step_offset` 30-second steps.
     pub fn totp(&self, step_offset: u64) -> String {
+        self.totp_at_step(unix_now() / TOTP_STEP + step_offset)
+    }
+
+    /// The TOTP code of 30-second step `step` (Unix seconds / 30).
+    pub fn totp_at_step(&self, step: u64) -> String {
         let secret = self.secret.clone().expect("onboarded");
         let bytes = totp_rs::Secret::Encoded(secret).to_bytes().unwrap();
         let totp = totp_rs::TOTP::new_unchecked(
@@ -406,11 +421,7 @@ impl Agent {
             None,
             String::new(),
         );
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        totp.generate(now + 30 * step_offset)
+        totp.generate(step * TOTP_STEP)
     }
 
     /// `chat-cli rotate-key` with a fresh full login (TOTP of the current
@@ -476,6 +487,31 @@ impl Agent {
             );
             None
         });
+    }
+
+    /// `chat-cli trust <user> <fingerprint>` with the fingerprint the
+    /// directory shows now (what a user does after checking it out of band).
+    pub fn trust_directory_key(&self, user: &str) -> serde_json::Value {
+        // The directory answers once agentd is (back) online.
+        let fp = wait_for(&format!("{}'s directory key for {user}", self.name), || {
+            let info = self.json(&["fingerprint", user]);
+            info["directory"].as_str().map(str::to_string)
+        });
+        self.json(&["trust", user, &fp])
+    }
+
+    /// Take the next sequence number this agent would use for `to`, as a
+    /// message sealed by hand in a test must (agentd is restarted around it:
+    /// redb allows one process per file).
+    pub fn take_seq(&mut self, to: &str) -> u64 {
+        self.stop();
+        let seq = {
+            let store =
+                securechat_agentd::store::Store::open(&self.home.join("agent.redb")).unwrap();
+            store.reserve_seq(to).unwrap()
+        };
+        self.spawn();
+        seq
     }
 
     /// Wait until the inbox (all messages) holds `text`.

@@ -317,6 +317,8 @@ pub struct Queued {
     pub seq: u64,
     /// The message id.
     pub id: MessageId,
+    /// When the relay stored it (Unix seconds).
+    pub received_unix: u64,
     /// The envelope, postcard-encoded as received.
     pub envelope: Vec<u8>,
 }

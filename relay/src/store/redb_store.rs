@@ -453,11 +453,12 @@ impl Store for RedbStore {
             }
             let (key, value) = entry?;
             let (_, seq) = key.value();
-            let (_, envelope) = value.value();
+            let (received_unix, envelope) = value.value();
             let env: securechat_common::Envelope = from_bytes(envelope)?;
             out.push(Queued {
                 seq,
                 id: env.id,
+                received_unix,
                 envelope: envelope.to_vec(),
             });
         }

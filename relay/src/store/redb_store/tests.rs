@@ -20,6 +20,7 @@ fn envelope(id: MessageId) -> Vec<u8> {
         id,
         sender: "alice".into(),
         recipient: "bob".into(),
+        seq: 1,
         timestamp_ms: 1,
         wrapped_key: vec![1; 256],
         nonce: [0; 12],
