@@ -84,8 +84,9 @@ pub struct Config {
     /// How password guessing is slowed down: growing delays per (account,
     /// source) and a ceiling per account. Never applied to `Resume`.
     pub login_limits: LoginLimits,
-    /// Login, resume, register and verify attempts allowed per source (an
-    /// IPv4 address or an IPv6 /64) per window.
+    /// Login, register and verify attempts allowed per source (an IPv4
+    /// address or an IPv6 /64) per window. Resumes are not counted: a
+    /// guesser sharing the owner's address must not use up the owner's.
     pub attempts_per_source: Limit,
     /// Most QUIC connections open at once; more are refused.
     pub max_connections: usize,

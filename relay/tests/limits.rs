@@ -145,6 +145,36 @@ async fn password_guessing_is_slowed_per_source_and_never_locks_the_owner_out() 
 }
 
 #[tokio::test]
+async fn a_guesser_at_the_owners_own_address_never_stops_a_resume() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&smtp));
+    config.attempts_per_source = Limit {
+        max: 5,
+        window: Duration::from_secs(60),
+    };
+    let relay = TestRelay::start(config).await.unwrap();
+    let mut yan = TestUser::new("yan").unwrap();
+    let c = relay.connect().await.unwrap();
+    yan.register(&c, &smtp).await.unwrap();
+    let token = yan.login(&c).await.unwrap().token.unwrap();
+    // Someone behind yan's own address (everything here is 127.0.0.1)
+    // guesses until the address has no attempts left...
+    let guesser = SourceClient::connect(&relay, from(1)).await.unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(refusal(guess(&guesser, &yan).await).unwrap().code);
+    }
+    assert_eq!(codes.last(), Some(&ErrorCode::RateLimited), "{codes:?}");
+    // ...and yan's agent resumes all the same, again and again.
+    for _ in 0..3 {
+        let again = relay.connect().await.unwrap();
+        again.resume("yan", &token, &yan.key).await.unwrap();
+    }
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn retried_registrations_do_not_delay_the_owners_login() {
     let smtp = SmtpServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -18,9 +18,10 @@
 //! only the holder of both the password and a fresh code learns that the
 //! signature failed ([`ErrorCode::InvalidSignature`]).
 //!
-//! A resume involves no password and no guessing limit: a valid session
-//! token and a fresh signature by the account key always get in, whatever
-//! others have tried against the account's password.
+//! A resume involves no password and no attempt or guessing limit: a valid
+//! session token and a fresh signature by the account key always get in,
+//! whatever others have tried against the account's password, from
+//! wherever.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -533,8 +534,10 @@ pub(super) async fn resume(
 ) -> Reply {
     // No password is involved: a session token (256 random bits) and a
     // fresh signature by the account key. Password failures, by anyone,
-    // never stand in the way of a resume.
-    limit_peer(shared, state)?;
+    // never stand in the way of a resume - not even through the per-source
+    // attempt limit, which a guesser behind the owner's address (the same
+    // NAT, say) would use up. Guessing a token is hopeless, and each try
+    // needs a fresh challenge on a connection the caps already bound.
     let session_gone = || {
         fail(
             ErrorCode::SessionExpired,
