@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use securechat_common::close;
 use securechat_common::crypto::random_bytes;
 use securechat_common::protocol::ErrorCode;
 
@@ -117,19 +118,31 @@ pub(crate) async fn run(agent: Arc<Agent>) {
         let reconnect = agent.reconnect.notified();
         agent.set_conn(Some(client.clone()), logged_in);
         let asked = tokio::select! {
-            r = receive::push_loop(&agent, &client) => {
-                if let Err(e) = r {
-                    agent.note_error(format!("connection lost: {e}"));
+            r = receive::push_loop(&agent, &client) => match r {
+                // The relay closes connections that stay without a login
+                // (see `close`); being logged out is not an error, and
+                // reconnecting at once keeps `register` and `login` ready.
+                Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+                    if c.error_code == close::LOGIN_TIMEOUT_CODE.into() =>
+                {
+                    tracing::debug!("the relay closed a connection without a login; reconnecting");
+                    true
                 }
-                false
+                Err(e) => {
+                    agent.note_error(format!("connection lost: {e}"));
+                    false
+                }
+                Ok(()) => false,
+            },
+            _ = reconnect => {
+                tracing::info!("reconnecting as asked");
+                true
             }
-            _ = reconnect => true,
         };
         // Unpublished before it is closed, so that no request picks up a
         // connection on its way out.
         agent.set_conn(None, false);
         if asked {
-            tracing::info!("reconnecting as asked");
             client.close("reconnecting").await;
         } else {
             tokio::time::sleep(backoff.step()).await;

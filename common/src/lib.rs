@@ -14,11 +14,13 @@
 //!
 //! * [`protocol`] — the typed messages and the protocol flow.
 //! * [`codec`] — frames on the wire; bounded, typed decode errors.
+//! * [`close`] — why the relay closes a connection: QUIC close codes and reasons.
 //! * [`envelope`] — end-to-end sealed messages.
 //! * [`crypto`] — keys, signatures, fingerprints (aws-lc-rs).
 //! * [`limits`] — shared limits and validation of usernames, emails, passwords.
 #![forbid(unsafe_code)]
 
+pub mod close;
 pub mod codec;
 pub mod crypto;
 pub mod envelope;

@@ -99,6 +99,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::RateLimited,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::Busy,
     ])
 }
 

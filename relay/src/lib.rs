@@ -46,7 +46,7 @@
 pub mod accounts;
 mod admission;
 pub mod clock;
-pub mod close;
+pub use securechat_common::close;
 pub mod config;
 mod connection;
 mod handlers;
