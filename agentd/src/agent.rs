@@ -183,12 +183,13 @@ impl From<ClientError> for IpcError {
             ClientError::CertificateRejected { addr, rejection } => {
                 certificate_refused(&addr.to_string(), &rejection)
             }
-            ClientError::Connect { .. } | ClientError::Connection(_) | ClientError::Stream(_) => {
-                err(
-                    IpcErrorKind::RelayUnavailable,
-                    format!("{e}; agentd keeps reconnecting, try again shortly"),
-                )
-            }
+            ClientError::Connect { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Connection(_)
+            | ClientError::Stream(_) => err(
+                IpcErrorKind::RelayUnavailable,
+                format!("{e}; agentd keeps reconnecting, try again shortly"),
+            ),
             other => err(IpcErrorKind::Internal, other.to_string()),
         }
     }

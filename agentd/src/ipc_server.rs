@@ -178,6 +178,34 @@ fn inbox_page(
     Ok(agent.store.inbox_page(&keys.inbox, filter)?)
 }
 
+/// Write what `page` returns, page after page from `after` on, one line
+/// per item. `None`: `page` failed, and its error was the answer.
+async fn write_pages<K: Copy, T, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    after: &mut Option<K>,
+    mut page: impl FnMut(Option<K>) -> Result<Vec<(K, T)>, IpcError>,
+    line: impl Fn(T) -> IpcResponse,
+) -> Result<Option<u64>, IoLineError> {
+    let mut count = 0u64;
+    loop {
+        let items = match page(*after) {
+            Ok(items) => items,
+            Err(e) => {
+                write_msg(w, &IpcResponse::Error(e)).await?;
+                return Ok(None);
+            }
+        };
+        let Some((last, _)) = items.last() else {
+            return Ok(Some(count));
+        };
+        *after = Some(*last);
+        for (_, item) in items {
+            write_msg(w, &line(item)).await?;
+            count += 1;
+        }
+    }
+}
+
 /// Stream the inbox one `Message` line each, then `End`. Nothing is marked
 /// read: the client does that once it has shown them.
 async fn inbox<W: AsyncWrite + Unpin>(
@@ -186,40 +214,20 @@ async fn inbox<W: AsyncWrite + Unpin>(
     from: Option<&str>,
     w: &mut W,
 ) -> Result<(), IoLineError> {
-    let mut after = None;
-    let mut count = 0u64;
-    loop {
-        let page = match inbox_page(agent, all, from, after) {
-            Ok(p) => p,
-            Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
-        };
-        let Some((last, _)) = page.last() else { break };
-        after = Some(*last);
-        for (_, m) in page {
-            write_msg(w, &IpcResponse::Message(m)).await?;
-            count += 1;
-        }
+    let page = |after| inbox_page(agent, all, from, after);
+    if let Some(count) = write_pages(w, &mut None, page, IpcResponse::Message).await? {
+        write_msg(w, &IpcResponse::End { count }).await?;
     }
-    write_msg(w, &IpcResponse::End { count }).await
+    Ok(())
 }
 
 /// Stream the held messages, one `Held` line each, then `End`.
 async fn held<W: AsyncWrite + Unpin>(agent: &Agent, w: &mut W) -> Result<(), IoLineError> {
-    let mut after = None;
-    let mut count = 0u64;
-    loop {
-        let page = match agent.store.held_page(after, PAGE) {
-            Ok(p) => p,
-            Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
-        };
-        let Some((last, _)) = page.last() else { break };
-        after = Some(*last);
-        for (_, p) in page {
-            write_msg(w, &IpcResponse::Held(p)).await?;
-            count += 1;
-        }
+    let page = |after| Ok(agent.store.held_page(after, PAGE)?);
+    if let Some(count) = write_pages(w, &mut None, page, IpcResponse::Held).await? {
+        write_msg(w, &IpcResponse::End { count }).await?;
     }
-    write_msg(w, &IpcResponse::End { count }).await
+    Ok(())
 }
 
 /// Answer `Ok`, then stream unread messages (from `from`, if given) now and
@@ -241,16 +249,12 @@ where
     // Records up to here were sent on this stream already.
     let mut after = None;
     loop {
-        loop {
-            let page = match inbox_page(agent, false, from.as_deref(), after) {
-                Ok(p) => p,
-                Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
-            };
-            let Some((last, _)) = page.last() else { break };
-            after = Some(*last);
-            for (_, m) in page {
-                write_msg(w, &IpcResponse::Message(m)).await?;
-            }
+        let page = |after| inbox_page(agent, false, from.as_deref(), after);
+        if write_pages(w, &mut after, page, IpcResponse::Message)
+            .await?
+            .is_none()
+        {
+            return Ok(());
         }
         tokio::select! {
             ev = events.recv() => match ev {

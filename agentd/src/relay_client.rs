@@ -83,6 +83,13 @@ pub enum ClientError {
         /// What was wrong with the certificate.
         rejection: CertRejection,
     },
+    /// The relay refused the connection before the handshake: it holds as
+    /// many connections as it is allowed to.
+    #[error("the relay at {addr} refused the connection (it is at its connection limit)")]
+    Refused {
+        /// Where we tried.
+        addr: SocketAddr,
+    },
 }
 
 /// Why the relay's TLS certificate was refused.
@@ -239,6 +246,22 @@ impl RelayClient {
         server_name: &str,
         trust: ServerTrust,
     ) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        Self::connect_from(bind, addr, server_name, trust).await
+    }
+
+    /// As [`RelayClient::connect_named`], from the local address `bind` (tests
+    /// use other loopback addresses to appear as other sources).
+    pub async fn connect_from(
+        bind: SocketAddr,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: ServerTrust,
+    ) -> Result<Self, ClientError> {
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -285,11 +308,6 @@ impl RelayClient {
         ));
         config.transport_config(Arc::new(transport));
 
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| connect_err(format!("UDP socket: {e}")))?;
         endpoint.set_default_client_config(config);
@@ -297,9 +315,14 @@ impl RelayClient {
             .connect(addr, server_name)
             .map_err(|e| connect_err(e.to_string()))?
             .await
-            .map_err(|e| match take_refusal(&refused) {
-                Some(rejection) => ClientError::CertificateRejected { addr, rejection },
-                None => connect_err(e.to_string()),
+            .map_err(|e| match (take_refusal(&refused), e) {
+                (Some(rejection), _) => ClientError::CertificateRejected { addr, rejection },
+                (None, quinn::ConnectionError::ConnectionClosed(c))
+                    if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+                {
+                    ClientError::Refused { addr }
+                }
+                (None, e) => connect_err(e.to_string()),
             })?;
         Ok(Self { endpoint, conn })
     }

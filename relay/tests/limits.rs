@@ -321,10 +321,9 @@ async fn connections_are_capped_in_all_and_per_source() {
     let refused = SourceClient::connect(&relay, from(4)).await.unwrap_err();
     let closed = refused
         .chain()
-        .find_map(|e| e.downcast_ref::<quinn::ConnectionError>());
+        .find_map(|e| e.downcast_ref::<ClientError>());
     assert!(
-        matches!(closed, Some(quinn::ConnectionError::ConnectionClosed(c))
-            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        matches!(closed, Some(ClientError::Refused { .. })),
         "{refused:#}"
     );
     let s = status(&relay).await;
