@@ -75,6 +75,41 @@ impl ReadyKeys {
     }
 }
 
+/// Open every key file with `passphrase`: the identity key, archived and
+/// pending keys, and the inbox key (made now if there is none yet). Files of
+/// the first, weaker key derivation are first rewritten under today's (same
+/// passphrase, all files at once; see [`keystore::reseal_all`]). The caller
+/// holds the rotation guard.
+pub(crate) fn unlock_keys(
+    paths: &crate::paths::Paths,
+    store: &Store,
+    locked: &LockedKey,
+    passphrase: &str,
+) -> Result<ReadyKeys, KeyStoreError> {
+    let (key, mut sealer) = locked.unlock(passphrase)?;
+    let old = keystore::load_old_keys(&paths.old_keys(), Some(&sealer))?;
+    let inbox = match keystore::load_inbox_key(&paths.inbox_key(), Some(&sealer))? {
+        Some(k) => k,
+        None => InboxKey::generate()?,
+    };
+    let mut keys = ReadyKeys {
+        current: Arc::new(key),
+        old: old.into_iter().map(Arc::new).collect(),
+        pending: load_pending(paths, Some(&sealer)),
+        sealer: None,
+        inbox,
+    };
+    if sealer.is_outdated() {
+        sealer = Sealer::new(passphrase)?;
+        keystore::reseal_all(paths, &keys.files(paths)?, Some(&sealer))?;
+        tracing::info!("key files re-encrypted with the current passphrase key derivation");
+    }
+    // On disk (made now if new, under the passphrase) before anything uses it.
+    keys.inbox = open_inbox(paths, store, Some(&sealer))?;
+    keys.sealer = Some(Arc::new(sealer));
+    Ok(keys)
+}
+
 /// Load (or make) the inbox key with the identity's protection, and encrypt
 /// inbox records an earlier version left in plain text.
 pub(crate) fn open_inbox(
@@ -617,5 +652,42 @@ impl Agent {
             rejected: self.store.rejected_list()?,
             last_error: flags.last_error.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use securechat_common::KeySize;
+
+    #[test]
+    fn unlocking_a_first_format_key_rewrites_every_file_and_makes_the_inbox_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = crate::paths::Paths::in_home(tmp.path().to_path_buf());
+        let key = IdentityKey::generate(KeySize::Rsa2048).unwrap();
+        std::fs::write(paths.identity_key(), keystore::v1_file(&key, "old pass")).unwrap();
+        let store = Store::open(&paths.database()).unwrap();
+        let Loaded::Locked(locked) = keystore::load_identity(&paths.identity_key()).unwrap() else {
+            panic!("encrypted")
+        };
+        assert!(matches!(
+            unlock_keys(&paths, &store, &locked, "wrong"),
+            Err(KeyStoreError::WrongPassphrase)
+        ));
+        let keys = unlock_keys(&paths, &store, &locked, "old pass").unwrap();
+        assert_eq!(keys.current.public_key(), key.public_key());
+        assert!(!keys.sealer.as_ref().unwrap().is_outdated());
+        for file in [paths.identity_key(), paths.inbox_key()] {
+            let data = std::fs::read(&file).unwrap();
+            assert!(data.starts_with(b"SCKEY2"), "{}", file.display());
+        }
+        // Both open again with the same passphrase, to the same keys.
+        let Loaded::Locked(again) = keystore::load_identity(&paths.identity_key()).unwrap() else {
+            panic!("still encrypted")
+        };
+        let keys2 = unlock_keys(&paths, &store, &again, "old pass").unwrap();
+        assert_eq!(keys2.current.public_key(), key.public_key());
+        assert_eq!(keys2.inbox.as_bytes(), keys.inbox.as_bytes());
     }
 }

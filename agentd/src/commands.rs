@@ -15,7 +15,7 @@ use securechat_common::protocol::{AckOutcome, Request, Response};
 use securechat_common::{IdentityKey, MessageId};
 use zeroize::Zeroizing;
 
-use crate::agent::{err, load_pending, now_ms, open_inbox, Agent, Keys, ReadyKeys};
+use crate::agent::{err, now_ms, open_inbox, unlock_keys, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
 use crate::receive::{deliver, open_any};
 use crate::relay_client::{ClientError, RelayClient};
@@ -538,25 +538,8 @@ async fn unlock(
     let paths = agent.config.paths.clone();
     let agent2 = Arc::clone(agent);
     let keys = tokio::task::spawn_blocking(move || {
-        let (key, sealer) = locked.unlock(&passphrase)?;
-        let old = keystore::load_old_keys(&paths.old_keys(), Some(&sealer))?;
-        let mut keys = ReadyKeys {
-            current: Arc::new(key),
-            old: old.into_iter().map(Arc::new).collect(),
-            pending: load_pending(&paths, Some(&sealer)),
-            inbox: open_inbox(&paths, &agent2.store, Some(&sealer))?,
-            sealer: Some(Arc::new(sealer)),
-        };
-        if keys.sealer.as_ref().is_some_and(|s| s.is_outdated()) {
-            // Written with the first, weaker key derivation: rewrite every
-            // key file under today's parameters, same passphrase.
-            let stronger = Arc::new(Sealer::new(&passphrase)?);
-            let _guard = agent2.rotation_guard();
-            keystore::reseal_all(&paths, &keys.files(&paths)?, Some(&stronger))?;
-            keys.sealer = Some(stronger);
-            tracing::info!("key files re-encrypted with the current passphrase key derivation");
-        }
-        Ok::<_, keystore::KeyStoreError>(keys)
+        let _guard = agent2.rotation_guard();
+        unlock_keys(&paths, &agent2.store, &locked, &passphrase)
     })
     .await
     .map_err(|e| err(IpcErrorKind::Internal, e.to_string()))??;

@@ -379,25 +379,36 @@ impl InboxKey {
     }
 }
 
+/// Load `inbox.key` (`None` if there is none yet).
+pub fn load_inbox_key(
+    path: &Path,
+    sealer: Option<&Sealer>,
+) -> Result<Option<InboxKey>, KeyStoreError> {
+    let Some(data) = read_optional(path).map_err(io_err(path))? else {
+        return Ok(None);
+    };
+    let data = Zeroizing::new(data);
+    let plain = if is_encrypted(&data) {
+        let sealer = sealer.ok_or(KeyStoreError::WrongPassphrase)?;
+        open_bytes(sealer, &data)?
+    } else {
+        Zeroizing::new(data.to_vec())
+    };
+    let key: [u8; INBOX_KEY_LEN] = plain
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyStoreError::Corrupt(path.to_path_buf()))?;
+    Ok(Some(InboxKey(Zeroizing::new(key))))
+}
+
 /// Load `inbox.key`, or make and save one (protected by `sealer`, like the
 /// identity key) if there is none yet.
 pub fn load_or_create_inbox_key(
     path: &Path,
     sealer: Option<&Sealer>,
 ) -> Result<InboxKey, KeyStoreError> {
-    if let Some(data) = read_optional(path).map_err(io_err(path))? {
-        let data = Zeroizing::new(data);
-        let plain = if is_encrypted(&data) {
-            let sealer = sealer.ok_or(KeyStoreError::WrongPassphrase)?;
-            open_bytes(sealer, &data)?
-        } else {
-            Zeroizing::new(data.to_vec())
-        };
-        let key: [u8; INBOX_KEY_LEN] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyStoreError::Corrupt(path.to_path_buf()))?;
-        return Ok(InboxKey(Zeroizing::new(key)));
+    if let Some(key) = load_inbox_key(path, sealer)? {
+        return Ok(key);
     }
     let key = InboxKey::generate()?;
     save_payload(path, &key.payload(), sealer)?;
@@ -574,6 +585,27 @@ pub fn remove_session(path: &Path) -> Result<(), KeyStoreError> {
     remove_durable(path).map_err(io_err(path))
 }
 
+/// A key file in the first format (argon2id 19 MiB, two passes, only the
+/// magic as associated data), as earlier versions wrote it.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn v1_file(key: &IdentityKey, passphrase: &str) -> Vec<u8> {
+    let salt = [7u8; SALT_LEN];
+    let sealer = Sealer::derive(passphrase, salt, KdfParams::V1).unwrap();
+    let nonce = [9u8; NONCE_LEN];
+    let mut body = identity_payload(key).unwrap().to_vec();
+    sealer
+        .aead()
+        .unwrap()
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(MAGIC_V1),
+            &mut body,
+        )
+        .unwrap();
+    [MAGIC_V1, &salt, &nonce, &body].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,25 +754,6 @@ mod tests {
         );
         remove_session(&path).unwrap();
         assert!(load_session(&path).unwrap().is_none());
-    }
-
-    /// A key file in the first format (argon2id 19 MiB, two passes, only
-    /// the magic as associated data), as earlier versions wrote it.
-    fn v1_file(key: &IdentityKey, passphrase: &str) -> Vec<u8> {
-        let salt = [7u8; SALT_LEN];
-        let sealer = Sealer::derive(passphrase, salt, KdfParams::V1).unwrap();
-        let nonce = [9u8; NONCE_LEN];
-        let mut body = identity_payload(key).unwrap().to_vec();
-        sealer
-            .aead()
-            .unwrap()
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(MAGIC_V1),
-                &mut body,
-            )
-            .unwrap();
-        [MAGIC_V1, &salt, &nonce, &body].concat()
     }
 
     #[test]
