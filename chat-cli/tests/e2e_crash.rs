@@ -12,17 +12,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{unix_now, wait_for, world, Agent, Relay};
+use common::{load_key, unix_now, wait_for, world, Agent, Relay};
 use securechat_agentd::keystore;
 use securechat_agentd::store::Delivery;
-use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::InboxMessage;
-use securechat_common::{IdentityKey, KeySize, MessageId};
+use securechat_common::{IdentityKey, KeySize};
 use securechat_relay::store::{RedbStore, Store as _};
-
-fn load_key(path: &Path) -> IdentityKey {
-    IdentityKey::from_pkcs8(&std::fs::read(path).unwrap()).unwrap()
-}
 
 fn fingerprint(key: &IdentityKey) -> String {
     key.public_key().fingerprint().to_string()
@@ -181,23 +176,16 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
     // Bob's agentd committed a message to its inbox and died before its ack
     // reached the relay, which therefore still has it queued.
     w.bob.kill9();
-    let alice_key = load_key(&w.alice.home.join("identity.key"));
-    let bob_key = load_key(&w.bob.home.join("identity.key"));
+    let alice_key = w.alice.identity_key();
+    let bob_key = w.bob.identity_key();
     let now_ms = unix_now() * 1000;
-    let seq = w.alice.take_seq("bob");
-    let envelope = seal(
-        &SealParams {
-            sender_key: &alice_key,
-            sender: "alice",
-            recipient: "bob",
-            recipient_key: bob_key.public_key(),
-            id: MessageId::random().unwrap(),
-            seq,
-            timestamp_ms: now_ms,
-        },
-        b"committed but not acked",
-    )
-    .unwrap();
+    let envelope = w.alice.seal_by_hand(
+        "bob",
+        bob_key.public_key(),
+        "committed but not acked",
+        now_ms,
+    );
+    let seq = envelope.seq;
     {
         let store = securechat_agentd::store::Store::open(&w.bob.home.join("agent.redb")).unwrap();
         let inbox_key =

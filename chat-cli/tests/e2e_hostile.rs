@@ -24,10 +24,6 @@ use securechat_common::limits::MAX_MESSAGE_LEN;
 use securechat_common::{IdentityKey, KeySize, MessageId};
 use securechat_relay::store::{RedbStore, Store as _};
 
-fn load_key(path: &std::path::Path) -> IdentityKey {
-    IdentityKey::from_pkcs8(&std::fs::read(path).unwrap()).unwrap()
-}
-
 fn texts(inbox: &serde_json::Value) -> Vec<String> {
     inbox["messages"]
         .as_array()
@@ -142,7 +138,7 @@ fn trust_pins_only_the_checked_key_and_held_messages_stay_held() {
     w.bob.stop();
     w.relay.stop();
     let mallory = IdentityKey::generate(KeySize::Rsa2048).unwrap();
-    let alice_key = load_key(&w.alice.home.join("identity.key"));
+    let alice_key = w.alice.identity_key();
     let forged = seal(
         &SealParams {
             sender_key: &mallory,
@@ -187,7 +183,7 @@ fn trust_pins_only_the_checked_key_and_held_messages_stay_held() {
     w.relay.stop();
     {
         let store = RedbStore::open(&w.relay.db_path()).unwrap();
-        let bob_key = load_key(&w.bob.home.join("identity.key"));
+        let bob_key = w.bob.identity_key();
         store
             .set_public_key("bob", bob_key.public_key().as_der())
             .unwrap();
@@ -267,32 +263,16 @@ fn a_sender_clock_far_off_is_refused_or_flagged_never_a_crash() {
     let mut w = world();
     w.alice.send("bob", "pin");
     w.bob.wait_message("alice", "pin");
-    let alice_key = load_key(&w.alice.home.join("identity.key"));
-    let bob_key = load_key(&w.bob.home.join("identity.key"));
+    let bob_key = w.bob.identity_key();
     let year_10103_ms = 256_759_372_800_000;
     let two_hours_ahead = (unix_now() + 2 * 3600) * 1000;
-    let mut envelopes = Vec::new();
-    for (text, ts) in [
+    let envelopes: Vec<_> = [
         ("from year 10103", year_10103_ms),
         ("two hours ahead", two_hours_ahead),
-    ] {
-        let seq = w.alice.take_seq("bob");
-        envelopes.push(
-            seal(
-                &SealParams {
-                    sender_key: &alice_key,
-                    sender: "alice",
-                    recipient: "bob",
-                    recipient_key: bob_key.public_key(),
-                    id: MessageId::random().unwrap(),
-                    seq,
-                    timestamp_ms: ts,
-                },
-                text.as_bytes(),
-            )
-            .unwrap(),
-        );
-    }
+    ]
+    .into_iter()
+    .map(|(text, ts)| w.alice.seal_by_hand("bob", bob_key.public_key(), text, ts))
+    .collect();
     w.relay.stop();
     for env in &envelopes {
         w.relay.enqueue_directly("bob", env);

@@ -11,8 +11,6 @@ mod common;
 use std::path::PathBuf;
 
 use common::{unix_now, wait_for, world};
-use securechat_common::envelope::{seal, SealParams};
-use securechat_common::{IdentityKey, MessageId};
 use securechat_relay::store::{RedbStore, Session, Store as _};
 use sha2::Digest as _;
 
@@ -74,24 +72,13 @@ fn messages_sealed_to_a_rotated_key_still_open() {
     // relay still had queued when bob's new key was published (as if it had
     // been sent just before the rotation) is opened with the archived key
     // when it is pushed.
-    let bob_old = IdentityKey::from_pkcs8(&std::fs::read(&archived[0]).unwrap()).unwrap();
-    let alice_key =
-        IdentityKey::from_pkcs8(&std::fs::read(w.alice.home.join("identity.key")).unwrap())
-            .unwrap();
-    let seq = w.alice.take_seq("bob");
-    let envelope = seal(
-        &SealParams {
-            sender_key: &alice_key,
-            sender: "alice",
-            recipient: "bob",
-            recipient_key: bob_old.public_key(),
-            id: MessageId::random().unwrap(),
-            seq,
-            timestamp_ms: unix_now() * 1000,
-        },
-        b"queued before the rotation",
-    )
-    .unwrap();
+    let bob_old = common::load_key(&archived[0]);
+    let envelope = w.alice.seal_by_hand(
+        "bob",
+        bob_old.public_key(),
+        "queued before the rotation",
+        unix_now() * 1000,
+    );
     w.relay.stop();
     w.relay.enqueue_directly("bob", &envelope);
     w.relay.restart();

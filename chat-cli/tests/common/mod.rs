@@ -514,6 +514,36 @@ impl Agent {
         seq
     }
 
+    /// The identity key in this agent's home (plain, as tests keep it).
+    pub fn identity_key(&self) -> securechat_common::IdentityKey {
+        load_key(&self.home.join("identity.key"))
+    }
+
+    /// The envelope this agent would send to `to`, made by hand: sealed to
+    /// `to_key`, signed with this agent's key, with the next sequence number
+    /// its agentd would use (see [`Agent::take_seq`]) and `timestamp_ms`.
+    pub fn seal_by_hand(
+        &mut self,
+        to: &str,
+        to_key: &securechat_common::PublicKey,
+        text: &str,
+        timestamp_ms: u64,
+    ) -> securechat_common::Envelope {
+        use securechat_common::envelope::{seal, SealParams};
+        let seq = self.take_seq(to);
+        let key = self.identity_key();
+        let params = SealParams {
+            sender_key: &key,
+            sender: &self.name,
+            recipient: to,
+            recipient_key: to_key,
+            id: securechat_common::MessageId::random().unwrap(),
+            seq,
+            timestamp_ms,
+        };
+        seal(&params, text.as_bytes()).unwrap()
+    }
+
     /// Wait until the inbox (all messages) holds `text`.
     pub fn wait_message(&self, from: &str, text: &str) {
         wait_for(&format!("{} to receive {text:?}", self.name), || {
@@ -559,6 +589,11 @@ pub fn world() -> World {
         alice,
         bob,
     }
+}
+
+/// An unencrypted identity key file.
+pub fn load_key(path: &Path) -> securechat_common::IdentityKey {
+    securechat_common::IdentityKey::from_pkcs8(&std::fs::read(path).unwrap()).unwrap()
 }
 
 /// The permission bits of a path.
