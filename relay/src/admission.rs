@@ -59,8 +59,7 @@ impl Admission {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
-        // Counters only; they stay consistent under any panic.
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.open)
     }
 
     /// Whether the relay is at its total cap now (a shortcut before the

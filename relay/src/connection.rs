@@ -36,6 +36,7 @@ use crate::admission::Full;
 use crate::clock::Clock;
 use crate::close;
 use crate::handlers;
+use crate::lock;
 use crate::ratelimit::Source;
 use crate::server::Shared;
 use crate::store::blocking;
@@ -77,11 +78,6 @@ pub(crate) struct ConnState {
     bad_frames: AtomicU32,
     /// The push task and the user it pushes for.
     push_task: Mutex<Option<(JoinHandle<()>, String)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only plain values live behind these locks; a panic cannot break them.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ConnState {

@@ -35,8 +35,7 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        // The map stays consistent under any panic (single inserts/removes).
-        self.users.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.users)
     }
 
     /// Make `conn` the user's live connection; close any older one. Returns

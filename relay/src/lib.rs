@@ -62,3 +62,11 @@ pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Relay, RelayError, SHUTDOWN_REASON};
+
+/// Lock a mutex, taking it over if a panic poisoned it: every mutex in the
+/// relay guards plain values (maps, counters, timestamps) that single
+/// inserts and removes keep consistent, so a panic elsewhere must not turn
+/// into a second one here.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

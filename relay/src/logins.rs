@@ -37,8 +37,7 @@ impl std::fmt::Debug for LiveLogins {
 
 impl LiveLogins {
     fn lock(&self) -> std::sync::MutexGuard<'_, ByToken> {
-        // Inserts and removes only; consistent under any panic.
-        self.by_token.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.by_token)
     }
 
     /// `conn` is logged in with the token hashed to `token_hash`.

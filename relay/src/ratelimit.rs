@@ -25,6 +25,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::lock;
+
 /// One client, for limits: an IPv4 address or an IPv6 /64 prefix. An
 /// IPv4-mapped IPv6 address counts as the IPv4 address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,11 +118,6 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
         events.push_back(now);
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only counters and timestamps live behind these locks; keep using them.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn expire(events: &mut VecDeque<Instant>, now: Instant, window: Duration) {

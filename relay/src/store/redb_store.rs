@@ -502,12 +502,7 @@ impl Store for RedbStore {
             for (recipient, seq, size) in &expired {
                 queue.remove((recipient.as_str(), *seq))?;
                 subtract_totals(&mut totals, recipient, 1, *size)?;
-                let sender = senders
-                    .remove((recipient.as_str(), *seq))?
-                    .map(|g| g.value().to_string());
-                if let Some(sender) = sender {
-                    subtract_sender(&mut sender_totals, recipient, &sender, *size)?;
-                }
+                forget_sender(&mut senders, &mut sender_totals, recipient, *seq, *size)?;
             }
             stats.expired_messages = expired.len() as u64;
 
@@ -657,13 +652,13 @@ impl<'txn> QueueTables<'txn> {
             .insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
         if let Some(size) = removed {
             subtract_totals(&mut self.totals, recipient, 1, size)?;
-            let sender = self
-                .senders
-                .remove((recipient, seq))?
-                .map(|g| g.value().to_string());
-            if let Some(sender) = sender {
-                subtract_sender(&mut self.sender_totals, recipient, &sender, size)?;
-            }
+            forget_sender(
+                &mut self.senders,
+                &mut self.sender_totals,
+                recipient,
+                seq,
+                size,
+            )?;
         }
         Ok(true)
     }
@@ -675,13 +670,22 @@ fn exceeds(held: (u64, u64), size: u64, quota: Quota) -> bool {
     held.0.saturating_add(1) > quota.messages || held.1.saturating_add(size) > quota.bytes
 }
 
-fn subtract_sender(
+/// A message of `bytes` at `(recipient, seq)` left the queue (acked or
+/// expired): it no longer counts against its sender's share, if it did.
+fn forget_sender(
+    senders: &mut redb::Table<(&str, u64), &str>,
     sender_totals: &mut redb::Table<(&str, &str), (u64, u64)>,
     recipient: &str,
-    sender: &str,
+    seq: u64,
     bytes: u64,
 ) -> Result<(), StoreError> {
-    let key = (recipient, sender);
+    let Some(sender) = senders
+        .remove((recipient, seq))?
+        .map(|g| g.value().to_string())
+    else {
+        return Ok(());
+    };
+    let key = (recipient, sender.as_str());
     let (m, b) = sender_totals.get(key)?.map(|g| g.value()).unwrap_or((0, 0));
     let (m, b) = (m.saturating_sub(1), b.saturating_sub(bytes));
     if m == 0 {
