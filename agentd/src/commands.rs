@@ -422,7 +422,7 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
             }
             // Signed by some other key: it stays held, whatever the user
             // trusts, until the key that signed it is trusted.
-            Err(CryptoError::BadSignature) => agent.store.set_held_reason(
+            Err(CryptoError::BadSignature) => agent.store.hold(
                 &env,
                 &format!(
                     "signed by neither the pinned key nor {}; still held",

@@ -390,16 +390,28 @@ impl RelayClient {
         totp: &str,
         key: &IdentityKey,
     ) -> Result<LoggedIn, ClientError> {
+        let req = self.login_request(username, password, totp, key).await?;
+        logged_in(self.call(&req).await?)
+    }
+
+    /// The `Login` request [`login`](Self::login) sends, signed over a fresh
+    /// challenge of this connection.
+    pub async fn login_request(
+        &self,
+        username: &str,
+        password: &str,
+        totp: &str,
+        key: &IdentityKey,
+    ) -> Result<Request, ClientError> {
         let signature = self
             .sign_challenge(LoginPurpose::Login, username, key)
             .await?;
-        let req = Request::Login {
+        Ok(Request::Login {
             username: username.to_string(),
             password: Zeroizing::new(password.to_string()),
             totp: Zeroizing::new(totp.to_string()),
             signature,
-        };
-        logged_in(self.call(&req).await?)
+        })
     }
 
     /// Resume a session with the token from an earlier login.
@@ -409,15 +421,26 @@ impl RelayClient {
         token: &[u8],
         key: &IdentityKey,
     ) -> Result<LoggedIn, ClientError> {
+        let req = self.resume_request(username, token, key).await?;
+        logged_in(self.call(&req).await?)
+    }
+
+    /// The `Resume` request [`resume`](Self::resume) sends, signed over a
+    /// fresh challenge of this connection.
+    pub async fn resume_request(
+        &self,
+        username: &str,
+        token: &[u8],
+        key: &IdentityKey,
+    ) -> Result<Request, ClientError> {
         let signature = self
             .sign_challenge(LoginPurpose::Resume, username, key)
             .await?;
-        let req = Request::Resume {
+        Ok(Request::Resume {
             username: username.to_string(),
             token: Zeroizing::new(token.to_vec()),
             signature,
-        };
-        logged_in(self.call(&req).await?)
+        })
     }
 
     /// Publish `new_key` as the account key (needs a fresh full login on

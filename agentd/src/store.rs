@@ -52,6 +52,9 @@ const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 /// How many rejected messages and sequence alerts `status` keeps.
 const KEEP_PROBLEMS: u64 = 50;
 
+/// Setting present once every inbox record is encrypted.
+const INBOX_SEALED: &str = "inbox_sealed";
+
 /// First byte of an encrypted inbox record (plain JSON records start with `{`).
 const SEALED_V1: u8 = 1;
 const INBOX_AAD: &[u8] = b"securechat-inbox-v1\0";
@@ -267,6 +270,10 @@ impl Store {
     /// Encrypt inbox records that earlier versions stored as plain JSON,
     /// keeping their read state. Returns how many were converted.
     pub fn seal_legacy_inbox(&self, key: &InboxKey) -> Result<usize, StoreError> {
+        // Done once per database: later starts skip the scan.
+        if self.setting(INBOX_SEALED)?.is_some() {
+            return Ok(0);
+        }
         let legacy: Vec<(u64, InboxMessage)> = {
             let tx = self.db.begin_read()?;
             let mut out = Vec::new();
@@ -278,11 +285,9 @@ impl Store {
             }
             out
         };
-        if legacy.is_empty() {
-            return Ok(0);
-        }
         let tx = self.db.begin_write()?;
         {
+            tx.open_table(SETTINGS)?.insert(INBOX_SEALED, "1")?;
             let mut inbox = tx.open_table(INBOX)?;
             let mut unread = tx.open_table(UNREAD)?;
             let mut ids = tx.open_table(INBOX_IDS)?;
@@ -497,11 +502,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
-    }
-
-    /// Update why a held envelope is held (it stays held).
-    pub fn set_held_reason(&self, env: &Envelope, reason: &str) -> Result<(), StoreError> {
-        self.hold(env, reason)
     }
 
     /// Held envelopes from `user`, in the order their sender numbered them.

@@ -10,9 +10,8 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use securechat_agentd::relay_client::{ClientError, RelayClient, ServerTrust, PINNED_SERVER_NAME};
-use securechat_common::crypto::{IdentityKey, LoginPurpose};
+use securechat_common::crypto::IdentityKey;
 use securechat_common::protocol::{Request, Response};
-use zeroize::Zeroizing;
 
 use crate::relay::TestRelay;
 
@@ -56,17 +55,11 @@ impl SourceClient {
         totp: &str,
         key: &IdentityKey,
     ) -> Result<Response, ClientError> {
-        let signature = self
+        let req = self
             .client
-            .sign_challenge(LoginPurpose::Login, username, key)
+            .login_request(username, password, totp, key)
             .await?;
-        self.call(&Request::Login {
-            username: username.into(),
-            password: Zeroizing::new(password.into()),
-            totp: Zeroizing::new(totp.into()),
-            signature,
-        })
-        .await
+        self.call(&req).await
     }
 
     /// A session resume with `token`; the relay's answer as it is.
@@ -76,15 +69,7 @@ impl SourceClient {
         token: &[u8],
         key: &IdentityKey,
     ) -> Result<Response, ClientError> {
-        let signature = self
-            .client
-            .sign_challenge(LoginPurpose::Resume, username, key)
-            .await?;
-        self.call(&Request::Resume {
-            username: username.into(),
-            token: Zeroizing::new(token.to_vec()),
-            signature,
-        })
-        .await
+        let req = self.client.resume_request(username, token, key).await?;
+        self.call(&req).await
     }
 }
