@@ -228,6 +228,20 @@ fn problems(db: &Database, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Pro
     Ok(out)
 }
 
+/// Within `tx`: list `problem` among the rejected messages, remember `id` as
+/// rejected, and drop it from `held`.
+fn record_rejection(
+    tx: &WriteTransaction,
+    seen: &mut redb::Table<&[u8], u8>,
+    id: &MessageId,
+    problem: &Problem,
+) -> Result<(), StoreError> {
+    push_problem(tx, REJECTED, problem)?;
+    seen.insert(id.0.as_slice(), 3)?;
+    tx.open_table(HELD)?.remove(id.0.as_slice())?;
+    Ok(())
+}
+
 fn held_record(bytes: &[u8]) -> Result<(Envelope, String, u64), StoreError> {
     postcard::from_bytes(bytes).map_err(corrupt)
 }
@@ -349,9 +363,7 @@ impl Store {
                         msg.seq, msg.from
                     );
                     push_problem(&tx, ALERTS, &alert(reason.clone()))?;
-                    push_problem(&tx, REJECTED, &alert(reason))?;
-                    seen.insert(id.0.as_slice(), 3)?;
-                    tx.open_table(HELD)?.remove(id.0.as_slice())?;
+                    record_rejection(&tx, &mut seen, id, &alert(reason))?;
                     Delivery::Replayed
                 }
                 verdict => {
@@ -397,11 +409,12 @@ impl Store {
         let tx = self.db.begin_read()?;
         let inbox = tx.open_table(INBOX)?;
         let unread = tx.open_table(UNREAD)?;
-        let start = filter.after.map_or(0, |a| a.saturating_add(1));
+        let start = match filter.after {
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(after) => after + 1,
+            None => 0,
+        };
         let mut out = Vec::new();
-        if filter.after == Some(u64::MAX) {
-            return Ok(out);
-        }
         for entry in inbox.range(start..)? {
             if out.len() >= filter.limit {
                 break;
@@ -585,11 +598,7 @@ impl Store {
             at_ms: now_ms(),
         };
         let tx = self.db.begin_write()?;
-        {
-            push_problem(&tx, REJECTED, &problem)?;
-            tx.open_table(SEEN)?.insert(id.0.as_slice(), 3)?;
-            tx.open_table(HELD)?.remove(id.0.as_slice())?;
-        }
+        record_rejection(&tx, &mut tx.open_table(SEEN)?, id, &problem)?;
         tx.commit()?;
         Ok(())
     }
