@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use securechat_common::ipc::{
-    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, StatusInfo,
+    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, RetryInfo, StatusInfo,
 };
 use securechat_common::protocol::{ErrorCode, Request, Response};
 use securechat_common::{IdentityKey, PublicKey};
@@ -24,6 +24,9 @@ use crate::store::{Store, StoreError};
 
 /// How long a request waits for the relay connection to come back.
 const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// What to do about a passphrase-protected key that is not unlocked yet.
+pub(crate) const LOCKED_HINT: &str = "the identity key is locked; run: chat-cli unlock";
 
 /// The identity key's state.
 pub(crate) enum Keys {
@@ -139,7 +142,10 @@ pub(crate) struct Conn {
 #[derive(Default)]
 struct Flags {
     login_needed: bool,
-    last_error: Option<String>,
+    /// The last error and when it happened (Unix ms).
+    last_error: Option<(String, u64)>,
+    /// Why the last connection attempt failed, and when the next starts.
+    retry: Option<(String, std::time::Instant)>,
 }
 
 /// Shared agent state.
@@ -299,7 +305,11 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
     };
     err(
         IpcErrorKind::CertificateRejected,
-        format!("{what}\n{fix} Until then agentd retries only slowly."),
+        format!(
+            "{what}\n{fix} (As a service: set the new SECURECHAT_RELAY_FINGERPRINT in \
+             ~/.config/securechat/agentd.env, then `systemctl --user restart \
+             securechat-agentd`.) Until then agentd retries only slowly."
+        ),
     )
 }
 
@@ -410,10 +420,7 @@ impl Agent {
     pub(crate) fn ready_keys(&self) -> Result<ReadyKeys, IpcError> {
         match &*lock(&self.keys) {
             Keys::Ready(k) => Ok(k.clone()),
-            Keys::Locked(_) => Err(err(
-                IpcErrorKind::Locked,
-                "the identity key is passphrase-protected; run `chat-cli unlock`",
-            )),
+            Keys::Locked(_) => Err(err(IpcErrorKind::Locked, LOCKED_HINT)),
             Keys::Missing => Err(err(
                 IpcErrorKind::NotRegistered,
                 "no identity key yet; run `chat-cli register <user> --email <addr>`",
@@ -469,7 +476,21 @@ impl Agent {
     pub(crate) fn note_error(&self, e: impl std::fmt::Display) {
         let text = e.to_string();
         tracing::warn!("relay: {text}");
-        lock(&self.flags).last_error = Some(text);
+        lock(&self.flags).last_error = Some((text, now_ms()));
+    }
+
+    /// A connection attempt failed for `reason` (a few words, for the
+    /// `relay:` line of `status`); the next one starts after `delay`.
+    pub(crate) fn note_retry(&self, reason: impl Into<String>, delay: Duration) {
+        let at = std::time::Instant::now() + delay;
+        lock(&self.flags).retry = Some((reason.into(), at));
+    }
+
+    /// Connected again: earlier connection errors are history.
+    pub(crate) fn clear_errors(&self) {
+        let mut flags = lock(&self.flags);
+        flags.last_error = None;
+        flags.retry = None;
     }
 
     fn relay_configured(&self) -> Result<(), IpcError> {
@@ -490,6 +511,7 @@ impl Agent {
         let why = lock(&self.flags)
             .last_error
             .clone()
+            .map(|(text, _)| text)
             .unwrap_or_else(|| "no connection yet".into());
         err(
             IpcErrorKind::RelayUnavailable,
@@ -650,7 +672,17 @@ impl Agent {
             held_count: self.store.held_count()?,
             sequence_alerts: self.store.sequence_alerts()?,
             rejected: self.store.rejected_list()?,
-            last_error: flags.last_error.clone(),
+            last_error: flags.last_error.as_ref().map(|(text, _)| text.clone()),
+            last_error_ms: flags.last_error.as_ref().map(|(_, at)| *at),
+            retry: match (&conn.client, &flags.retry) {
+                (None, Some((reason, at))) => Some(RetryInfo {
+                    reason: reason.clone(),
+                    in_ms: at
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_millis() as u64,
+                }),
+                _ => None,
+            },
         })
     }
 }

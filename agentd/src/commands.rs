@@ -469,13 +469,11 @@ async fn rotate_key(
     }
     // A fresh full login with the old key on a separate connection, then the
     // new key proves possession and is published.
-    let side = match RelayClient::connect_named(relay.addr, &relay.server_name, relay.trust.clone())
-        .await
-    {
+    let side = match resolve_and_connect(&relay).await {
         Ok(side) => side,
         Err(e) => {
             rotation::abandon(agent, &new_key)?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     let done = match side.login(&me, &password, &totp, &keys.current).await {
@@ -576,4 +574,15 @@ async fn set_passphrase(
         ..keys.clone()
     }));
     Ok(IpcResponse::Ok)
+}
+
+/// A fresh connection to the relay, its address looked up now.
+async fn resolve_and_connect(relay: &crate::RelaySettings) -> Result<RelayClient, IpcError> {
+    let addr = relay.resolve().await.map_err(|e| {
+        err(
+            IpcErrorKind::RelayUnavailable,
+            format!("cannot resolve the relay address {}: {e}", relay.display),
+        )
+    })?;
+    Ok(RelayClient::connect_named(addr, &relay.server_name, relay.trust.clone()).await?)
 }

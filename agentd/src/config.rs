@@ -26,15 +26,38 @@ pub struct AgentConfig {
 /// How to reach and trust the relay.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
-    /// As the user wrote it (for status output).
+    /// `HOST:PORT` as the user wrote it; resolved again at every connection
+    /// attempt (see [`RelaySettings::resolve`]).
     pub display: String,
-    /// Resolved UDP address.
-    pub addr: SocketAddr,
     /// The host name the relay's certificate must carry when it is checked
     /// against a CA ([`ServerTrust::CaCert`]); ignored for a pinned one.
     pub server_name: String,
     /// How the relay certificate is checked.
     pub trust: ServerTrust,
+}
+
+impl RelaySettings {
+    /// Look the relay's address up now: a name that does not resolve yet
+    /// (no network at boot, DNS down) is an error to retry, not a reason to
+    /// stop, and a relay that moves is found at its new address.
+    pub async fn resolve(&self) -> Result<SocketAddr, std::io::Error> {
+        tokio::net::lookup_host(self.display.as_str())
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address found"))
+    }
+}
+
+/// Check that `addr_text` has the form `HOST:PORT` (`[v6]:PORT` too)
+/// without looking it up.
+pub fn check_host_port(addr_text: &str) -> Result<(), String> {
+    let bad = || format!("relay address {addr_text:?}: use HOST:PORT, e.g. relay.example.org:7443");
+    let (host, port) = addr_text.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 /// The host part of `HOST:PORT` (`[v6]:PORT` too), for TLS name checks.
@@ -80,5 +103,22 @@ mod host_tests {
         assert_eq!(host_of("127.0.0.1:7443"), "127.0.0.1");
         assert_eq!(host_of("[::1]:7443"), "::1");
         assert_eq!(host_of("relay.example.org"), "relay.example.org");
+    }
+
+    #[test]
+    fn relay_addresses_need_a_port() {
+        use super::check_host_port;
+        for good in ["relay.example.org:7443", "127.0.0.1:1", "[::1]:7443"] {
+            assert!(check_host_port(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "relay.example.org",
+            ":7443",
+            "relay:port",
+            "relay:99999",
+            "",
+        ] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! exponential backoff and resumed with the stored session token.
 //!
 //! ```text
-//!   ┌─► connect ──fail──► sleep(backoff: 0.2 s · 2ⁿ, cap 10 s, ± jitter) ─┐
+//!   ┌─► resolve + connect ──fail──► sleep(backoff: 0.2 s · 2ⁿ, cap 10 s, ± jitter) ─┐
 //!   │      │ └─certificate refused─► sleep(cap); requests get the refusal ─┤
 //!   │      │ok                                                            │
 //!   │   resume (token + challenge signature)  ── SessionExpired ─► "login needed"
@@ -72,10 +72,24 @@ pub(crate) async fn run(agent: Arc<Agent>) {
     };
     let mut backoff = Backoff::default();
     loop {
+        // Looked up at every attempt: a name that does not resolve yet (no
+        // network at boot) is retried like an unreachable relay.
+        let addr = match relay.resolve().await {
+            Ok(addr) => addr,
+            Err(e) => {
+                let delay = backoff.step();
+                agent.note_error(format!(
+                    "cannot resolve the relay address {}: {e}",
+                    relay.display
+                ));
+                agent.note_retry(format!("cannot resolve: {e}"), delay);
+                agent.set_refused(None);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
         let client =
-            match RelayClient::connect_named(relay.addr, &relay.server_name, relay.trust.clone())
-                .await
-            {
+            match RelayClient::connect_named(addr, &relay.server_name, relay.trust.clone()).await {
                 Ok(c) => Arc::new(c),
                 Err(ClientError::CertificateRejected { rejection, .. }) => {
                     let refused = certificate_refused(&relay.display, &rejection);
@@ -84,22 +98,31 @@ pub(crate) async fn run(agent: Arc<Agent>) {
                     // Retrying soon cannot help: the certificate changes
                     // only when someone changes the relay or agentd's
                     // settings. Don't hammer the relay meanwhile.
-                    tokio::time::sleep(backoff.longest()).await;
+                    let delay = backoff.longest();
+                    agent.note_retry("certificate refused, see the last error", delay);
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
                 Err(e) => {
+                    let delay = backoff.step();
                     agent.note_error(&e);
+                    agent.note_retry(e.to_string(), delay);
                     agent.set_refused(None);
-                    tokio::time::sleep(backoff.step()).await;
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
+        // Connected: earlier connection errors are history (a resume that
+        // fails now records its own).
+        agent.clear_errors();
         let logged_in = match resume(&agent, &client).await {
             Ok(v) => v,
             Err(e) => {
+                let delay = backoff.step();
                 agent.note_error(format!("resuming the session failed: {e}"));
+                agent.note_retry("resuming the session failed", delay);
                 client.close("resume failed").await;
-                tokio::time::sleep(backoff.step()).await;
+                tokio::time::sleep(delay).await;
                 continue;
             }
         };
@@ -145,7 +168,9 @@ pub(crate) async fn run(agent: Arc<Agent>) {
         if asked {
             client.close("reconnecting").await;
         } else {
-            tokio::time::sleep(backoff.step()).await;
+            let delay = backoff.step();
+            agent.note_retry("connection lost", delay);
+            tokio::time::sleep(delay).await;
         }
     }
 }

@@ -25,9 +25,26 @@ use crate::AgentError;
 
 /// Create the socket directory (0700) and bind the socket, replacing a
 /// stale socket file but refusing if another agentd answers on it.
+///
+/// A directory agentd owns (its home, or a `securechat` directory) is made
+/// 0700; a directory named by `--socket` / `SECURECHAT_SOCKET` is left as it
+/// is but refused when other users may write to it, since they could then
+/// replace the socket.
 pub(crate) fn bind(paths: &Paths) -> Result<Listener, AgentError> {
     let dir = paths.socket_dir();
-    ensure_private_dir(dir).map_err(|e| AgentError::io(dir, e))?;
+    let ours = dir == paths.home || dir.file_name() == Some(std::ffi::OsStr::new("securechat"));
+    if ours || !dir.exists() {
+        ensure_private_dir(dir).map_err(|e| AgentError::io(dir, e))?;
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| AgentError::io(dir, e))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(AgentError::SocketDirShared(dir.to_path_buf()));
+        }
+    }
     if paths.socket.exists() {
         if std::os::unix::net::UnixStream::connect(&paths.socket).is_ok() {
             return Err(AgentError::AlreadyRunning(paths.socket.clone()));
@@ -44,6 +61,16 @@ pub(crate) fn bind(paths: &Paths) -> Result<Listener, AgentError> {
         .mode(0o600)
         .create_tokio()
         .map_err(|e| AgentError::io(&paths.socket, e))
+}
+
+/// Adopt a socket systemd opened for us (socket activation). The socket
+/// file stays systemd's: it is not removed when agentd stops, so the next
+/// chat-cli call starts agentd again.
+pub(crate) fn adopt(listener: std::os::unix::net::UnixListener) -> std::io::Result<Listener> {
+    use interprocess::os::unix::uds_local_socket as uds;
+    let sync = uds::Listener::from(listener);
+    let tokio_listener = uds::tokio::Listener::try_from(sync)?;
+    Ok(Listener::from(tokio_listener))
 }
 
 /// Accept connections until aborted; each runs in a task owned here.

@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,8 +67,33 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// Another agentd already serves this socket.
-    #[error("another agentd is already running on {0}")]
+    #[error(
+        "another agentd is already running on {0}; use that one, or stop it first \
+         (`systemctl --user stop securechat-agentd`, or end that process)"
+    )]
     AlreadyRunning(PathBuf),
+    /// Another agentd holds this home's database.
+    #[error(
+        "another agentd is already running with the home {home} ({}); use that one \
+         (chat-cli finds it), or stop it first (`systemctl --user stop securechat-agentd`, \
+         or end that process)",
+        match socket {
+            Some(s) => format!("it serves chat-cli on {}", s.display()),
+            None => "it has not recorded its socket yet".to_string(),
+        }
+    )]
+    HomeInUse {
+        /// The home directory.
+        home: PathBuf,
+        /// The running agentd's socket, as it recorded it.
+        socket: Option<PathBuf>,
+    },
+    /// The socket's directory is writable by other users.
+    #[error(
+        "{0} is writable by other users, who could replace agentd's socket; name a socket in a \
+         directory only you can write (--socket or SECURECHAT_SOCKET)"
+    )]
+    SocketDirShared(PathBuf),
     /// The database could not be opened (another agentd may hold it).
     #[error("cannot open the database: {0}")]
     Store(#[from] store::StoreError),
@@ -90,15 +116,63 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let home = &config.paths.home;
-    files::ensure_private_dir(home).map_err(|e| AgentError::io(home, e))?;
-    let store = store::Store::open(&config.paths.database())?;
-    let listener = ipc_server::bind(&config.paths)?;
+    run_with(config, None, shutdown).await
+}
+
+/// Run agentd until `shutdown` resolves, serving chat-cli on `activated`
+/// when systemd opened the socket for it (socket activation) instead of
+/// binding `config.paths.socket` itself.
+///
+/// Once the socket listens, systemd is told that agentd is ready
+/// (`Type=notify`; nothing happens when agentd is not a notify service).
+pub async fn run_with(
+    mut config: AgentConfig,
+    activated: Option<UnixListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let home = config.paths.home.clone();
+    files::ensure_private_dir(&home).map_err(|e| AgentError::io(&home, e))?;
+    let store = match store::Store::open(&config.paths.database()) {
+        Ok(store) => store,
+        Err(store::StoreError::Db(e)) if matches!(*e, redb::Error::DatabaseAlreadyOpen) => {
+            return Err(AgentError::HomeInUse {
+                socket: config.paths.recorded_socket(),
+                home,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let listener = match activated {
+        Some(l) => {
+            if let Some(path) = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            {
+                config.paths.socket = path;
+            }
+            let socket = config.paths.socket.clone();
+            ipc_server::adopt(l).map_err(|e| AgentError::io(&socket, e))?
+        }
+        None => ipc_server::bind(&config.paths)?,
+    };
+    let _running = Running::record(&config.paths);
     let agent = Arc::new(agent::Agent::new(config, store)?);
-    tracing::info!(
-        "agentd listening on {}",
-        agent.config.paths.socket.display()
-    );
+    let socket = agent.config.paths.socket.display().to_string();
+    tracing::info!("agentd listening on {socket}");
+    let locked = agent.locked_key().is_some();
+    if locked {
+        tracing::warn!("{}", agent::LOCKED_HINT);
+    }
+    let status = if locked {
+        format!("listening on {socket}; {}", agent::LOCKED_HINT)
+    } else {
+        format!("listening on {socket}")
+    };
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
 
     let mut tasks = JoinSet::new();
     tasks.spawn(connection::run(agent.clone()));
@@ -107,10 +181,44 @@ pub async fn run(
         _ = shutdown => tracing::info!("shutting down"),
         Some(r) = tasks.join_next() => tracing::error!("a task ended unexpectedly: {r:?}"),
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(client) = agent.conn().client {
         client.close("agentd shutting down").await;
     }
     Ok(())
+}
+
+/// Tell systemd about agentd's state; a no-op outside a notify service.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!("telling systemd: {e}");
+    }
+}
+
+/// `agentd.socket` in the home while agentd runs: the socket's path, for
+/// chat-cli's lookup and for the error a second agentd gives. Removed when
+/// agentd stops (a crash leaves it; the next start replaces it).
+struct Running(PathBuf);
+
+impl Running {
+    fn record(paths: &Paths) -> Self {
+        let file = paths.running_file();
+        let text = format!("{}\n", paths.socket.display());
+        if let Err(e) = files::write_private(&file, text.as_bytes()) {
+            tracing::warn!("cannot record the socket in {}: {e}", file.display());
+        }
+        Self(file)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.0.display());
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 // terminal rather than rustdoc.
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
-use std::net::ToSocketAddrs;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +25,10 @@ use securechat_common::KeySize;
 ///
 /// The relay settings are saved to <home>/agentd.toml, so later starts need no
 /// flags. Then, in another terminal: `chat-cli register alice --email …`.
+///
+/// After the relay's certificate changed (and you checked the new one on the
+/// relay host), `agentd --relay-fingerprint sha256:…` alone re-pins the saved
+/// relay.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -51,6 +55,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     relay_cert: Option<PathBuf>,
 
+    /// The local socket chat-cli talks to [default: $XDG_RUNTIME_DIR/securechat/agent.sock,
+    /// or <home>/agent.sock]. Give chat-cli the same SECURECHAT_SOCKET.
+    #[arg(long, env = "SECURECHAT_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+
     /// Configuration file [default: <home>/agentd.toml].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -65,14 +74,23 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts: this reads and clears LISTEN_FDS/LISTEN_PID.
+    let activated = listenfd::ListenFd::from_env()
+        .take_unix_listener(0)
+        .context("taking the socket systemd passed (LISTEN_FDS)")?;
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not for journald or a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let paths = Paths::resolve(args.home.clone())?;
+    let mut paths = Paths::resolve(args.home.clone())?;
+    if let Some(socket) = &args.socket {
+        paths.socket = socket.clone();
+    }
     let config_path = args.config.clone().unwrap_or_else(|| paths.config_file());
     let mut file = match std::fs::read_to_string(&config_path) {
         Ok(text) => toml::from_str::<ConfigFile>(&text)
@@ -80,9 +98,28 @@ fn main() -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => ConfigFile::default(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
     };
-    let flags_given = args.relay.is_some();
+    let pin_given = args.relay_fingerprint.is_some() || args.relay_cert.is_some();
+    let flags_given = args.relay.is_some() || pin_given;
     if let Some(relay) = args.relay.clone() {
         file.relay = Some(relay);
+        file.relay_fingerprint = args.relay_fingerprint.clone();
+        file.relay_cert = args.relay_cert.clone();
+    } else if pin_given {
+        // A new pin alone is for the relay already saved: a user re-pinning
+        // after a certificate change must not be left with the old one.
+        let Some(saved) = &file.relay else {
+            bail!(
+                "--relay-fingerprint / --relay-cert (or SECURECHAT_RELAY_FINGERPRINT) need a \
+                 relay, and {} names none: add --relay HOST:PORT",
+                config_path.display()
+            );
+        };
+        let new = match (&args.relay_fingerprint, &args.relay_cert) {
+            (Some(fp), _) => format!("fingerprint {fp}"),
+            (None, Some(cert)) => format!("the CA in {}", cert.display()),
+            (None, None) => String::new(),
+        };
+        tracing::info!("re-pinning the saved relay {saved}: its certificate must now match {new}");
         file.relay_fingerprint = args.relay_fingerprint.clone();
         file.relay_cert = args.relay_cert.clone();
     }
@@ -97,11 +134,10 @@ fn main() -> Result<()> {
     let relay = match &file.relay {
         None => None,
         Some(addr_text) => {
-            let addr = addr_text
-                .to_socket_addrs()
-                .with_context(|| format!("resolving relay address {addr_text:?}"))?
-                .next()
-                .with_context(|| format!("relay address {addr_text:?} resolves to nothing"))?;
+            // Only the form is checked here: the name is looked up at each
+            // connection attempt, so a relay that does not resolve yet is
+            // retried rather than fatal.
+            securechat_agentd::config::check_host_port(addr_text).map_err(anyhow::Error::msg)?;
             let trust = match (&file.relay_fingerprint, &file.relay_cert) {
                 (Some(fp), _) => ServerTrust::Fingerprint(parse_fingerprint(fp)?),
                 (None, Some(cert)) => {
@@ -117,7 +153,6 @@ fn main() -> Result<()> {
             };
             Some(RelaySettings {
                 display: addr_text.clone(),
-                addr,
                 server_name: securechat_agentd::config::host_of(addr_text).to_string(),
                 trust,
             })
@@ -137,7 +172,7 @@ fn main() -> Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        securechat_agentd::run(config, shutdown_signal())
+        securechat_agentd::run_with(config, activated, shutdown_signal())
             .await
             .context("agentd failed")
     })

@@ -278,18 +278,32 @@ fn message_text(text: String) -> Result<String> {
     Ok(buf.strip_suffix('\n').map(str::to_string).unwrap_or(buf))
 }
 
+/// Connect to agentd: at `SECURECHAT_SOCKET` if set, else at the first of
+/// the places agentd may have put its socket that answers (see
+/// `paths::socket_candidates`: a shell without `XDG_RUNTIME_DIR` still
+/// finds the service's socket, and the other way round).
 async fn connect(paths: &Paths) -> Result<IpcClient> {
-    match IpcClient::connect(&paths.socket).await {
-        Ok(c) => Ok(c),
-        Err(IpcClientError::NotRunning(sock)) => bail!(
-            "agentd is not running (no socket at {}).\nStart it with:\n  agentd --home {} \
-             --relay HOST:PORT --relay-fingerprint SHA256\nor, as a service:\n  systemctl --user \
-             start securechat-agentd",
-            sock.display(),
-            paths.home.display()
-        ),
-        Err(e) => Err(e.into()),
+    let socket = std::env::var_os(securechat_agentd::paths::SOCKET_ENV)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let default_home = Paths::resolve(None).ok().map(|p| p.home);
+    let home = (default_home.as_ref() != Some(&paths.home)).then(|| paths.home.clone());
+    let candidates = securechat_agentd::paths::socket_candidates(home, socket)?;
+    for sock in &candidates {
+        match IpcClient::connect(sock).await {
+            Ok(c) => return Ok(c),
+            Err(IpcClientError::NotRunning(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "agentd is not running (no socket at {}).\nStart it with:\n  agentd --home {} \
+         --relay HOST:PORT --relay-fingerprint SHA256\nor, as a service:\n  systemctl --user \
+         start securechat-agentd",
+        tried.join(", "),
+        paths.home.display()
+    )
 }
 
 fn print(json: bool, resp: &IpcResponse) -> Result<()> {

@@ -114,7 +114,14 @@ fn status(s: &StatusInfo) -> String {
     out += &format!("agentd {}\n", s.agent_version);
     out += &format!("home:        {}\n", s.home);
     out += &format!("socket:      {}\n", s.socket);
-    out += &format!("relay:       {}\n", s.relay.as_deref().unwrap_or("(none)"));
+    let retry = match &s.retry {
+        Some(r) => format!(" ({}, retrying in {}s)", r.reason, r.in_ms.div_ceil(1000)),
+        None => String::new(),
+    };
+    out += &format!(
+        "relay:       {}{retry}\n",
+        s.relay.as_deref().unwrap_or("(none)")
+    );
     out += &format!("connection:  {conn}\n");
     out += &format!(
         "account:     {}\n",
@@ -122,7 +129,7 @@ fn status(s: &StatusInfo) -> String {
     );
     let key = match (&s.fingerprint, s.locked, s.has_key) {
         (Some(fp), _, _) => fp.clone(),
-        (None, true, _) => "locked (run `chat-cli unlock`)".into(),
+        (None, true, _) => "the identity key is locked; run: chat-cli unlock".into(),
         _ => "(none yet; `chat-cli register` makes one)".into(),
     };
     out += &format!("key:         {key}\n");
@@ -137,7 +144,11 @@ fn status(s: &StatusInfo) -> String {
         out += "LOGIN NEEDED: the session expired or was revoked; run `chat-cli login <user>`\n";
     }
     if let Some(e) = &s.last_error {
-        out += &format!("last error:  {e}\n");
+        let at = s
+            .last_error_ms
+            .map(|t| format!("[{}] ", time(t)))
+            .unwrap_or_default();
+        out += &format!("last error:  {at}{e}\n");
     }
     for h in &s.held {
         out += &format!("held:        {} from {}: {}\n", h.id, h.from, h.reason);

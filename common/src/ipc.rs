@@ -432,8 +432,25 @@ pub struct StatusInfo {
     pub sequence_alerts: Vec<Problem>,
     /// Recently rejected messages (bad signature, tampered, misaddressed).
     pub rejected: Vec<Problem>,
-    /// The last connection error, if any.
+    /// The last connection error, if any; cleared once agentd is connected
+    /// (and, with a session, logged in) again.
     pub last_error: Option<String>,
+    /// When `last_error` happened (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_ms: Option<u64>,
+    /// While disconnected: why the last attempt to reach the relay failed,
+    /// and when the next one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryInfo>,
+}
+
+/// agentd's next attempt to reach the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryInfo {
+    /// Why the last attempt failed, in a few words (`cannot resolve: …`).
+    pub reason: String,
+    /// Milliseconds until the next attempt.
+    pub in_ms: u64,
 }
 
 /// How many held messages `status` lists; `chat-cli held` shows all.
