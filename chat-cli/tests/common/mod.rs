@@ -601,3 +601,69 @@ pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// The `SECURECHAT_*` variables a test's own environment must not leak into
+/// the binaries it starts (tests set what they mean explicitly).
+const SECURECHAT_ENV: [&str; 4] = [
+    "SECURECHAT_HOME",
+    "SECURECHAT_SOCKET",
+    "SECURECHAT_RELAY",
+    "SECURECHAT_RELAY_FINGERPRINT",
+];
+
+fn apply_env(cmd: &mut Command, env: &[(&str, Option<&str>)]) {
+    for var in SECURECHAT_ENV {
+        cmd.env_remove(var);
+    }
+    for (var, value) in env {
+        match value {
+            Some(v) => cmd.env(var, v),
+            None => cmd.env_remove(var),
+        };
+    }
+}
+
+/// Start agentd with exactly `args` (no `--home` added) and `env` changes
+/// (`None` removes a variable); its stderr goes to `log`.
+pub fn spawn_agentd(args: &[&str], env: &[(&str, Option<&str>)], log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(bin("agentd"));
+    cmd.args(args).env("RUST_LOG", "info");
+    apply_env(&mut cmd, env);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Run agentd with `args` and `env` until it exits (it is expected to
+/// refuse to start); bounded by [`WAIT`].
+pub fn agentd_refusal(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+    let mut cmd = Command::new(bin("agentd"));
+    cmd.args(args);
+    apply_env(&mut cmd, env);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agentd {args:?} kept running; it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Run chat-cli with exactly `args` (no `--home` added) and `env` changes.
+pub fn cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+    let mut cmd = Command::new(bin("chat-cli"));
+    cmd.args(args);
+    apply_env(&mut cmd, env);
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
