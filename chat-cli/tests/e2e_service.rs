@@ -345,6 +345,26 @@ fn chat_cli_finds_agentd_however_both_were_started() {
         0o777,
         "agentd changed a directory it does not own"
     );
+
+    // XDG_DATA_HOME moves the default home; agentd creates it (0700), and
+    // chat-cli with the same environment finds it.
+    let xdg_data = tmp.path().join("xdg-data");
+    let env = [
+        ("HOME", Some(home_s)),
+        ("XDG_DATA_HOME", Some(xdg_data.to_str().unwrap())),
+        ("XDG_RUNTIME_DIR", Some(run_s)),
+    ];
+    let mut agentd = spawn_agentd(&[], &env, &tmp.path().join("4.log"));
+    let s = wait_for("agentd in XDG_DATA_HOME to answer", || {
+        let out = cli_env(&["--json", "status"], &env);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    });
+    let home = xdg_data.join("securechat");
+    assert_eq!(s["home"], home.to_str().unwrap(), "{s}");
+    assert_eq!(common::mode(&home), 0o700);
+    terminate(&mut agentd);
 }
 
 #[test]
