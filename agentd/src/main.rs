@@ -33,7 +33,7 @@ use securechat_common::KeySize;
 #[command(version, verbatim_doc_comment)]
 struct Args {
     /// Home directory for keys, inbox and session [default: $XDG_DATA_HOME/securechat].
-    /// When given, the socket is <home>/agent.sock.
+    /// When given, the socket is <home>/agent.sock unless --socket names another.
     #[arg(long, env = "SECURECHAT_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
@@ -43,6 +43,7 @@ struct Args {
 
     /// SHA-256 of the relay certificate, as printed by the relay at start or
     /// by `relay fingerprint` (`sha256:` prefix, spaces and colons allowed).
+    /// Without --relay it re-pins the relay saved in agentd.toml.
     #[arg(
         long,
         env = "SECURECHAT_RELAY_FINGERPRINT",
