@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{agentd_refusal, cli_env, spawn_agentd, terminate, wait_for, Agent, Relay};
+use common::{agentd_refusal, cli_env, spawn_agentd, wait_for, Agent, Relay};
 
 /// What agentd prints and `status` shows for a key that waits for `unlock`.
 const LOCKED_HINT: &str = "the identity key is locked; run: chat-cli unlock";
@@ -84,7 +84,7 @@ fn a_relay_name_that_does_not_resolve_is_retried_and_shown_in_status() {
         let log = std::fs::read_to_string(&log).ok()?;
         (log.matches("cannot resolve the relay address").count() >= 2).then_some(())
     });
-    assert!(agentd.try_wait().unwrap().is_none(), "agentd exited");
+    assert!(agentd.running(), "agentd exited");
 
     // As a person reads it.
     let out = cli_env(&["--home", home.to_str().unwrap(), "status"], &[]);
@@ -104,7 +104,7 @@ fn a_relay_name_that_does_not_resolve_is_retried_and_shown_in_status() {
         !logged.contains("\x1b["),
         "colour codes in the log:\n{logged}"
     );
-    terminate(&mut agentd);
+    agentd.stop();
 }
 
 #[test]
@@ -163,7 +163,7 @@ fn a_pin_without_a_relay_is_refused_or_repins_the_saved_relay() {
         "{s}"
     );
     assert!(s["retry"]["in_ms"].as_u64().unwrap() >= 1_000, "{s}");
-    terminate(&mut agentd);
+    agentd.stop();
 
     // Re-pinned with the pin alone (from the env file, as a service is):
     // applied to the saved relay, said so, saved, and it connects.
@@ -187,14 +187,14 @@ fn a_pin_without_a_relay_is_refused_or_repins_the_saved_relay() {
     let saved = std::fs::read_to_string(home.join("agentd.toml")).unwrap();
     assert!(saved.contains(&presented), "{saved}");
     assert!(!saved.contains(&wrong), "{saved}");
-    terminate(&mut agentd);
+    agentd.stop();
 
     // Later starts need no flags.
     let mut agentd = spawn_agentd(&["--home", home_arg], &[], &tmp.path().join("bea-3.log"));
     wait_for("agentd to connect with the saved pin", || {
         (status_of(&home)?["connection"] == "connected").then_some(())
     });
-    terminate(&mut agentd);
+    agentd.stop();
 }
 
 /// The environment of a login with `HOME` at `home` and, if given, a
@@ -260,7 +260,7 @@ fn chat_cli_finds_agentd_however_both_were_started() {
         err.contains(&format!("serves chat-cli on {}", service_socket.display())),
         "{err}"
     );
-    terminate(&mut agentd);
+    agentd.stop();
     assert!(
         !data.join("agentd.socket").exists(),
         "the socket record outlived agentd"
@@ -290,7 +290,7 @@ fn chat_cli_finds_agentd_however_both_were_started() {
     std::fs::remove_file(data.join("agentd.socket")).unwrap();
     let s = json_status(&[], &login_env(home_s, Some(run_s)));
     assert_eq!(s["socket"], home_socket.to_str().unwrap(), "{s}");
-    terminate(&mut agentd);
+    agentd.stop();
 
     // SECURECHAT_SOCKET names the socket for both.
     let named: PathBuf = tmp.path().join("sockets/agent.sock");
@@ -326,7 +326,7 @@ fn chat_cli_finds_agentd_however_both_were_started() {
         err.contains(&format!("no socket at {})", missing.display())),
         "{err}"
     );
-    terminate(&mut agentd);
+    agentd.stop();
 
     // A socket directory other users may write to is refused.
     let shared = tmp.path().join("shared");
@@ -364,7 +364,7 @@ fn chat_cli_finds_agentd_however_both_were_started() {
     let home = xdg_data.join("securechat");
     assert_eq!(s["home"], home.to_str().unwrap(), "{s}");
     assert_eq!(common::mode(&home), 0o700);
-    terminate(&mut agentd);
+    agentd.stop();
 }
 
 #[test]
@@ -516,18 +516,20 @@ fn the_first_chat_cli_call_starts_a_socket_activated_agentd_that_reports_ready()
 
     let log = std::fs::File::create(tmp.path().join("agentd.log")).unwrap();
     // It passes on only HOME, PATH, TERM and USER, and what --setenv names.
-    let mut activator = std::process::Command::new("systemd-socket-activate")
-        .arg("--listen")
-        .arg(&socket)
-        .arg(format!("--setenv=XDG_RUNTIME_DIR={run_s}"))
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
-        .arg(common::bin("agentd"))
-        .env("HOME", home_s)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("systemd-socket-activate (Debian: apt-get install systemd)");
+    let mut activator = common::Spawned(
+        std::process::Command::new("systemd-socket-activate")
+            .arg("--listen")
+            .arg(&socket)
+            .arg(format!("--setenv=XDG_RUNTIME_DIR={run_s}"))
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .arg(common::bin("agentd"))
+            .env("HOME", home_s)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-socket-activate (Debian: apt-get install systemd)"),
+    );
     wait_for("the activation socket", || socket.exists().then_some(()));
     assert!(
         !user_home.join(".local/share/securechat").exists(),
@@ -544,7 +546,7 @@ fn the_first_chat_cli_call_starts_a_socket_activated_agentd_that_reports_ready()
     assert!(said.contains("STATUS=listening on "), "{said}");
 
     // systemd-socket-activate became agentd (exec): stop it as systemd would.
-    terminate(&mut activator);
+    activator.stop();
     assert!(socket.exists(), "agentd removed the socket systemd owns");
     let log = std::fs::read_to_string(tmp.path().join("agentd.log")).unwrap();
     assert!(log.contains("agentd listening on"), "{log}");

@@ -623,18 +623,43 @@ fn apply_env(cmd: &mut Command, env: &[(&str, Option<&str>)]) {
     }
 }
 
+/// A process a test started, killed when dropped (also when the test
+/// fails half way); [`Spawned::stop`] ends it gracefully.
+pub struct Spawned(pub Child);
+
+impl Spawned {
+    /// Send SIGTERM and wait for the process to exit.
+    pub fn stop(&mut self) {
+        terminate(&mut self.0);
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start agentd with exactly `args` (no `--home` added) and `env` changes
 /// (`None` removes a variable); its stderr goes to `log`.
-pub fn spawn_agentd(args: &[&str], env: &[(&str, Option<&str>)], log: &Path) -> Child {
+pub fn spawn_agentd(args: &[&str], env: &[(&str, Option<&str>)], log: &Path) -> Spawned {
     let log = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(bin("agentd"));
     cmd.args(args).env("RUST_LOG", "info");
     apply_env(&mut cmd, env);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    Spawned(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Run agentd with `args` and `env` until it exits (it is expected to
