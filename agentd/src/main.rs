@@ -26,7 +26,7 @@ use securechat_common::KeySize;
 /// The relay settings are saved to <home>/agentd.toml, so later starts need no
 /// flags. Then, in another terminal: `chat-cli register alice --email …`.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "agentd", version, verbatim_doc_comment)]
 struct Args {
     /// Home directory for keys, inbox and session [default: $XDG_DATA_HOME/securechat].
     /// When given, the socket is <home>/agent.sock.
@@ -62,10 +62,40 @@ struct Args {
     /// Do not save the relay flags to agentd.toml.
     #[arg(long)]
     no_save_config: bool,
+
+    /// Without a command, agentd runs the daemon.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What agentd can print instead of running.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `agentd man | man -l -`).
+    Man,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Made from the definitions above, before any setting is read.
+    match args.command {
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "agentd", &mut std::io::stdout());
+            return Ok(());
+        }
+        Some(Command::Man) => {
+            let cmd = <Args as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
