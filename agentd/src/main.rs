@@ -86,7 +86,10 @@ fn main() -> Result<()> {
     match args.command {
         Some(Command::Completions { shell }) => {
             let mut cmd = <Args as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "agentd", &mut std::io::stdout());
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "agentd", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
             return Ok(());
         }
         Some(Command::Man) => {

@@ -573,7 +573,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Doctor => return runtime()?.block_on(doctor::run(&paths, json)),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "chat-cli", &mut std::io::stdout());
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "chat-cli", &mut script);
+            std::io::stdout().lock().write_all(&script)?;
             return Ok(());
         }
         Command::Man => {

@@ -311,7 +311,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Completions { shell }) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "relay", &mut std::io::stdout());
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "relay", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
             return Ok(());
         }
         Some(Command::Man) => {
