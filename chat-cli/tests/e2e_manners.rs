@@ -75,17 +75,15 @@ fn secrets_are_asked_for_only_once_agentd_has_answered() {
         let out = run_cli(&nobody, args, "");
         assert!(!out.status.success(), "{args:?}");
         assert!(
-            text(&out.stderr).contains(
-                "no terminal to ask for the password; pipe it and pass --password-stdin"
-            ),
+            text(&out.stderr)
+                .contains("no terminal to ask for the password; pipe it and pass --password-stdin"),
             "{args:?}: {}",
             text(&out.stderr)
         );
     }
     let out = run_cli(&nobody, &["unlock"], "");
-    assert!(text(&out.stderr).contains(
-        "no terminal to ask for the passphrase; pipe it and pass --passphrase-stdin"
-    ));
+    assert!(text(&out.stderr)
+        .contains("no terminal to ask for the passphrase; pipe it and pass --passphrase-stdin"));
 
     // On a terminal, with agentd not running: no prompt, the reason.
     let out = run_in_terminal(&nobody, &["login", "alice"], "");
@@ -132,7 +130,11 @@ fn send_dash_says_how_to_end_the_text_on_a_terminal_only() {
 
     let out = w.alice.cli_stdin(&["send", "bob", "-"], "from a pipe\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!text(&out.stderr).contains("Ctrl-D"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("Ctrl-D"),
+        "{}",
+        text(&out.stderr)
+    );
     w.bob.wait_message("alice", "from a pipe");
 }
 
@@ -181,7 +183,10 @@ fn ctrl_c_while_the_relay_is_down_cancels_the_message_for_good() {
     interrupt(&child);
     let out = child.wait_with_output().unwrap();
     let said = text(&out.stderr);
-    assert!(said.starts_with("chat-cli: cancelled: the message (id "), "{said}");
+    assert!(
+        said.starts_with("chat-cli: cancelled: the message (id "),
+        "{said}"
+    );
 
     // Back online: later messages arrive, the cancelled ones never do, and
     // no number was used up (bob sees nothing missing).
@@ -228,7 +233,10 @@ fn ctrl_c_after_the_message_left_says_it_may_be_delivered_and_it_is() {
     assert_eq!(pending["id"], id.as_str(), "{status}");
     assert_eq!(pending["state"], "sending", "{status}");
     let shown = text(&alice.cli(&["status"]).stdout);
-    assert!(shown.contains(&format!("{id} to bob: still waiting")), "{shown}");
+    assert!(
+        shown.contains(&format!("{id} to bob: still waiting")),
+        "{shown}"
+    );
 
     // The link recovers: agentd had kept the message, and it arrives once.
     proxy.hold_large(false);
@@ -261,7 +269,10 @@ fn doctor_says_what_is_wrong_and_how_to_fix_it() {
     let healthy = w.alice.json(&["doctor"]);
     assert_eq!(healthy["ok"], true, "{healthy}");
     let checks = healthy["checks"].as_array().unwrap();
-    let names: Vec<_> = checks.iter().map(|c| c["check"].as_str().unwrap()).collect();
+    let names: Vec<_> = checks
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
         ["agentd", "relay", "certificate", "clock", "files", "key"]
@@ -277,7 +288,11 @@ fn doctor_says_what_is_wrong_and_how_to_fix_it() {
         .contains(&w.relay.fingerprint));
     let out = w.alice.cli(&["doctor"]);
     assert!(out.status.success());
-    assert!(text(&out.stdout).starts_with("ok    agentd"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("ok    agentd"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // A file others can read: FAIL with the chmod that fixes it.
     let key = w.alice.home.join("identity.key");
