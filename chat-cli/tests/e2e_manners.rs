@@ -338,3 +338,85 @@ fn doctor_says_what_is_wrong_and_how_to_fix_it() {
     bob.wait_logged_in();
     assert_eq!(bob.json(&["doctor"])["ok"], true);
 }
+
+/// One check of a `chat-cli --json doctor` report.
+fn doctor_check(agent: &Agent, name: &str) -> serde_json::Value {
+    let out = agent.cli(&["--json", "doctor"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("doctor printed no JSON: {}", text(&out.stderr)));
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        out.status.success(),
+        report["ok"] == true,
+        "exit status and report disagree: {report}"
+    );
+    check
+}
+
+#[test]
+fn doctor_fails_a_clock_the_relay_disagrees_with_and_a_refused_certificate() {
+    use securechat_common::protocol::{Request, Response};
+    use securechat_testkit::relay::{test_config, TestRelay};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = rt
+        .block_on(TestRelay::start(test_config(
+            &tmp.path().join("relay"),
+            None,
+        )))
+        .unwrap();
+    // The relay's clock runs two minutes ahead of this machine's.
+    relay.clock().advance(Duration::from_secs(120));
+    let before = unix_now() * 1000;
+    let told = rt.block_on(async {
+        let client = relay.connect().await.unwrap();
+        client.call(&Request::Time).await.unwrap()
+    });
+    let Response::Time { unix_ms } = told else {
+        panic!("answer to Time: {told:?}")
+    };
+    assert!(
+        (before + 119_000..before + 130_000).contains(&unix_ms),
+        "relay said {unix_ms}, {before} here"
+    );
+
+    let pin = format!("sha256:{}", hex::encode(relay.fingerprint()));
+    let dave = Agent::start_pinned(tmp.path(), "dave", &relay.addr().to_string(), &pin);
+    let clock = wait_for("dave's agentd to compare clocks", || {
+        let c = doctor_check(&dave, "clock");
+        (c["result"] != "warn").then_some(c)
+    });
+    assert_eq!(clock["result"], "fail", "{clock}");
+    let detail = clock["detail"].as_str().unwrap();
+    assert!(detail.contains("behind the relay's"), "{detail}");
+    assert!(
+        detail.contains("TOTP codes made here are refused"),
+        "{detail}"
+    );
+    assert!(clock["fix"]
+        .as_str()
+        .unwrap()
+        .contains("timedatectl set-ntp true"));
+    assert_eq!(doctor_check(&dave, "certificate")["result"], "ok");
+
+    // A pin the relay's certificate does not match: the refusal, both
+    // fingerprints and how to re-pin.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let erin = Agent::start_pinned(tmp.path(), "erin", &relay.addr().to_string(), &wrong);
+    let cert = wait_for("erin's agentd to refuse the certificate", || {
+        let c = doctor_check(&erin, "certificate");
+        (c["result"] == "fail").then_some(c)
+    });
+    let fix = cert["fix"].as_str().unwrap();
+    assert!(fix.contains(&pin), "{fix}");
+    assert!(fix.contains("relay fingerprint --data-dir"), "{fix}");
+    assert_eq!(doctor_check(&erin, "relay")["result"], "fail");
+    drop((dave, erin));
+    rt.block_on(relay.stop()).unwrap();
+}

@@ -40,8 +40,9 @@ use crate::limits::MAX_MESSAGE_LEN;
 use crate::protocol::ErrorCode;
 
 /// Version of this local protocol; the first request ([`IpcRequest::Hello`])
-/// carries it and agentd refuses any other.
-pub const IPC_VERSION: u32 = 2;
+/// carries it and agentd refuses any other. Version 3 added the cancellable
+/// `Send` (answered `Accepted` first), `Cancel` and `Doctor`.
+pub const IPC_VERSION: u32 = 3;
 
 /// Longest JSON line either side accepts, newline included.
 ///

@@ -722,3 +722,21 @@ impl UdpProxy {
             .store(hold, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+impl Agent {
+    /// Start agentd for `name` in `dir/name` against the relay at `addr`,
+    /// pinning `fingerprint` (`sha256:<hex>`): for relays started in the test
+    /// process, or a deliberately wrong pin.
+    pub fn start_pinned(dir: &Path, name: &str, addr: &str, fingerprint: &str) -> Self {
+        let mut agent = Self {
+            name: name.to_string(),
+            home: dir.join(name),
+            relay_addr: addr.to_string(),
+            relay_fp: fingerprint.to_string(),
+            child: None,
+            secret: None,
+        };
+        agent.spawn();
+        agent
+    }
+}
