@@ -96,11 +96,16 @@ pub(crate) async fn run(paths: &Paths, json: bool) -> Result<(), Failure> {
             checks.push(key(&s));
         }
         Err(e) => {
-            checks.push(Check::fail(
-                "agentd",
-                format!("{:#}", e.error),
-                "start agentd (above), then run `chat-cli doctor` again",
-            ));
+            // The reason, then how to start agentd when it says so.
+            let text = format!("{:#}", e.error);
+            let (detail, fix) = match text.split_once('\n') {
+                Some((reason, how)) => (reason.to_string(), how.to_string()),
+                None => (
+                    text,
+                    "start agentd, then run `chat-cli doctor` again".into(),
+                ),
+            };
+            checks.push(Check::fail("agentd", detail, fix));
             let skipped = "not checked: agentd is not answering";
             for name in ["relay", "certificate", "clock"] {
                 checks.push(Check::warn(name, skipped, None));
