@@ -238,8 +238,20 @@ fn ctrl_c_after_the_message_left_says_it_may_be_delivered_and_it_is() {
         "{shown}"
     );
 
-    // The link recovers: agentd had kept the message, and it arrives once.
+    // A chat-cli killed outright (no Ctrl-C, no cancel) cancels nothing:
+    // agentd finishes what it was asked to send.
+    let mut killed = spawn_cli(&alice.home, &["send", "bob", "from a killed chat-cli"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    wait_for("agentd to notice its client went away", || {
+        let s = alice.status();
+        (s["interrupted_sends"].as_array()?.len() == 2).then_some(())
+    });
+
+    // The link recovers: agentd had kept both messages, and they arrive once.
     proxy.hold_large(false);
+    bob.wait_message("alice", "from a killed chat-cli");
     wait_for("bob to receive the interrupted message", || {
         let inbox = bob.json(&["inbox", "--all"]);
         inbox["messages"]
@@ -248,10 +260,15 @@ fn ctrl_c_after_the_message_left_says_it_may_be_delivered_and_it_is() {
             .any(|m| m["id"] == id.as_str() && m["text"] == long.as_str())
             .then_some(())
     });
-    wait_for("alice's status to say it was stored", || {
+    wait_for("alice's status to say both were stored", || {
         let s = alice.status();
-        (s["interrupted_sends"][0]["state"] == "stored").then_some(())
+        let sends = s["interrupted_sends"].as_array()?.clone();
+        sends.iter().all(|i| i["state"] == "stored").then_some(())
     });
+    let inbox = bob.json(&["inbox", "--all"]);
+    let messages = inbox["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "each message once: {inbox}");
+    assert!(messages.iter().all(|m| m["missing_before"] == 0), "{inbox}");
 }
 
 #[test]
