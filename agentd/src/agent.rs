@@ -6,12 +6,13 @@
 //! through a `watch` channel so that a request can wait (bounded) for the
 //! manager to reconnect instead of failing at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use securechat_common::ipc::{
-    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, RetryInfo, StatusInfo,
+    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, RetryInfo, SendOutcome,
+    StatusInfo, INTERRUPTED_SENDS_KEPT,
 };
 use securechat_common::protocol::{ErrorCode, Request, Response};
 use securechat_common::{IdentityKey, PublicKey};
@@ -164,6 +165,8 @@ pub struct Agent {
     rotation: Mutex<()>,
     /// One send at a time per recipient (see `commands::send_one`).
     send_lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sends whose chat-cli stopped listening, newest last, for `status`.
+    interrupted_sends: Mutex<VecDeque<SendOutcome>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -392,6 +395,7 @@ impl Agent {
             op_lock: tokio::sync::Mutex::new(()),
             rotation: Mutex::new(()),
             send_lanes: Mutex::new(HashMap::new()),
+            interrupted_sends: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -414,6 +418,17 @@ impl Agent {
             lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
         }
         lanes.entry(user.to_string()).or_default().clone()
+    }
+
+    /// Record (or update, by id) a send whose chat-cli stopped listening,
+    /// so that `status` can tell the user how it ended.
+    pub(crate) fn note_interrupted_send(&self, outcome: SendOutcome) {
+        let mut sends = lock(&self.interrupted_sends);
+        sends.retain(|s| s.id != outcome.id);
+        if sends.len() >= INTERRUPTED_SENDS_KEPT {
+            sends.pop_front();
+        }
+        sends.push_back(outcome);
     }
 
     /// The unlocked keys, or why there are none.
@@ -683,6 +698,7 @@ impl Agent {
                 }),
                 _ => None,
             },
+            interrupted_sends: lock(&self.interrupted_sends).iter().cloned().collect(),
         })
     }
 }

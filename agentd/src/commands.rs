@@ -1,12 +1,14 @@
 //! What agentd does for each chat-cli request.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use securechat_common::crypto::{CryptoError, Fingerprint};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::ipc::{
-    BroadcastFailure, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SentInfo,
-    MAX_MARK_READ,
+    BroadcastFailure, DoctorInfo, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse,
+    SentInfo, MAX_MARK_READ,
 };
 use securechat_common::limits::{
     validate_email, validate_password, validate_username, MAX_MESSAGE_LEN,
@@ -18,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::agent::{err, now_ms, open_inbox, unlock_keys, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
 use crate::receive::{deliver, open_any};
-use crate::relay_client::{ClientError, RelayClient};
+use crate::relay_client::{ClientError, RelayClient, ServerTrust};
 use crate::rotation;
 
 fn unexpected(what: &str, got: &Response) -> IpcError {
@@ -56,12 +58,17 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
         } => login(agent, username, password, totp).await,
         IpcRequest::Logout => logout(agent).await,
         IpcRequest::Status => Ok(IpcResponse::Status(Box::new(agent.status()?))),
-        IpcRequest::Send { to, text } => {
+        IpcRequest::Send { to, text, .. } => {
             let (client, me) = agent.logged_in_client().await?;
             Ok(IpcResponse::Sent(
                 send_one(agent, &client, &me, &to, &text).await?,
             ))
         }
+        IpcRequest::Cancel => Err(err(
+            IpcErrorKind::BadRequest,
+            "nothing to cancel: no cancellable send is running on this connection",
+        )),
+        IpcRequest::Doctor => Ok(IpcResponse::Doctor(Box::new(doctor(agent).await))),
         IpcRequest::Broadcast { text } => broadcast(agent, text).await,
         IpcRequest::MarkRead { ids } => mark_read(agent, &ids),
         IpcRequest::Online => {
@@ -267,13 +274,8 @@ async fn online(client: &RelayClient) -> Result<Vec<String>, IpcError> {
     }
 }
 
-pub(crate) async fn send_one(
-    agent: &Agent,
-    client: &RelayClient,
-    me: &str,
-    to: &str,
-    text: &str,
-) -> Result<SentInfo, IpcError> {
+/// Refuse a send that can never work (bad recipient name, too long).
+pub(crate) fn check_send(to: &str, text: &str) -> Result<(), IpcError> {
     validate_username(to).map_err(|e| invalid(format!("recipient: {e}")))?;
     if text.len() > MAX_MESSAGE_LEN {
         return Err(invalid(format!(
@@ -281,13 +283,60 @@ pub(crate) async fn send_one(
             text.len()
         )));
     }
+    Ok(())
+}
+
+/// A fresh message id.
+pub(crate) fn new_message_id() -> Result<MessageId, IpcError> {
+    MessageId::random().map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))
+}
+
+pub(crate) async fn send_one(
+    agent: &Agent,
+    client: &RelayClient,
+    me: &str,
+    to: &str,
+    text: &str,
+) -> Result<SentInfo, IpcError> {
+    check_send(to, text)?;
+    let id = new_message_id()?;
+    send_as(agent, client, me, to, text, id, &AtomicBool::new(false)).await
+}
+
+/// A cancellable send of message `id` (see `IpcRequest::Send`): waits for
+/// a logged-in relay connection, then sends. `committed` turns true at the
+/// point after which the message may reach the relay; until then, dropping
+/// the future leaves nothing behind (no sequence number taken, nothing sent).
+pub(crate) async fn send_cancellable(
+    agent: &Agent,
+    to: &str,
+    text: &str,
+    id: MessageId,
+    committed: &AtomicBool,
+) -> Result<SentInfo, IpcError> {
+    let (client, me) = agent.logged_in_client().await?;
+    send_as(agent, &client, &me, to, text, id, committed).await
+}
+
+async fn send_as(
+    agent: &Agent,
+    client: &RelayClient,
+    me: &str,
+    to: &str,
+    text: &str,
+    id: MessageId,
+    committed: &AtomicBool,
+) -> Result<SentInfo, IpcError> {
+    check_send(to, text)?;
     let keys = agent.ready_keys()?;
     let recipient_key = agent.recipient_key(client, to).await?;
-    let id = MessageId::random().map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
-    // One send per recipient at a time, so that numbers go out in order and
+    // One send at a time per recipient, so that numbers go out in order and
     // a refused one can be given back.
     let lane = agent.send_lane(to);
     let _lane = lane.lock().await;
+    // From here to the relay there is no await: a cancel either comes before
+    // this (and drops the future with nothing done) or finds it committed.
+    committed.store(true, Ordering::SeqCst);
     let seq = agent.store.reserve_seq(to)?;
     let params = SealParams {
         sender_key: &keys.current,
@@ -349,6 +398,66 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
         }
     }
     Ok(IpcResponse::Broadcast { sent, failed })
+}
+
+/// How long `doctor` waits for the relay to tell its time.
+const CLOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The facts `chat-cli doctor` needs from agentd, measured now.
+async fn doctor(agent: &Agent) -> DoctorInfo {
+    let conn = agent.conn();
+    let relay = agent.config.relay.as_ref();
+    let relay_trust = relay.map(|r| match &r.trust {
+        ServerTrust::Fingerprint(fp) => format!("sha256:{}", hex::encode(fp)),
+        ServerTrust::CaCert(_) => "ca".to_string(),
+    });
+    let mut info = DoctorInfo {
+        relay: relay.map(|r| r.display.clone()),
+        relay_trust,
+        certificate_rejected: conn.refused.clone(),
+        clock_offset_ms: None,
+        clock_rtt_ms: None,
+        clock_error: None,
+    };
+    let Some(client) = conn.client else {
+        info.clock_error = Some("agentd is not connected to the relay".into());
+        return info;
+    };
+    let start = std::time::Instant::now();
+    let before = now_ms();
+    match tokio::time::timeout(CLOCK_WAIT, client.call(&Request::Time)).await {
+        Ok(Ok(Response::Time { unix_ms })) => {
+            let rtt = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            // The relay read its clock about half way through the round trip.
+            let ours = before.saturating_add(rtt / 2);
+            info.clock_offset_ms = Some(signed_diff(unix_ms, ours));
+            info.clock_rtt_ms = Some(rtt);
+        }
+        Ok(Err(ClientError::Relay(e))) => {
+            info.clock_error = Some(format!(
+                "the relay does not tell its time (an older version?): {}",
+                e.message
+            ));
+        }
+        Ok(Ok(other)) => info.clock_error = Some(unexpected("Time", &other).message),
+        Ok(Err(e)) => info.clock_error = Some(e.to_string()),
+        Err(_) => {
+            info.clock_error = Some(format!(
+                "the relay did not answer within {} s",
+                CLOCK_WAIT.as_secs()
+            ))
+        }
+    }
+    info
+}
+
+/// `a - b` as a signed number, saturating.
+fn signed_diff(a: u64, b: u64) -> i64 {
+    if a >= b {
+        i64::try_from(a - b).unwrap_or(i64::MAX)
+    } else {
+        i64::try_from(b - a).map(|d| -d).unwrap_or(i64::MIN)
+    }
 }
 
 async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse, IpcError> {

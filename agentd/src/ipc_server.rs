@@ -10,12 +10,13 @@ use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use securechat_common::ipc::{
-    InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse, IPC_VERSION,
+    InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SendOutcome, SendState,
+    SentInfo, IPC_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::task::JoinSet;
 
-use crate::agent::{err, Agent};
+use crate::agent::{err, now_ms, Agent};
 use crate::commands;
 use crate::files::ensure_private_dir;
 use crate::ipc_io::{read_line, write_msg, IoLineError};
@@ -175,6 +176,11 @@ where
             IpcRequest::Watch { from } => return watch(agent, from, reader, w).await,
             IpcRequest::Inbox { all, from } => inbox(agent, all, from.as_deref(), w).await?,
             IpcRequest::Held => held(agent, w).await?,
+            IpcRequest::Send {
+                to,
+                text,
+                cancellable: true,
+            } => send_cancellable(agent, to, text, reader, w).await?,
             req => {
                 let resp = commands::handle(agent, req)
                     .await
@@ -183,6 +189,108 @@ where
             }
         }
     }
+}
+
+/// A cancellable send: `Accepted { id }` at once, then the result; a
+/// `Cancel` line meanwhile withdraws the message if it has not gone to the
+/// relay yet (`Cancelled`), or is answered `Sending`. If the client stops
+/// listening (after `Sending`, or by hanging up), the send still finishes
+/// and its outcome is kept for `status`: nothing is left half done.
+async fn send_cancellable<R, W>(
+    agent: &Arc<Agent>,
+    to: String,
+    text: String,
+    reader: &mut BufReader<R>,
+    w: &mut W,
+) -> Result<(), IoLineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let id = match commands::check_send(&to, &text).and_then(|()| commands::new_message_id()) {
+        Ok(id) => id,
+        Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
+    };
+    let id_text = id.to_string();
+    let outcome = |state, detail| SendOutcome {
+        id: id_text.clone(),
+        to: to.clone(),
+        state,
+        detail,
+        at_ms: now_ms(),
+    };
+    let mut listening = write_msg(
+        w,
+        &IpcResponse::Accepted {
+            id: id_text.clone(),
+        },
+    )
+    .await
+    .is_ok();
+    let committed = std::sync::atomic::AtomicBool::new(false);
+    let send = commands::send_cancellable(agent, &to, &text, id, &committed);
+    tokio::pin!(send);
+    let result = loop {
+        tokio::select! {
+            result = &mut send => break result,
+            line = read_line(reader), if listening => {
+                let cancel = match line {
+                    Ok(Some(line)) => {
+                        let cancel = matches!(
+                            securechat_common::ipc::decode_line::<IpcRequest>(&line),
+                            Ok(IpcRequest::Cancel)
+                        );
+                        if !cancel {
+                            let no = bad_request("while a send runs only `cancel` is accepted".into());
+                            listening = write_msg(w, &no).await.is_ok();
+                            continue;
+                        }
+                        true
+                    }
+                    // Hung up: the user may not have seen the id; finishing
+                    // is what they asked for.
+                    _ => false,
+                };
+                if cancel && !committed.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Nothing was reserved or sent: dropping the send is a
+                    // clean cancel.
+                    tracing::info!("send {id_text} to {to} cancelled before it reached the relay");
+                    return write_msg(w, &IpcResponse::Cancelled { id: id_text }).await;
+                }
+                if cancel {
+                    let _ = write_msg(w, &IpcResponse::Sending { id: id_text.clone() }).await;
+                }
+                listening = false;
+                agent.note_interrupted_send(outcome(SendState::Sending, None));
+            }
+        }
+    };
+    if listening {
+        let resp = result
+            .map(IpcResponse::Sent)
+            .unwrap_or_else(IpcResponse::Error);
+        return write_msg(w, &resp).await;
+    }
+    let sent_state = |r: &Result<SentInfo, IpcError>| match r {
+        Ok(_) => (SendState::Stored, None),
+        Err(e) => {
+            // Only a connection lost while the relay had the message leaves
+            // its fate open; any other error means it was not stored.
+            let open = committed.load(std::sync::atomic::Ordering::SeqCst)
+                && e.relay_code.is_none()
+                && e.kind == IpcErrorKind::RelayUnavailable;
+            let state = if open {
+                SendState::Unknown
+            } else {
+                SendState::NotSent
+            };
+            (state, Some(e.message.clone()))
+        }
+    };
+    let (state, detail) = sent_state(&result);
+    tracing::info!("send {id_text} to {to}, whose client went away, ended: {state:?}");
+    agent.note_interrupted_send(outcome(state, detail));
+    Ok(())
 }
 
 /// Inbox messages read from the database per page while streaming.

@@ -30,7 +30,7 @@ use securechat_common::KeySize;
 /// relay host), `agentd --relay-fingerprint sha256:…` alone re-pins the saved
 /// relay.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "agentd", version, verbatim_doc_comment)]
 struct Args {
     /// Home directory for keys, inbox and session [default: $XDG_DATA_HOME/securechat].
     /// When given, the socket is <home>/agent.sock unless --socket names another.
@@ -72,6 +72,22 @@ struct Args {
     /// Do not save the relay flags to agentd.toml.
     #[arg(long)]
     no_save_config: bool,
+
+    /// Without a command, agentd runs the daemon.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What agentd can print instead of running.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `agentd man | man -l -`).
+    Man,
 }
 
 fn main() -> Result<()> {
@@ -80,6 +96,23 @@ fn main() -> Result<()> {
         .take_unix_listener(0)
         .context("taking the socket systemd passed (LISTEN_FDS)")?;
     let args = Args::parse();
+    // Made from the definitions above, before any setting is read.
+    match args.command {
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "agentd", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
+            return Ok(());
+        }
+        Some(Command::Man) => {
+            let cmd = <Args as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

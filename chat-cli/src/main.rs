@@ -8,6 +8,7 @@
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 #![forbid(unsafe_code)]
 
+mod doctor;
 mod output;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -15,10 +16,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
 use securechat_agentd::Paths;
-use securechat_common::ipc::{IpcError, IpcRequest, IpcResponse, MAX_MARK_READ};
+use securechat_common::ipc::{
+    ConnectionState, IpcError, IpcErrorKind, IpcRequest, IpcResponse, StatusInfo, MAX_MARK_READ,
+};
 use zeroize::Zeroizing;
 
 /// Talk to your securechat agent (agentd).
@@ -33,7 +36,7 @@ use zeroize::Zeroizing;
 ///   chat-cli send bob "hi"
 ///   chat-cli inbox
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "chat-cli", version, verbatim_doc_comment)]
 struct Cli {
     /// agentd's home directory [default: $XDG_DATA_HOME/securechat]; the same
     /// rule agentd uses finds its socket.
@@ -163,22 +166,69 @@ enum Command {
         /// The contact.
         user: String,
     },
+    /// Check agentd, the relay, its certificate, the clock, file modes and
+    /// the key; each problem comes with its fix. Exits non-zero on a FAIL.
+    Doctor,
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    ///   chat-cli completions bash > ~/.local/share/bash-completion/completions/chat-cli
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `chat-cli man | man -l -`).
+    Man,
 }
 
 /// A failure with its typed agent error, if there is one.
 struct Failure {
     error: anyhow::Error,
-    agent: Option<IpcError>,
+    agent: Option<Box<IpcError>>,
+    /// The `--json` error object, when it is not the agent's error.
+    json: Option<serde_json::Value>,
+    /// The exit status.
+    exit: u8,
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
         let agent = match error.downcast_ref::<IpcClientError>() {
-            Some(IpcClientError::Agent(e)) => Some(e.clone()),
+            Some(IpcClientError::Agent(e)) => Some(Box::new(e.clone())),
             _ => None,
         };
-        Self { error, agent }
+        Self {
+            error,
+            agent,
+            json: None,
+            exit: 1,
+        }
+    }
+}
+
+impl Failure {
+    /// A refusal decided before anything was asked or sent, typed as agentd
+    /// would have typed it.
+    fn refuse(kind: IpcErrorKind, message: impl Into<String>) -> Self {
+        let e = IpcError::new(kind, message);
+        Self {
+            error: anyhow::anyhow!(e.message.clone()),
+            agent: Some(Box::new(e)),
+            json: None,
+            exit: 1,
+        }
+    }
+
+    /// A send stopped by Ctrl-C: `kind` is `cancelled` or `interrupted`.
+    fn interrupted(kind: &str, id: &str, message: String) -> Self {
+        Self {
+            json: Some(serde_json::json!({ "kind": kind, "id": id, "message": message })),
+            error: anyhow::anyhow!(message),
+            agent: None,
+            // As a shell reports a command ended by SIGINT.
+            exit: 130,
+        }
     }
 }
 
@@ -189,9 +239,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if json {
-                let value = match &f.agent {
-                    Some(e) => serde_json::json!({ "error": e }),
-                    None => {
+                let value = match (&f.json, &f.agent) {
+                    (Some(v), _) => serde_json::json!({ "error": v }),
+                    (None, Some(e)) => serde_json::json!({ "error": e }),
+                    (None, None) => {
                         serde_json::json!({ "error": { "kind": "client", "message": format!("{:#}", f.error) } })
                     }
                 };
@@ -202,7 +253,7 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("chat-cli: {}", output::sanitize(&format!("{:#}", f.error)));
             }
-            ExitCode::FAILURE
+            ExitCode::from(f.exit)
         }
     }
 }
@@ -227,6 +278,18 @@ fn prompt_secret(prompt: &str) -> Result<Zeroizing<String>> {
         bail!("nothing entered");
     }
     Ok(value)
+}
+
+/// Fail at once when a secret would have to be prompted for and stdin is
+/// no terminal (a pipe, cron, CI): a prompt there would hang or read junk.
+fn require_terminal(from_stdin: bool, what: &str) -> Result<(), Failure> {
+    if from_stdin || std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    Err(Failure::refuse(
+        IpcErrorKind::InvalidInput,
+        format!("no terminal to ask for the {what}; pipe it and pass --{what}-stdin"),
+    ))
 }
 
 fn secret(from_stdin: bool, what: &str, confirm: bool) -> Result<Zeroizing<String>> {
@@ -269,6 +332,9 @@ fn totp_code(given: Option<String>) -> Result<Zeroizing<String>> {
 fn message_text(text: String) -> Result<String> {
     if text != "-" {
         return Ok(text);
+    }
+    if std::io::stdin().is_terminal() {
+        eprintln!("Type the message; end with Ctrl-D on a line of its own.");
     }
     let mut buf = String::new();
     std::io::stdin()
@@ -470,25 +536,189 @@ async fn trust(
 fn run(cli: Cli) -> Result<(), Failure> {
     let paths = Paths::resolve(cli.home.clone())?;
     let json = cli.json;
-    // Secrets and stdin are read before connecting, so prompts come first.
     let request = match cli.command {
+        command @ (Command::Register { .. }
+        | Command::Login { .. }
+        | Command::RotateKey { .. }
+        | Command::Unlock { .. }
+        | Command::Passphrase { .. }) => {
+            return runtime()?.block_on(ask_then_request(&paths, json, command));
+        }
+        Command::Verify { code } => IpcRequest::Verify {
+            code: Zeroizing::new(code),
+        },
+        Command::Send { user, text } => {
+            return runtime()?.block_on(send(&paths, json, user, text));
+        }
+        Command::Inbox { all, from } => {
+            return runtime()?.block_on(inbox(&paths, json, all, from));
+        }
+        Command::Held => return runtime()?.block_on(held(&paths, json)),
+        Command::Online => IpcRequest::Online,
+        Command::Broadcast { text } => {
+            return runtime()?.block_on(async {
+                // agentd answers before the user is asked to type anything.
+                let mut client = connect(&paths).await?;
+                let request = IpcRequest::Broadcast {
+                    text: message_text(text)?,
+                };
+                let resp = client.request(&request).await?;
+                print(json, &resp)?;
+                if let IpcResponse::Broadcast { failed, .. } = &resp {
+                    if !failed.is_empty() {
+                        return Err(
+                            anyhow::anyhow!("{} recipient(s) were skipped", failed.len()).into(),
+                        );
+                    }
+                }
+                Ok(())
+            });
+        }
+        Command::Status => IpcRequest::Status,
+        Command::Logout => IpcRequest::Logout,
+        Command::Fingerprint { user } => IpcRequest::Fingerprint { user },
+        Command::Trust { user, fingerprint } => {
+            return runtime()?.block_on(trust(&paths, json, user, fingerprint));
+        }
+        Command::Chat { user } => {
+            let rt = runtime()?;
+            return rt.block_on(chat(&paths, user, json));
+        }
+        Command::Doctor => return runtime()?.block_on(doctor::run(&paths, json)),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "chat-cli", &mut script);
+            std::io::stdout().lock().write_all(&script)?;
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut client = connect(&paths).await?;
+        let resp = client.request(&request).await?;
+        print(json, &resp)
+    })?;
+    Ok(())
+}
+
+/// agentd's status, on an open connection.
+async fn status(client: &mut IpcClient) -> Result<StatusInfo, Failure> {
+    match client.request(&IpcRequest::Status).await? {
+        IpcResponse::Status(s) => Ok(*s),
+        other => Err(anyhow::anyhow!("unexpected answer from agentd: {other:?}").into()),
+    }
+}
+
+/// The commands that need a secret. agentd must answer, and the request
+/// make sense as far as its status tells, before anything is asked: nobody
+/// types a password for an agent that is not running, or for a login it
+/// would refuse.
+async fn ask_then_request(paths: &Paths, json: bool, command: Command) -> Result<(), Failure> {
+    use securechat_common::limits::{validate_email, validate_username};
+    let invalid = |e: String| Failure::refuse(IpcErrorKind::InvalidInput, e);
+    // What can be refused without agentd comes first.
+    match &command {
         Command::Register {
             user,
             email,
             password_stdin,
-        } => IpcRequest::Register {
-            username: user,
+        } => {
+            validate_username(user).map_err(invalid)?;
+            validate_email(email).map_err(invalid)?;
+            require_terminal(*password_stdin, "password")?;
+        }
+        Command::Login {
+            user,
+            password_stdin,
+            ..
+        } => {
+            validate_username(user).map_err(invalid)?;
+            require_terminal(*password_stdin, "password")?;
+        }
+        Command::RotateKey { password_stdin, .. } => require_terminal(*password_stdin, "password")?,
+        Command::Unlock { passphrase_stdin } => require_terminal(*passphrase_stdin, "passphrase")?,
+        Command::Passphrase {
+            remove: false,
+            passphrase_stdin,
+        } => require_terminal(*passphrase_stdin, "passphrase")?,
+        _ => {}
+    }
+    let mut client = connect(paths).await?;
+    let s = status(&mut client).await?;
+    let logged_in = s.connection == ConnectionState::LoggedIn;
+    let no_relay = || {
+        Failure::refuse(
+            IpcErrorKind::NoRelay,
+            "agentd has no relay configured; restart it with --relay HOST:PORT \
+             --relay-fingerprint SHA256",
+        )
+    };
+    let locked = || {
+        Failure::refuse(
+            IpcErrorKind::Locked,
+            "the identity key is passphrase-protected; run `chat-cli unlock` first",
+        )
+    };
+    let no_key = || {
+        Failure::refuse(
+            IpcErrorKind::NotRegistered,
+            "no identity key yet; run `chat-cli register <user> --email <addr>` first",
+        )
+    };
+    let request = match command {
+        Command::Register {
+            user,
             email,
-            password: secret(password_stdin, "password", true)?,
-        },
-        Command::Verify { code } => IpcRequest::Verify {
-            code: Zeroizing::new(code),
-        },
+            password_stdin,
+        } => {
+            if s.connection == ConnectionState::NoRelay {
+                return Err(no_relay());
+            }
+            if logged_in {
+                return Err(Failure::refuse(
+                    IpcErrorKind::AlreadyLoggedIn,
+                    "this agent is logged in to an account already; `chat-cli logout` first",
+                ));
+            }
+            if s.locked {
+                return Err(locked());
+            }
+            IpcRequest::Register {
+                username: user,
+                email,
+                password: secret(password_stdin, "password", true)?,
+            }
+        }
         Command::Login {
             user,
             password_stdin,
             totp,
         } => {
+            if s.connection == ConnectionState::NoRelay {
+                return Err(no_relay());
+            }
+            if logged_in {
+                return Err(Failure::refuse(
+                    IpcErrorKind::AlreadyLoggedIn,
+                    format!(
+                        "already logged in as {}; agentd keeps the session (run `chat-cli \
+                         logout` to end it)",
+                        s.username.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+            if s.locked {
+                return Err(locked());
+            }
+            if !s.has_key {
+                return Err(no_key());
+            }
             let password = secret(password_stdin, "password", false)?;
             IpcRequest::Login {
                 username: user,
@@ -496,64 +726,126 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 totp: totp_code(totp)?,
             }
         }
-        Command::Send { user, text } => IpcRequest::Send {
-            to: user,
-            text: message_text(text)?,
-        },
-        Command::Inbox { all, from } => {
-            return runtime()?.block_on(inbox(&paths, json, all, from));
-        }
-        Command::Held => return runtime()?.block_on(held(&paths, json)),
-        Command::Online => IpcRequest::Online,
-        Command::Broadcast { text } => IpcRequest::Broadcast {
-            text: message_text(text)?,
-        },
-        Command::Status => IpcRequest::Status,
-        Command::Logout => IpcRequest::Logout,
-        Command::Fingerprint { user } => IpcRequest::Fingerprint { user },
-        Command::Trust { user, fingerprint } => {
-            return runtime()?.block_on(trust(&paths, json, user, fingerprint));
-        }
         Command::RotateKey {
             password_stdin,
             totp,
         } => {
+            if s.locked {
+                return Err(locked());
+            }
+            if !logged_in {
+                return Err(Failure::refuse(
+                    IpcErrorKind::NotLoggedIn,
+                    "rotate-key needs agentd logged in and connected to the relay; check \
+                     `chat-cli status` (run `chat-cli login <user>` if needed)",
+                ));
+            }
             let password = secret(password_stdin, "password", false)?;
             IpcRequest::RotateKey {
                 password,
                 totp: totp_code(totp)?,
             }
         }
-        Command::Unlock { passphrase_stdin } => IpcRequest::Unlock {
-            passphrase: secret(passphrase_stdin, "passphrase", false)?,
-        },
+        Command::Unlock { passphrase_stdin } => {
+            if !s.has_key {
+                return Err(no_key());
+            }
+            if !s.locked {
+                if json {
+                    return print(true, &IpcResponse::Ok).map_err(Into::into);
+                }
+                println!("the identity key is not locked; nothing to unlock");
+                return Ok(());
+            }
+            IpcRequest::Unlock {
+                passphrase: secret(passphrase_stdin, "passphrase", false)?,
+            }
+        }
         Command::Passphrase {
             remove,
             passphrase_stdin,
-        } => IpcRequest::SetPassphrase {
-            passphrase: if remove {
-                None
-            } else {
-                Some(secret(passphrase_stdin, "passphrase", !passphrase_stdin)?)
-            },
-        },
-        Command::Chat { user } => {
-            let rt = runtime()?;
-            return rt.block_on(chat(&paths, user, json));
-        }
-    };
-    let rt = runtime()?;
-    rt.block_on(async {
-        let mut client = connect(&paths).await?;
-        let resp = client.request(&request).await?;
-        print(json, &resp)?;
-        if let IpcResponse::Broadcast { failed, .. } = &resp {
-            if !failed.is_empty() {
-                return Err(anyhow::anyhow!("{} recipient(s) were skipped", failed.len()).into());
+        } => {
+            if s.locked {
+                return Err(locked());
+            }
+            if !s.has_key {
+                return Err(no_key());
+            }
+            IpcRequest::SetPassphrase {
+                passphrase: if remove {
+                    None
+                } else {
+                    Some(secret(passphrase_stdin, "passphrase", !passphrase_stdin)?)
+                },
             }
         }
-        Ok(())
-    })
+        _ => return Err(anyhow::anyhow!("not a command that asks for a secret").into()),
+    };
+    let resp = client.request(&request).await?;
+    print(json, &resp)?;
+    Ok(())
+}
+
+/// How long chat-cli waits, after Ctrl-C, for agentd to say whether the
+/// message could still be withdrawn.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `send`: agentd answers first (then the text is read), takes the message
+/// as an id, and sends it. Ctrl-C while waiting withdraws it if it has not
+/// reached the relay yet, and otherwise says plainly that it may still be
+/// delivered, with its id, so that a retry is not a blind duplicate.
+async fn send(paths: &Paths, json: bool, to: String, text: String) -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut client = connect(paths).await?;
+    let text = message_text(text)?;
+    // Caught from here on, so that no Ctrl-C kills chat-cli with the
+    // message's fate untold.
+    let mut interrupt = signal(SignalKind::interrupt()).context("catching Ctrl-C")?;
+    client
+        .send(&IpcRequest::Send {
+            to,
+            text,
+            cancellable: true,
+        })
+        .await?;
+    let id = match client.next().await? {
+        IpcResponse::Accepted { id } => id,
+        other => return Err(anyhow::anyhow!("unexpected answer from agentd: {other:?}").into()),
+    };
+    tokio::select! {
+        resp = client.next() => {
+            print(json, &resp?)?;
+            Ok(())
+        }
+        _ = interrupt.recv() => interrupted(&mut client, json, &id).await,
+    }
+}
+
+/// Ctrl-C during a send of message `id`: ask agentd to withdraw it, and say
+/// what became of it.
+async fn interrupted(client: &mut IpcClient, json: bool, id: &str) -> Result<(), Failure> {
+    let answer = match client.send(&IpcRequest::Cancel).await {
+        Ok(()) => tokio::time::timeout(CANCEL_WAIT, client.next()).await.ok(),
+        Err(_) => None,
+    };
+    match answer {
+        Some(Ok(IpcResponse::Cancelled { .. })) => Err(Failure::interrupted(
+            "cancelled",
+            id,
+            format!("cancelled: the message (id {id}) was not sent and will not be"),
+        )),
+        // It finished just then: an ordinary answer.
+        Some(Ok(resp @ IpcResponse::Sent(_))) => print(json, &resp).map_err(Into::into),
+        Some(Err(e @ IpcClientError::Agent(_))) => Err(e.into()),
+        _ => Err(Failure::interrupted(
+            "interrupted",
+            id,
+            format!(
+                "interrupted: the message (id {id}) may still be delivered; check with \
+                 `chat-cli status` before sending again"
+            ),
+        )),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -593,7 +885,7 @@ async fn chat(paths: &Paths, user: String, json: bool) -> Result<(), Failure> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let req = IpcRequest::Send { to: user.clone(), text: line };
+                let req = IpcRequest::Send { to: user.clone(), text: line, cancellable: false };
                 match sender.request(&req).await {
                     Ok(resp) => {
                         if json {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use securechat_common::ipc::{
-    ConnectionState, FingerprintInfo, InboxMessage, IpcResponse, StatusInfo,
+    ConnectionState, FingerprintInfo, InboxMessage, IpcResponse, SendState, StatusInfo,
 };
 
 /// Latest time shown as a date (9999-12-31T23:59:59Z); RFC 3339 has four
@@ -171,6 +171,27 @@ fn status(s: &StatusInfo) -> String {
             r.reason
         );
     }
+    for i in &s.interrupted_sends {
+        let how = match i.state {
+            SendState::Sending => "still waiting for the relay",
+            SendState::Stored => "stored by the relay: it will be delivered (do not send again)",
+            SendState::NotSent => "NOT sent: send it again",
+            SendState::Unknown => {
+                "the relay connection broke before it answered: it may have been stored"
+            }
+            _ => "unknown",
+        };
+        out += &format!(
+            "interrupted: [{}] {} to {}: {how}{}\n",
+            time(i.at_ms),
+            i.id,
+            i.to,
+            i.detail
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        );
+    }
     out
 }
 
@@ -290,6 +311,10 @@ pub fn human(resp: &IpcResponse) -> String {
         ),
         IpcResponse::Message(m) => message(m) + "\n",
         IpcResponse::Hello { agent_version, .. } => format!("agentd {agent_version}\n"),
+        IpcResponse::Accepted { id } | IpcResponse::Sending { id } => {
+            format!("sending message {id}\n")
+        }
+        IpcResponse::Cancelled { id } => format!("cancelled message {id}: not sent\n"),
         IpcResponse::Error(e) => format!("error: {}\n", e.message),
         other => format!("{other:?}\n"),
     }

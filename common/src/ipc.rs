@@ -10,6 +10,10 @@
 //!   │ ◄── {"response":"hello",...}         │  a typed `version_mismatch` error
 //!   │ {"request":"send","to":"bob",...} ─► │  seal, sign, wait for the relay's Stored
 //!   │ ◄── {"response":"sent",...}          │
+//!   │ {"request":"send",...,               │  a cancellable send: the id first,
+//!   │   "cancellable":true} ─────────────► │  then the result; a `cancel` line in
+//!   │ ◄── {"response":"accepted","id":..}  │  between withdraws the message if it
+//!   │ ◄── {"response":"sent",...}          │  has not gone to the relay yet
 //!   │ {"request":"inbox","all":false} ───► │  one `message` line per inbox item,
 //!   │ ◄── {"response":"message",...} ...   │  then `end`; nothing is marked read
 //!   │ ◄── {"response":"end","count":2}     │
@@ -36,8 +40,9 @@ use crate::limits::MAX_MESSAGE_LEN;
 use crate::protocol::ErrorCode;
 
 /// Version of this local protocol; the first request ([`IpcRequest::Hello`])
-/// carries it and agentd refuses any other.
-pub const IPC_VERSION: u32 = 2;
+/// carries it and agentd refuses any other. Version 3 added the cancellable
+/// `Send` (answered `Accepted` first), `Cancel` and `Doctor`.
+pub const IPC_VERSION: u32 = 3;
 
 /// Longest JSON line either side accepts, newline included.
 ///
@@ -87,12 +92,28 @@ pub enum IpcRequest {
     /// What agentd is doing.
     Status,
     /// Send one message.
+    ///
+    /// With `cancellable`, agentd answers `Accepted { id }` at once and the
+    /// result (`Sent` or an error) later. Meanwhile the client may send a
+    /// `Cancel` line: agentd answers `Cancelled` if the message had not gone
+    /// to the relay yet (nothing is sent, ever), or `Sending` if it had (the
+    /// relay may store and deliver it; `Status` shows how it ended). A client
+    /// that hangs up cancels nothing: agentd finishes the send.
     Send {
         /// Recipient username.
         to: String,
         /// Message text.
         text: String,
+        /// Answer `Accepted` first and take a `Cancel` while waiting.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancellable: bool,
     },
+    /// Withdraw the message of a running cancellable `Send` on this
+    /// connection (see there); anywhere else it is a `bad_request`.
+    Cancel,
+    /// Facts for `chat-cli doctor`: how the relay's certificate is trusted,
+    /// a refusal of it, and the relay's clock against ours.
+    Doctor,
     /// Send one message to every other user online now (sealed for each).
     Broadcast {
         /// Message text.
@@ -197,6 +218,8 @@ impl std::fmt::Debug for IpcRequest {
             IpcRequest::Unlock { .. } => "Unlock",
             IpcRequest::SetPassphrase { .. } => "SetPassphrase",
             IpcRequest::Watch { from } => return write!(f, "Watch {{ from: {from:?} }}"),
+            IpcRequest::Cancel => "Cancel",
+            IpcRequest::Doctor => "Doctor",
         };
         f.write_str(name)
     }
@@ -286,7 +309,83 @@ pub enum IpcResponse {
     Message(InboxMessage),
     /// The request failed.
     Error(IpcError),
+    /// A cancellable `Send` was taken as this message id; its result follows.
+    Accepted {
+        /// Message id (32 hex digits).
+        id: String,
+    },
+    /// The message was withdrawn before it went to the relay: it is not
+    /// sent and never will be.
+    Cancelled {
+        /// Message id.
+        id: String,
+    },
+    /// Too late to cancel: the message has gone to the relay, which may
+    /// store and deliver it. agentd finishes the send and `Status` lists its
+    /// outcome under `interrupted_sends`.
+    Sending {
+        /// Message id.
+        id: String,
+    },
+    /// Answer to `Doctor`.
+    Doctor(Box<DoctorInfo>),
 }
+
+/// What agentd knows for `chat-cli doctor` beyond its `Status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorInfo {
+    /// The relay's address as configured, if one is.
+    pub relay: Option<String>,
+    /// How the relay's certificate is trusted: `sha256:<hex>` of the pinned
+    /// certificate, or `ca` for a CA certificate given with `--relay-cert`.
+    pub relay_trust: Option<String>,
+    /// The last connection attempt refused the relay's certificate: what it
+    /// presented and how to re-pin after checking.
+    pub certificate_rejected: Option<IpcError>,
+    /// The relay's clock minus ours, milliseconds (positive: ours is behind),
+    /// measured now over the open relay connection.
+    pub clock_offset_ms: Option<i64>,
+    /// The round trip of that measurement, milliseconds (the offset is
+    /// uncertain by half of it).
+    pub clock_rtt_ms: Option<u64>,
+    /// Why the clock could not be compared, when it could not.
+    pub clock_error: Option<String>,
+}
+
+/// How a send whose chat-cli went away (interrupted, or hung up) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SendState {
+    /// Still waiting for the relay's answer.
+    Sending,
+    /// The relay stored it: it will be delivered.
+    Stored,
+    /// It was not sent (refused, or failed before it went to the relay).
+    NotSent,
+    /// The relay connection broke before it answered: the relay may have
+    /// stored it (and then delivers it) or not.
+    Unknown,
+}
+
+/// A send that finished (or not yet) after its chat-cli stopped listening.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendOutcome {
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// Recipient.
+    pub to: String,
+    /// Where it stands.
+    pub state: SendState,
+    /// The error, for `not_sent` and `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// When it was last updated, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// How many interrupted sends `Status` remembers (since agentd started).
+pub const INTERRUPTED_SENDS_KEPT: usize = 16;
 
 /// One message handed to the relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,6 +541,10 @@ pub struct StatusInfo {
     /// and when the next one starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryInfo>,
+    /// Sends whose chat-cli was interrupted or went away before the result,
+    /// newest last (at most [`INTERRUPTED_SENDS_KEPT`], since agentd started).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interrupted_sends: Vec<SendOutcome>,
 }
 
 /// agentd's next attempt to reach the relay.
@@ -598,7 +701,15 @@ mod tests {
             IpcRequest::Send {
                 to: "bob".into(),
                 text: "hi\nthere".into(),
+                cancellable: false,
             },
+            IpcRequest::Send {
+                to: "bob".into(),
+                text: "hi".into(),
+                cancellable: true,
+            },
+            IpcRequest::Cancel,
+            IpcRequest::Doctor,
             IpcRequest::Login {
                 username: "alice".into(),
                 password: Zeroizing::new("pw".into()),
@@ -620,6 +731,21 @@ mod tests {
         }
         let hello = String::from_utf8(encode_line(&IpcRequest::Status).unwrap()).unwrap();
         assert_eq!(hello, "{\"request\":\"status\"}\n");
+    }
+
+    #[test]
+    fn a_send_without_cancellable_is_the_old_single_answer_send() {
+        let req: IpcRequest = decode_line(br#"{"request":"send","to":"bob","text":"hi"}"#).unwrap();
+        assert_eq!(
+            req,
+            IpcRequest::Send {
+                to: "bob".into(),
+                text: "hi".into(),
+                cancellable: false
+            }
+        );
+        let line = encode_line(&req).unwrap();
+        assert!(!String::from_utf8(line).unwrap().contains("cancellable"));
     }
 
     #[test]
@@ -677,6 +803,7 @@ mod tests {
         let send = IpcRequest::Send {
             to: "a".repeat(32),
             text,
+            cancellable: true,
         };
         encode_line(&send).unwrap();
         let ids = IpcRequest::MarkRead {

@@ -129,6 +129,11 @@ pub enum Request {
     },
     /// List the users connected right now.
     Online,
+    /// Ask for the relay's clock (no login needed), so that an agent can
+    /// tell its user that its own clock is off (TOTP codes fail then).
+    /// Added after version 2 was fixed, as the last variant: a relay that
+    /// predates it answers `BadRequest`.
+    Time,
 }
 
 /// What the recipient did with a pushed message.
@@ -182,6 +187,7 @@ impl std::fmt::Debug for Request {
                 .field("outcome", outcome)
                 .finish(),
             Request::Online => f.write_str("Online"),
+            Request::Time => f.write_str("Time"),
         }
     }
 }
@@ -241,6 +247,11 @@ pub enum Response {
     },
     /// The request failed.
     Error(ErrorReply),
+    /// Answer to [`Request::Time`]: the relay's clock, Unix milliseconds.
+    Time {
+        /// Unix milliseconds when the relay answered.
+        unix_ms: u64,
+    },
 }
 
 impl std::fmt::Debug for Response {
@@ -272,6 +283,7 @@ impl std::fmt::Debug for Response {
                 .finish(),
             Response::Online { users } => f.debug_struct("Online").field("users", users).finish(),
             Response::Error(e) => f.debug_tuple("Error").field(e).finish(),
+            Response::Time { unix_ms } => f.debug_struct("Time").field("unix_ms", unix_ms).finish(),
         }
     }
 }

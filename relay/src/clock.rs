@@ -82,6 +82,15 @@ impl Clock {
             .unwrap_or(0)
     }
 
+    /// Milliseconds since the Unix epoch (0 before 1970): what the relay
+    /// tells clients that ask for its time.
+    pub fn unix_now_ms(&self) -> u64 {
+        (SystemTime::now() + self.offset())
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+
     /// Resolve once [`now`](Self::now) has reached `deadline`, either as
     /// time passes or because the clock was advanced.
     pub async fn sleep_until(&self, deadline: Instant) {

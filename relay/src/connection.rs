@@ -366,6 +366,7 @@ impl std::fmt::Display for Summary<'_> {
             Request::Send { envelope } => ("Send", Some(&envelope.recipient)),
             Request::Ack { .. } => ("Ack", None),
             Request::Online => ("Online", None),
+            Request::Time => ("Time", None),
             _ => ("unknown request", None),
         };
         match name {

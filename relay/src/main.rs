@@ -137,6 +137,13 @@ enum Command {
     /// Print the TLS certificate's SHA-256 as `sha256:<64 hex digits>` and
     /// exit; makes the self-signed certificate first if there is none yet.
     Fingerprint,
+    /// Print a shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `relay man | man -l -`).
+    Man,
 }
 
 /// The TOML config file; every field is optional.
@@ -300,6 +307,23 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Made from the definitions above, before any setting is read.
+    match cli.command {
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "relay", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
+            return Ok(());
+        }
+        Some(Command::Man) => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

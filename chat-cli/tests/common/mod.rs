@@ -692,3 +692,142 @@ pub fn cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
     apply_env(&mut cmd, env);
     cmd.stdin(Stdio::null()).output().unwrap()
 }
+
+/// Run chat-cli with a terminal (a pty from util-linux `script`) as its
+/// stdin, stdout and stderr, typing `input` into it; the output of the
+/// terminal (both streams, and the echo of `input`) is in `stdout`. Bounded
+/// by [`WAIT`]: a chat-cli that waits for input it never gets fails the test.
+pub fn run_in_terminal(home: &Path, args: &[&str], input: &str) -> Output {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = vec![quote(bin("chat-cli").to_str().unwrap()), "--home".into()];
+    line.push(quote(home.to_str().unwrap()));
+    line.extend(args.iter().map(|a| quote(a)));
+    let mut child = Command::new("timeout")
+        .arg(WAIT.as_secs().to_string())
+        .args(["script", "-qec", &line.join(" "), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` and coreutils `timeout`, for a terminal");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Start chat-cli with `args` against `home` without waiting for it, its
+/// output piped (for tests that interrupt it).
+pub fn spawn_cli(home: &Path, args: &[&str]) -> Child {
+    Command::new(bin("chat-cli"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Press Ctrl-C: SIGINT to `child`.
+pub fn interrupt(child: &Child) {
+    signal(child, "-INT");
+}
+
+impl Agent {
+    /// Start agentd for `name` in `dir/name`, reaching the relay at `addr`
+    /// (a [`UdpProxy`] in front of it) instead of the relay's own address.
+    pub fn start_via(dir: &Path, name: &str, relay: &Relay, addr: &str) -> Self {
+        let mut agent = Self {
+            name: name.to_string(),
+            home: dir.join(name),
+            relay_addr: addr.to_string(),
+            relay_fp: relay.fingerprint.clone(),
+            child: None,
+            secret: None,
+        };
+        agent.spawn();
+        agent
+    }
+}
+
+/// A UDP forwarder between one QUIC client and the relay that can hold back
+/// the client's large datagrams: requests with a big body (a `Send`) then
+/// never reach the relay, while small ones (directory lookups, acks,
+/// keep-alives) do, as on a link that loses large packets. QUIC resends
+/// what was held once it lets them through again.
+pub struct UdpProxy {
+    pub addr: String,
+    hold_large: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Client datagrams at least this large are held back by [`UdpProxy`]
+/// (QUIC's handshake packets are 1200 bytes: hold only after it).
+pub const PROXY_LARGE: usize = 1000;
+
+impl UdpProxy {
+    /// Forward 127.0.0.1:<port> to `relay` (threads live until the test ends).
+    pub fn start(relay: &str) -> Self {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(relay).unwrap();
+        let addr = front.local_addr().unwrap().to_string();
+        let hold_large = Arc::new(AtomicBool::new(false));
+        let client = Arc::new(Mutex::new(None));
+        {
+            let (front, back) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+            let (client, hold) = (client.clone(), hold_large.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *client.lock().unwrap() = Some(from);
+                    if hold.load(Ordering::SeqCst) && n >= PROXY_LARGE {
+                        continue;
+                    }
+                    let _ = back.send(&buf[..n]);
+                }
+            });
+        }
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf) {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to);
+                }
+            }
+        });
+        Self { addr, hold_large }
+    }
+
+    /// Hold back (or let through again) the client's large datagrams.
+    pub fn hold_large(&self, hold: bool) {
+        self.hold_large
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Agent {
+    /// Start agentd for `name` in `dir/name` against the relay at `addr`,
+    /// pinning `fingerprint` (`sha256:<hex>`): for relays started in the test
+    /// process, or a deliberately wrong pin.
+    pub fn start_pinned(dir: &Path, name: &str, addr: &str, fingerprint: &str) -> Self {
+        let mut agent = Self {
+            name: name.to_string(),
+            home: dir.join(name),
+            relay_addr: addr.to_string(),
+            relay_fp: fingerprint.to_string(),
+            child: None,
+            secret: None,
+        };
+        agent.spawn();
+        agent
+    }
+}

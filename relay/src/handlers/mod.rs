@@ -61,6 +61,9 @@ pub(crate) async fn dispatch(
         } => account::publish_key(shared, state, public_key, signature).await,
         Request::LookupKey { username } => messages::lookup(shared, state, username).await,
         Request::Online => messages::online(shared, state),
+        Request::Time => Ok(Response::Time {
+            unix_ms: shared.config.clock.unix_now_ms(),
+        }),
         Request::Send { envelope } => messages::send(shared, state, envelope).await,
         Request::Ack { id, outcome } => messages::ack(shared, state, id, outcome).await,
         _ => Err(fail(
