@@ -3,14 +3,15 @@
 //! Shared helpers for the integration tests, built from real parts only:
 //!
 //! ```text
-//!  SmtpServer ── python3 -m aiosmtpd (Maildir) ◄── relay mails codes here
+//!  SmtpServer ── mailin-embedded thread (plain, STARTTLS or smtps, test CA)
+//!                 ◄── relay mails codes here
 //!  TestRelay  ── securechat_relay::Relay on 127.0.0.1:0, temp data dir
 //!  TestUser   ── identity key, password, TOTP from the relay's otpauth URI
 //!      └─ register / login through agentd's real QUIC RelayClient
 //!  SourceClient ── the same protocol from another loopback address
 //! ```
 //!
-//! * [`smtp`] — a real SMTP server process that stores mail in a Maildir.
+//! * [`smtp`] — a real SMTP server in-process that keeps the mail it takes.
 //! * [`relay`] — an in-process relay that can be stopped and restarted.
 //! * [`user`] — test accounts: registration with the mailed code, MFA login.
 //! * [`source`] — a client bound to a chosen loopback address, for
@@ -23,7 +24,7 @@ pub mod source;
 pub mod user;
 
 pub use relay::TestRelay;
-pub use smtp::SmtpServer;
+pub use smtp::{SmtpServer, SmtpTls};
 pub use source::SourceClient;
 pub use user::TestUser;
 
