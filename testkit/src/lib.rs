@@ -9,15 +9,19 @@
 //!  TestUser   ── identity key, password, TOTP from the relay's otpauth URI
 //!      └─ register / login through agentd's real QUIC RelayClient
 //!  SourceClient ── the same protocol from another loopback address
+//!  Browser    ── headless Chromium over the DevTools Protocol
 //! ```
 //!
 //! * [`smtp`] — a real SMTP server in-process that keeps the mail it takes.
 //! * [`relay`] — an in-process relay that can be stopped and restarted.
 //! * [`user`] — test accounts: registration with the mailed code, MFA login.
+//! * [`browser`] — a real headless Chromium: open a page, evaluate
+//!   JavaScript, take a screenshot.
 //! * [`source`] — a client bound to a chosen loopback address, for
 //!   per-source limits.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod relay;
 pub mod smtp;
 pub mod source;
