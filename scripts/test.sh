@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README's one test command: installs the system programs the tests need
 # when they are missing, then runs every test of the workspace. Arguments go
-# to cargo test (e.g. `scripts/test.sh -p securechat-relay`).
+# to cargo test (e.g. `scripts/test.sh -p securechat-relay --test mail_tls`).
 #
 # Everything else the tests use (the SMTP server, the test CAs) is Rust and
 # comes with cargo. A test never skips itself because a program is missing:
@@ -48,4 +48,12 @@ if ((${#missing[@]} > 0)); then
   fi
 fi
 
-exec cargo test --workspace --locked "$@"
+# The whole workspace, unless the arguments pick packages themselves.
+scope=(--workspace)
+for arg in "$@"; do
+  case "$arg" in
+    -p | -p* | --package | --package=* | --workspace) scope=() ;;
+    --) break ;;
+  esac
+done
+exec cargo test "${scope[@]}" --locked "$@"
