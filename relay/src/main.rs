@@ -25,8 +25,8 @@ use serde::Deserialize;
 ///
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
-/// `status_listen`, `smtp_url`, `smtp_ca`, `mail_from`, `cert`, `key`, `retention`,
-/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
+/// `status_listen`, `smtp_url`, `smtp_ca`, `mail_from`, `cert`, `key`,
+/// `retention`, `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
 /// `max_connections`, `max_connections_per_source`,
 /// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
 /// `argon2_workers`, `argon2_queue`), then the defaults shown below. A
