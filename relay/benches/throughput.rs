@@ -7,7 +7,7 @@
 //!
 //! Envelopes are sealed before the clock starts, so the figures are the
 //! relay's (frame decode, checks, durable commit, push, ack), not RSA's.
-//! Needs Debian's python3-aiosmtpd for the registration mails.
+//! The registration mails go to testkit's in-process SMTP server.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,9 @@
 //!
 //! With an SMTP URL (`smtp://host:port` plain, `smtp://host?tls=required`
 //! STARTTLS, `smtps://host` implicit TLS, optionally `user:pass@`), codes go
-//! out through lettre's async transport. Without one, each mail is written
+//! out through lettre's async transport. The server's certificate must chain
+//! to a public root (webpki-roots) or to a CA in [`MailConfig::smtp_ca`], for
+//! a mail server with a private CA. Without a URL, each mail is written
 //! as an `.eml` file (mode 0600) into `<data-dir>/outbox/` and the log says
 //! where — enough for a single-machine setup or a test.
 //!
@@ -13,7 +15,10 @@ use std::time::Duration;
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 /// How long one SMTP delivery may take.
 const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -23,6 +28,9 @@ const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct MailConfig {
     /// SMTP server URL; `None` writes mail to the outbox folder.
     pub smtp_url: Option<String>,
+    /// A PEM file of CA certificates to trust for the SMTP server's TLS
+    /// certificate, besides the public roots. Needs a TLS URL.
+    pub smtp_ca: Option<PathBuf>,
     /// The From address.
     pub from: String,
 }
@@ -31,6 +39,7 @@ impl Default for MailConfig {
     fn default() -> Self {
         Self {
             smtp_url: None,
+            smtp_ca: None,
             from: "securechat relay <relay@localhost>".into(),
         }
     }
@@ -90,13 +99,15 @@ impl Mailer {
             .parse()
             .map_err(|e| MailError::Config(format!("From address {:?}: {e}", config.from)))?;
         let transport = match &config.smtp_url {
-            Some(url) => Transport::Smtp(
-                AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            Some(url) => {
+                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
                     // The URL may hold credentials: do not echo it.
-                    .map_err(|e| MailError::Config(format!("SMTP URL: {e}")))?
-                    .timeout(Some(SMTP_TIMEOUT))
-                    .build(),
-            ),
+                    .map_err(|e| MailError::Config(format!("SMTP URL: {e}")))?;
+                if let Some(ca) = &config.smtp_ca {
+                    builder = builder.tls(tls_trusting(url, ca)?);
+                }
+                Transport::Smtp(builder.timeout(Some(SMTP_TIMEOUT)).build())
+            }
             None => Transport::Outbox(data_dir.join("outbox")),
         };
         Ok(Self { transport, from })
@@ -159,6 +170,48 @@ impl Mailer {
     }
 }
 
+/// The TLS mode `url` asks for, with the certificates in the PEM file `ca`
+/// trusted besides the public roots. lettre's URL parser only knows the
+/// public roots, so the mode is read here again and the TLS part replaced.
+fn tls_trusting(url: &str, ca: &Path) -> Result<Tls, MailError> {
+    let parsed = url::Url::parse(url).map_err(|e| MailError::Config(format!("SMTP URL: {e}")))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| MailError::Config("SMTP URL without a host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let tls_query = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "tls")
+        .map(|(_, v)| v.into_owned());
+    let ca_error =
+        |what: String| MailError::Config(format!("SMTP CA file {}: {what}", ca.display()));
+    let pem = std::fs::read(ca).map_err(|e| ca_error(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_error(format!("not a PEM certificate file ({e})")))?;
+    if certs.is_empty() {
+        return Err(ca_error("holds no CERTIFICATE block".into()));
+    }
+    let mut params = TlsParameters::builder(host);
+    for cert in certs {
+        let cert = Certificate::from_der(cert.to_vec()).map_err(|e| ca_error(e.to_string()))?;
+        params = params.add_root_certificate(cert);
+    }
+    let params = params
+        .build()
+        .map_err(|e| ca_error(format!("unusable: {e}")))?;
+    match (parsed.scheme(), tls_query.as_deref()) {
+        ("smtps", _) => Ok(Tls::Wrapper(params)),
+        ("smtp", Some("required")) => Ok(Tls::Required(params)),
+        ("smtp", Some("opportunistic")) => Ok(Tls::Opportunistic(params)),
+        _ => Err(MailError::Config(
+            "an SMTP CA file needs a TLS SMTP URL: smtps://host or smtp://host?tls=required".into(),
+        )),
+    }
+}
+
 async fn write_outbox(dir: PathBuf, username: &str, bytes: Vec<u8>) -> Result<PathBuf, MailError> {
     let suffix = securechat_common::crypto::random_bytes::<4>()
         .map(hex::encode)
@@ -207,10 +260,42 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_needs_a_tls_url_and_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let config = |url: &str| MailConfig {
+            smtp_url: Some(url.into()),
+            smtp_ca: Some(ca.clone()),
+            ..MailConfig::default()
+        };
+        let err = Mailer::new(&config("smtps://127.0.0.1:465"), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let err = Mailer::new(&config("smtp://127.0.0.1:25"), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("needs a TLS SMTP URL"), "{err}");
+        for url in ["smtps://127.0.0.1:465", "smtp://localhost:587?tls=required"] {
+            Mailer::new(&config(url), dir.path()).unwrap();
+        }
+        let missing = MailConfig {
+            smtp_ca: Some(dir.path().join("missing.pem")),
+            ..config("smtps://127.0.0.1:465")
+        };
+        let err = Mailer::new(&missing, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
+    #[test]
     fn bad_from_address_is_a_config_error() {
         let config = MailConfig {
-            smtp_url: None,
             from: "not an address".into(),
+            ..MailConfig::default()
         };
         assert!(matches!(
             Mailer::new(&config, Path::new("/tmp")),

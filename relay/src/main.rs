@@ -25,8 +25,8 @@ use serde::Deserialize;
 ///
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
-/// `status_listen`, `smtp_url`, `mail_from`, `cert`, `key`, `retention`,
-/// `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
+/// `status_listen`, `smtp_url`, `smtp_ca`, `mail_from`, `cert`, `key`,
+/// `retention`, `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
 /// `max_connections`, `max_connections_per_source`,
 /// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
 /// `argon2_workers`, `argon2_queue`), then the defaults shown below. A
@@ -77,6 +77,12 @@ struct Cli {
     /// .eml files into <data-dir>/outbox/.
     #[arg(long, value_name = "URL")]
     smtp_url: Option<String>,
+
+    /// PEM file of CA certificates to trust for the SMTP server's TLS
+    /// certificate, besides the public roots (a mail server with a private
+    /// CA). Needs a TLS --smtp-url (smtps:// or ?tls=required).
+    #[arg(long, value_name = "FILE")]
+    smtp_ca: Option<PathBuf>,
 
     /// From address of verification mail.
     /// Default: "securechat relay <relay@localhost>".
@@ -156,6 +162,7 @@ struct FileConfig {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     smtp_url: Option<String>,
+    smtp_ca: Option<PathBuf>,
     mail_from: Option<String>,
     retention: Option<String>,
     quota_messages: Option<u64>,
@@ -228,6 +235,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     config.mail = MailConfig {
         smtp_url: cli.smtp_url.clone().or(file.smtp_url),
+        smtp_ca: cli.smtp_ca.clone().or(file.smtp_ca),
         from: cli
             .mail_from
             .clone()

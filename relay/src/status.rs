@@ -186,62 +186,89 @@ async fn html(State(shared): State<Arc<Shared>>) -> Response {
         Ok(r) => r,
         Err(e) => return unavailable(e),
     };
+    // Each value cell's id is its key in /status.json, so scripts and the
+    // browser test find a count without reading labels.
     let rows = [
-        ("Accounts", r.accounts.to_string()),
-        ("Pending registrations", r.pending_registrations.to_string()),
-        ("Online users", r.online_users.to_string()),
-        ("Open connections", r.open_connections.to_string()),
-        ("Queued messages", r.queued_messages.to_string()),
-        ("Queued bytes", r.queued_bytes.to_string()),
+        ("accounts", "Accounts", r.accounts.to_string()),
         (
+            "pending_registrations",
+            "Pending registrations",
+            r.pending_registrations.to_string(),
+        ),
+        ("online_users", "Online users", r.online_users.to_string()),
+        (
+            "open_connections",
+            "Open connections",
+            r.open_connections.to_string(),
+        ),
+        (
+            "queued_messages",
+            "Queued messages",
+            r.queued_messages.to_string(),
+        ),
+        ("queued_bytes", "Queued bytes", r.queued_bytes.to_string()),
+        (
+            "messages_accepted",
             "Messages accepted since start",
             r.messages_accepted.to_string(),
         ),
         (
+            "messages_delivered",
             "Messages delivered since start",
             r.messages_delivered.to_string(),
         ),
         (
+            "password_checks_in_use",
             "Password checks running or waiting",
             r.password_checks_in_use.to_string(),
         ),
         (
+            "busy_refusals",
             "Refused since start: relay busy (password checks)",
             r.busy_refusals.to_string(),
         ),
         (
+            "refused_connections_relay_full",
             "Refused since start: relay at its connection limit",
             r.refused_connections_relay_full.to_string(),
         ),
         (
+            "refused_connections_source_full",
             "Refused since start: too many connections from one source",
             r.refused_connections_source_full.to_string(),
         ),
         (
+            "unauthenticated_timeouts",
             "Closed since start: no login in time",
             r.unauthenticated_timeouts.to_string(),
         ),
         (
+            "send_rate_refusals",
             "Refused since start: sending too fast",
             r.send_rate_refusals.to_string(),
         ),
         (
+            "quota_refusals",
             "Refused since start: recipient's queue full",
             r.quota_refusals.to_string(),
         ),
         (
+            "sender_share_refusals",
             "Refused since start: sender's share of a queue full",
             r.sender_share_refusals.to_string(),
         ),
         (
+            "sessions_ended",
             "Closed since start: session revoked or expired",
             r.sessions_ended.to_string(),
         ),
-        ("Uptime", uptime(r.uptime_secs)),
+        ("uptime_secs", "Uptime", uptime(r.uptime_secs)),
     ];
     let mut table = String::new();
-    for (name, value) in rows {
-        table.push_str(&format!("<tr><th>{name}</th><td>{value}</td></tr>\n"));
+    for (id, name, value) in rows {
+        table.push_str(&format!(
+            "<tr><th>{name}</th><td id=\"{id}\">{value}</td></tr>\n"
+        ));
     }
     Html(format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\

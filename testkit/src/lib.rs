@@ -3,27 +3,32 @@
 //! Shared helpers for the integration tests, built from real parts only:
 //!
 //! ```text
-//!  SmtpServer ── python3 -m aiosmtpd (Maildir) ◄── relay mails codes here
+//!  SmtpServer ── mailin-embedded thread (plain, STARTTLS or smtps, test CA)
+//!                 ◄── relay mails codes here
 //!  TestRelay  ── securechat_relay::Relay on 127.0.0.1:0, temp data dir
 //!  TestUser   ── identity key, password, TOTP from the relay's otpauth URI
 //!      └─ register / login through agentd's real QUIC RelayClient
 //!  SourceClient ── the same protocol from another loopback address
+//!  Browser    ── headless Chromium over the DevTools Protocol
 //! ```
 //!
-//! * [`smtp`] — a real SMTP server process that stores mail in a Maildir.
+//! * [`smtp`] — a real SMTP server in-process that keeps the mail it takes.
 //! * [`relay`] — an in-process relay that can be stopped and restarted.
 //! * [`user`] — test accounts: registration with the mailed code, MFA login.
+//! * [`browser`] — a real headless Chromium: open a page, evaluate
+//!   JavaScript, take a screenshot.
 //! * [`source`] — a client bound to a chosen loopback address, for
 //!   per-source limits.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod relay;
 pub mod smtp;
 pub mod source;
 pub mod user;
 
 pub use relay::TestRelay;
-pub use smtp::SmtpServer;
+pub use smtp::{SmtpServer, SmtpTls};
 pub use source::SourceClient;
 pub use user::TestUser;
 

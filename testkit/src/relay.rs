@@ -36,6 +36,7 @@ pub fn test_config(data_dir: &Path, smtp: Option<&SmtpServer>) -> Config {
     config.listen = "127.0.0.1:0".parse().unwrap_or(config.listen);
     config.status_listen = "127.0.0.1:0".parse().ok();
     config.mail.smtp_url = smtp.map(SmtpServer::url);
+    config.mail.smtp_ca = smtp.and_then(SmtpServer::ca_file);
     config.mail.from = "relay@securechat.test".into();
     config.login_limits.free_failures = 100;
     config.attempts_per_source = Limit {

@@ -1,102 +1,272 @@
-//! A real SMTP server for tests: Python's aiosmtpd with its Maildir handler.
+//! A real SMTP server for tests, in-process: mailin-embedded's server on a
+//! free loopback port, keeping every mail it accepts in memory.
 //!
-//! Debian ships it as `python3-aiosmtpd` for the system Python
-//! (`/usr/bin/python3`); a `python3` on `PATH` is tried next. The process is
-//! killed when the [`SmtpServer`] is dropped.
+//! ```text
+//!  SmtpTls::Plain     relay ── smtp://            ──► mailin (no STARTTLS)
+//!  SmtpTls::StartTls  relay ── smtp://?tls=required ► mailin (STARTTLS)
+//!  SmtpTls::Implicit  relay ── smtps://           ──► TLS front ─► mailin
+//! ```
+//!
+//! The TLS servers present a certificate for `127.0.0.1` and `localhost`
+//! issued by a test CA made for this server alone ([`SmtpServer::ca_file`]),
+//! so the relay only gets through when it trusts that CA. mailin-embedded
+//! speaks STARTTLS only; the implicit-TLS server is the same plain server
+//! behind a small tokio-rustls front that ends TLS and relays the bytes.
+//!
+//! The server threads live until the test process ends: mailin-embedded
+//! has no way to stop a server, and an idle listener costs nothing.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use mailin_embedded::{response, Handler, Response, Server, SslConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// Pythons tried, in order.
-const PYTHONS: [&str; 2] = ["/usr/bin/python3", "python3"];
-
-/// A running aiosmtpd that stores every message in a Maildir.
-#[derive(Debug)]
-pub struct SmtpServer {
-    child: Child,
-    addr: SocketAddr,
-    maildir: tempfile::TempDir,
-    seen: Mutex<HashSet<PathBuf>>,
+/// How the server offers TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text only; STARTTLS is not offered.
+    Plain,
+    /// STARTTLS offered (the relay's `smtp://…?tls=required`).
+    StartTls,
+    /// TLS from the first byte (the relay's `smtps://…`).
+    Implicit,
 }
 
-fn python_with_aiosmtpd() -> anyhow::Result<&'static str> {
-    for python in PYTHONS {
-        let ok = Command::new(python)
-            .args(["-c", "import aiosmtpd"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return Ok(python);
-        }
+/// A running SMTP server that stores every message it accepts.
+#[derive(Debug)]
+pub struct SmtpServer {
+    addr: SocketAddr,
+    tls: SmtpTls,
+    /// Holds `ca.pem`, `cert.pem` and `key.pem` of the TLS modes.
+    certs: tempfile::TempDir,
+    mails: Arc<Mutex<Vec<String>>>,
+    seen: Mutex<HashSet<usize>>,
+}
+
+/// Collects each mail's DATA into the shared list. mailin-embedded clones
+/// the handler for every connection, so `current` is per connection.
+#[derive(Clone)]
+struct Collector {
+    mails: Arc<Mutex<Vec<String>>>,
+    current: Vec<u8>,
+}
+
+impl Handler for Collector {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        _to: &[String],
+    ) -> Response {
+        self.current.clear();
+        response::OK
     }
-    bail!(
-        "no Python with the aiosmtpd module (tried {PYTHONS:?}); \
-         install it with `apt-get install python3-aiosmtpd`"
-    )
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.current.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> Response {
+        let text = String::from_utf8_lossy(&std::mem::take(&mut self.current)).into_owned();
+        lock(&self.mails).push(text);
+        response::OK
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A test CA and a server certificate it issued for `127.0.0.1` and
+/// `localhost`, written as PEM files into `dir`.
+struct TestCerts {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn make_certs(dir: &Path) -> anyhow::Result<TestCerts> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "securechat test SMTP CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+    let leaf_key = KeyPair::generate()?;
+    let mut leaf_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "securechat test SMTP server");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
+
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    std::fs::write(&cert_path, leaf.pem() + &ca.pem())?;
+    std::fs::write(&key_path, leaf_key.serialize_pem())?;
+    Ok(TestCerts {
+        cert_path,
+        key_path,
+        chain: vec![leaf.der().clone(), ca.der().clone()],
+        key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()).into(),
+    })
+}
+
+/// Start mailin-embedded on `listener` in a thread of its own.
+fn spawn_mailin(
+    listener: TcpListener,
+    ssl: SslConfig,
+    mails: &Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<()> {
+    let mut server = Server::new(Collector {
+        mails: Arc::clone(mails),
+        current: Vec::new(),
+    });
+    server
+        .with_name("smtp.securechat.test")
+        .with_num_threads(4)
+        .with_ssl(ssl)
+        .map_err(|e| anyhow::anyhow!("SMTP server TLS set-up: {e}"))?
+        .with_tcp_listener(listener);
+    std::thread::Builder::new()
+        .name("test-smtp".into())
+        .spawn(move || {
+            if let Err(e) = server.serve() {
+                eprintln!("test SMTP server stopped: {e}");
+            }
+        })?;
+    Ok(())
+}
+
+/// Accept TLS on `front` and relay each connection's plain bytes to `inner`.
+fn spawn_tls_front(front: TcpListener, inner: SocketAddr, certs: &TestCerts) -> anyhow::Result<()> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs.chain.clone(), certs.key.clone_key())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    front.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("test-smtps".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(front) = tokio::net::TcpListener::from_std(front) else {
+                    return;
+                };
+                while let Ok((tcp, _)) = front.accept().await {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        // A failed handshake (an untrusting client) just ends
+                        // the connection, as a real server's would.
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        if let Ok(mut plain) = tokio::net::TcpStream::connect(inner).await {
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        }
+                    });
+                }
+            });
+        })?;
+    Ok(())
+}
+
+fn loopback_listener() -> anyhow::Result<TcpListener> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a loopback port for SMTP")
 }
 
 impl SmtpServer {
-    /// Start a server on a free loopback port and wait until it accepts.
+    /// Start a plain-text server on a free loopback port. It accepts
+    /// connections as soon as this returns.
     pub fn start() -> anyhow::Result<Self> {
-        let python = python_with_aiosmtpd()?;
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let maildir = tempfile::tempdir()?;
-        let mut child = Command::new(python)
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(addr.to_string())
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(maildir.path().join("mail"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {python} -m aiosmtpd"))?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
+        Self::start_with(SmtpTls::Plain)
+    }
+
+    /// Start a server offering `tls`, with a fresh test CA.
+    pub fn start_with(tls: SmtpTls) -> anyhow::Result<Self> {
+        // mailin-embedded builds its rustls config with the process-wide
+        // provider; name it in case more than one is compiled in.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let certs_dir = tempfile::tempdir()?;
+        let certs = make_certs(certs_dir.path())?;
+        let mails = Arc::new(Mutex::new(Vec::new()));
+        let listener = loopback_listener()?;
+        let addr = listener.local_addr()?;
+        match tls {
+            SmtpTls::Plain => spawn_mailin(listener, SslConfig::None, &mails)?,
+            SmtpTls::StartTls => {
+                let ssl = SslConfig::Trusted {
+                    cert_path: certs.cert_path.display().to_string(),
+                    key_path: certs.key_path.display().to_string(),
+                    chain_path: certs_dir.path().join("ca.pem").display().to_string(),
+                };
+                spawn_mailin(listener, ssl, &mails)?;
             }
-            if let Some(status) = child.try_wait()? {
-                bail!("aiosmtpd exited early: {status}");
+            SmtpTls::Implicit => {
+                let inner = loopback_listener()?;
+                let inner_addr = inner.local_addr()?;
+                spawn_mailin(inner, SslConfig::None, &mails)?;
+                spawn_tls_front(listener, inner_addr, &certs)?;
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("aiosmtpd did not start listening on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Self {
-            child,
             addr,
-            maildir,
+            tls,
+            certs: certs_dir,
+            mails,
             seen: Mutex::new(HashSet::new()),
         })
     }
 
-    /// The URL to give the relay: `smtp://127.0.0.1:PORT`.
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How the server offers TLS.
+    pub fn tls(&self) -> SmtpTls {
+        self.tls
+    }
+
+    /// The URL to give the relay: `smtp://127.0.0.1:PORT`, with
+    /// `?tls=required` for STARTTLS, or `smtps://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("smtp://{}", self.addr)
+        match self.tls {
+            SmtpTls::Plain => format!("smtp://{}", self.addr),
+            SmtpTls::StartTls => format!("smtp://{}?tls=required", self.addr),
+            SmtpTls::Implicit => format!("smtps://{}", self.addr),
+        }
     }
 
-    fn new_dir(&self) -> PathBuf {
-        self.maildir.path().join("mail").join("new")
+    /// The PEM file of the test CA that issued the TLS certificate; `None`
+    /// for a plain server.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        (self.tls != SmtpTls::Plain).then(|| self.certs.path().join("ca.pem"))
     }
 
-    /// Every message delivered so far, as text.
-    pub fn messages(&self) -> Vec<(PathBuf, String)> {
-        read_dir_sorted(&self.new_dir())
+    /// Every message delivered so far, as text (headers and body), oldest
+    /// first.
+    pub fn messages(&self) -> Vec<String> {
+        lock(&self.mails).clone()
     }
 
     /// Wait for a not yet consumed mail to `to` and return its code (the
@@ -104,13 +274,13 @@ impl SmtpServer {
     pub async fn wait_for_code(&self, to: &str, timeout: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            for (path, text) in self.messages() {
-                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                if seen.contains(&path) || !text.contains(to) {
+            for (i, text) in self.messages().iter().enumerate() {
+                let mut seen = lock(&self.seen);
+                if seen.contains(&i) || !text.contains(to) {
                     continue;
                 }
-                if let Some(code) = code_in(&text) {
-                    seen.insert(path);
+                if let Some(code) = code_in(text) {
+                    seen.insert(i);
                     return Ok(code);
                 }
             }
@@ -130,24 +300,71 @@ pub fn code_in(mail: &str) -> Option<String> {
     })
 }
 
-fn read_dir_sorted(dir: &Path) -> Vec<(PathBuf, String)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(PathBuf, String)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let text = std::fs::read_to_string(e.path()).ok()?;
-            Some((e.path(), text))
-        })
-        .collect();
-    out.sort();
-    out
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
 
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Talk SMTP by hand: the server takes a mail and keeps its text.
+    #[test]
+    fn plain_server_keeps_a_mail() {
+        let smtp = SmtpServer::start().unwrap();
+        let stream = std::net::TcpStream::connect(smtp.addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut expect = |code: &str| loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert!(line.starts_with(code), "expected {code}, got {line:?}");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        };
+        expect("220");
+        for (cmd, code) in [
+            ("EHLO client.test", "250"),
+            ("MAIL FROM:<relay@securechat.test>", "250"),
+            ("RCPT TO:<ann@example.org>", "250"),
+            ("DATA", "354"),
+            (
+                "To: ann@example.org\r\n\r\nVerification code: 123456\r\n.",
+                "250",
+            ),
+            ("QUIT", "221"),
+        ] {
+            writer.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+            expect(code);
+        }
+        let mails = smtp.messages();
+        assert_eq!(mails.len(), 1);
+        assert_eq!(code_in(&mails[0]).as_deref(), Some("123456"));
+        assert!(smtp.ca_file().is_none());
+        assert_eq!(smtp.url(), format!("smtp://{}", smtp.addr()));
+    }
+
+    #[test]
+    fn tls_servers_hand_out_their_ca() {
+        for (tls, scheme) in [
+            (SmtpTls::StartTls, "smtp://"),
+            (SmtpTls::Implicit, "smtps://"),
+        ] {
+            let smtp = SmtpServer::start_with(tls).unwrap();
+            let ca = std::fs::read_to_string(smtp.ca_file().unwrap()).unwrap();
+            assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+            assert!(smtp.url().starts_with(scheme));
+        }
+    }
+
+    #[test]
+    fn code_line_is_found() {
+        assert_eq!(
+            code_in("a\r\nVerification code: 012345\r\n").as_deref(),
+            Some("012345")
+        );
+        assert_eq!(code_in("Verification code: 12345"), None);
     }
 }

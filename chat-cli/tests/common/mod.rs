@@ -1,6 +1,6 @@
 //! Test harness: the real `relay`, `agentd` and `chat-cli` binaries as
 //! separate processes on loopback, each in a temporary directory, and a real
-//! SMTP server (aiosmtpd, from `securechat-testkit`) that receives the
+//! SMTP server (in-process, from `securechat-testkit`) that receives the
 //! verification mails.
 //!
 //! Waits are polls with a bounded deadline, never fixed sleeps asserting
@@ -102,6 +102,8 @@ pub struct Relay {
     smtp: std::sync::Arc<securechat_testkit::smtp::SmtpServer>,
     pub addr: String,
     pub fingerprint: String,
+    /// The status page, `http://127.0.0.1:PORT/`.
+    pub status_url: String,
     child: Option<Child>,
 }
 
@@ -129,6 +131,10 @@ impl Relay {
             .arg(&data)
             .args(["--listen", listen, "--status-listen", "127.0.0.1:0"])
             .args(["--smtp-url", &smtp.url()])
+            .args(
+                smtp.ca_file()
+                    .map(|ca| format!("--smtp-ca={}", ca.display())),
+            )
             .args(["--mail-from", "securechat@example.org"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -143,18 +149,21 @@ impl Relay {
                 let _ = tx.send(line);
             }
         });
-        let (mut addr, mut fingerprint) = (None, None);
+        let (mut addr, mut fingerprint, mut status_url) = (None, None, None);
         let deadline = Instant::now() + WAIT;
-        while addr.is_none() || fingerprint.is_none() {
+        while addr.is_none() || fingerprint.is_none() || status_url.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
-                .expect("relay did not print its address and fingerprint");
+                .expect("relay did not print its address, fingerprint and status page");
             if let Some(a) = line.strip_prefix("relay: listening on ") {
                 addr = Some(a.trim().to_string());
             }
             if let Some(f) = line.strip_prefix("relay: certificate ") {
                 fingerprint = Some(f.trim().to_string());
+            }
+            if let Some(u) = line.strip_prefix("relay: status page ") {
+                status_url = Some(u.trim().to_string());
             }
         }
         Self {
@@ -162,6 +171,7 @@ impl Relay {
             smtp,
             addr: addr.unwrap(),
             fingerprint: fingerprint.unwrap(),
+            status_url: status_url.unwrap(),
             child: Some(child),
         }
     }
@@ -178,6 +188,7 @@ impl Relay {
         self.stop();
         let again = Self::start_on(&self.dir, &self.addr, self.smtp.clone());
         assert_eq!(again.fingerprint, self.fingerprint);
+        self.status_url = again.status_url.clone();
         self.child = again.into_child();
     }
 
@@ -830,4 +841,10 @@ impl Agent {
         agent.spawn();
         agent
     }
+}
+
+/// Start a relay that mails its codes to `smtp` (a TLS one is trusted
+/// through `--smtp-ca` with its test CA).
+pub fn relay_with_smtp(dir: &Path, smtp: securechat_testkit::smtp::SmtpServer) -> Relay {
+    Relay::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp))
 }
