@@ -14,19 +14,23 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-    echo "check-units: systemd-analyze is missing; installing Debian's systemd package" >&2
+# systemd-analyze verify, and man(1) for the Documentation=man: links.
+missing=()
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v man >/dev/null 2>&1 || missing+=(man-db)
+if ((${#missing[@]} > 0)); then
+    echo "check-units: installing Debian's ${missing[*]} (needed to check the units)" >&2
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq systemd >/dev/null
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     elif command -v sudo >/dev/null 2>&1; then
-        sudo apt-get update -qq && sudo apt-get install -y -qq systemd >/dev/null
+        sudo apt-get update -qq && sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "check-units: cannot install systemd (not root, no sudo); install it: apt-get install systemd" >&2
+        echo "check-units: cannot install ${missing[*]} (not root, no sudo); install it: apt-get install ${missing[*]}" >&2
         exit 1
     fi
 fi
 
-cargo build --locked --quiet -p securechat-agentd -p securechat-relay --bins
+cargo build --locked --quiet -p securechat-agentd -p securechat-relay -p securechat-cli --bins
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 agentd="$target/debug/agentd"
 relay="$target/debug/relay"
@@ -51,16 +55,15 @@ retarget systemd/securechat-agentd.service "$tmp/user/securechat-agentd.service"
 cp systemd/securechat-agentd.socket "$tmp/user/"
 retarget systemd/securechat-relay.service "$tmp/system/securechat-relay.service" /usr/local/bin/relay "$relay"
 
-# Documentation=man:agentd(1) is checked against generated man pages when
-# there are any (verify runs man(1) with MANPATH); otherwise it says so.
-man_opt=--man=no
-pages="$(find "$root/target" "$root/docs" -name agentd.1 -path '*man1*' 2>/dev/null | head -n 1 || true)"
-if [ -n "$pages" ]; then
-    export MANPATH="$(dirname "$(dirname "$pages")")"
-    man_opt=--man=yes
-else
-    echo "check-units: note: no generated man pages (man1/agentd.1) found; Documentation=man:… not checked" >&2
-fi
+# Documentation=man:agentd(1) man:chat-cli(1) must name pages that exist:
+# generate them from the built binaries, as README's install steps do, and
+# let verify look them up (it runs man(1) with this MANPATH).
+mkdir -p "$tmp/man/man1"
+"$agentd" man >"$tmp/man/man1/agentd.1"
+"$target/debug/chat-cli" man >"$tmp/man/man1/chat-cli.1"
+"$relay" man >"$tmp/man/man1/relay.1"
+export MANPATH="$tmp/man"
+man_opt=--man=yes
 
 failed=0
 check() {
