@@ -37,6 +37,7 @@ use crate::clock::Clock;
 use crate::close;
 use crate::handlers;
 use crate::lock;
+use crate::metrics::FrameRejection;
 use crate::ratelimit::Source;
 use crate::server::Shared;
 use crate::store::blocking;
@@ -306,9 +307,10 @@ async fn serve_request(
                 tracing::debug!(conn = state.id, request = %Summary(&request), "request");
                 handlers::dispatch(&shared, &state, request).await
             }
-            Err(e) => bad_frame(&state, &e),
+            Err(e) => bad_frame(&shared, &state, &e),
         },
         Err(quinn::ReadToEndError::TooLong) => bad_frame(
+            &shared,
             &state,
             &CodecError::TooLarge {
                 len: MAX_FRAME_LEN + 5,
@@ -338,6 +340,9 @@ async fn serve_request(
     }
     let _ = send.finish();
     if state.bad_frames.load(Ordering::Relaxed) >= MAX_BAD_FRAMES {
+        if state.conn.close_reason().is_none() {
+            shared.stats.bad_frame_closes.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!(
             conn = state.id,
             "closing a connection that sent too many bad frames"
@@ -391,13 +396,22 @@ async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
     }
 }
 
-fn bad_frame(state: &ConnState, e: &CodecError) -> Response {
+fn bad_frame(shared: &Shared, state: &ConnState, e: &CodecError) -> Response {
     state.bad_frames.fetch_add(1, Ordering::Relaxed);
-    let code = match e {
-        CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-        CodecError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-        _ => ErrorCode::BadRequest,
+    let (code, rejection) = match e {
+        CodecError::TooLarge { .. } => (ErrorCode::FrameTooLarge, FrameRejection::Oversized),
+        CodecError::UnsupportedVersion(_) => (
+            ErrorCode::UnsupportedVersion,
+            FrameRejection::UnsupportedVersion,
+        ),
+        // An enum index this build does not know: most likely a request
+        // kind from a newer client.
+        CodecError::Malformed(postcard::Error::DeserializeBadEnum) => {
+            (ErrorCode::BadRequest, FrameRejection::Unknown)
+        }
+        _ => (ErrorCode::BadRequest, FrameRejection::Malformed),
     };
+    shared.stats.rejected_frames.add(rejection);
     Response::Error(ErrorReply::new(
         code,
         format!("cannot read the request: {e}"),
