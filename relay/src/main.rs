@@ -282,11 +282,16 @@ fn smtp_url(
     if let Some(path) = &cli.smtp_url_file {
         return read_secret_file("--smtp-url-file", path).map(Some);
     }
-    if let Some(url) = std::env::var(SMTP_URL_ENV).ok().filter(|u| !u.trim().is_empty()) {
+    if let Some(url) = std::env::var(SMTP_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
         return Ok(Some(url.trim().to_string()));
     }
     match (&file.smtp_url, &file.smtp_url_file) {
-        (Some(_), Some(_)) => bail!("the config file sets both smtp_url and smtp_url_file; keep one"),
+        (Some(_), Some(_)) => {
+            bail!("the config file sets both smtp_url and smtp_url_file; keep one")
+        }
         (Some(url), None) => {
             if has_password(url) {
                 if let Some(path) = config_path {

@@ -96,7 +96,8 @@ pub enum ResumeOutcome {
 
 impl ResumeOutcome {
     /// Every outcome but success.
-    pub const ALL_FAILED: &'static [Self] = &[Self::SessionExpired, Self::BadSignature, Self::Other];
+    pub const ALL_FAILED: &'static [Self] =
+        &[Self::SessionExpired, Self::BadSignature, Self::Other];
 }
 
 impl Kind for ResumeOutcome {
@@ -407,7 +408,10 @@ mod tests {
         let mut e = Exposition::default();
         e.histogram("x_seconds", "help", &s);
         let text = e.finish();
-        assert!(text.contains("x_seconds_bucket{le=\"0.001\"} 1\n"), "{text}");
+        assert!(
+            text.contains("x_seconds_bucket{le=\"0.001\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("x_seconds_bucket{le=\"+Inf\"} 4\n"), "{text}");
         assert!(text.contains("x_seconds_count 4\n"), "{text}");
         assert!(text.starts_with("# HELP x_seconds help\n# TYPE x_seconds histogram\n"));

@@ -251,11 +251,9 @@ const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store")
 async fn json(State(shared): State<Arc<Shared>>) -> Response {
     match report(&shared).await {
         Ok(r) => match serde_json::to_string_pretty(&r) {
-            Ok(body) => (
-                [(header::CONTENT_TYPE, "application/json"), NO_STORE],
-                body,
-            )
-                .into_response(),
+            Ok(body) => {
+                ([(header::CONTENT_TYPE, "application/json"), NO_STORE], body).into_response()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "status page: cannot encode");
                 StatusCode::INTERNAL_SERVER_ERROR.into_response()
@@ -282,7 +280,12 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         Ok(Ok(_)) => (StatusCode::OK, [NO_STORE], "ok\n").into_response(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "health check: the store failed");
-            (StatusCode::SERVICE_UNAVAILABLE, [NO_STORE], "store failed\n").into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [NO_STORE],
+                "store failed\n",
+            )
+                .into_response()
         }
         Err(_) => {
             tracing::warn!("health check: the store did not answer in time");
@@ -305,7 +308,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     }
     let body = exposition(&shared, counts.as_ref().ok());
     (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE), NO_STORE],
+        [
+            (header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE),
+            NO_STORE,
+        ],
         body,
     )
         .into_response()

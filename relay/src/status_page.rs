@@ -29,7 +29,10 @@ const NOW: &[(&str, &str)] = &[
     ("pending_registrations", "Pending registrations"),
     ("queued_messages", "Queued messages"),
     ("queued_bytes", "Queued bytes"),
-    ("password_checks_in_use", "Password checks running or waiting"),
+    (
+        "password_checks_in_use",
+        "Password checks running or waiting",
+    ),
     ("uptime_secs", "Uptime"),
 ];
 
@@ -40,10 +43,16 @@ const SINCE_START: &[(&str, &str)] = &[
 ];
 
 const ERRORS: &[(&str, &str)] = &[
-    ("logins_failed", "Logins refused: wrong credentials or signature"),
+    (
+        "logins_failed",
+        "Logins refused: wrong credentials or signature",
+    ),
     ("logins_rate_limited", "Logins refused: rate limited"),
     ("resumes_failed", "Session resumes refused"),
-    ("attempt_refusals", "Attempts refused: too many from one source"),
+    (
+        "attempt_refusals",
+        "Attempts refused: too many from one source",
+    ),
     (
         "password_guess_refusals",
         "Password checks refused: guessing limit",
@@ -57,12 +66,18 @@ const ERRORS: &[(&str, &str)] = &[
         "refused_connections_source_full",
         "Connections refused: too many from one source",
     ),
-    ("unauthenticated_timeouts", "Connections closed: no login in time"),
+    (
+        "unauthenticated_timeouts",
+        "Connections closed: no login in time",
+    ),
     (
         "sessions_ended",
         "Connections closed: session revoked or expired",
     ),
-    ("bad_frame_closes", "Connections closed: too many bad frames"),
+    (
+        "bad_frame_closes",
+        "Connections closed: too many bad frames",
+    ),
     ("send_rate_refusals", "Sends refused: sending too fast"),
     ("quota_refusals", "Sends refused: recipient's queue full"),
     (
@@ -75,7 +90,10 @@ const ERRORS: &[(&str, &str)] = &[
         "rejected_frames_unsupported_version",
         "Frames rejected: other protocol version",
     ),
-    ("rejected_frames_unknown", "Frames rejected: unknown request"),
+    (
+        "rejected_frames_unknown",
+        "Frames rejected: unknown request",
+    ),
 ];
 
 /// The Content-Security-Policy: nothing from elsewhere, only this page's
@@ -99,8 +117,7 @@ fn csp_hash(inline: &str) -> String {
 /// Standard base64 with padding, as CSP hash sources are written (the one
 /// use in the relay; not worth a dependency).
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
