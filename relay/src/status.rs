@@ -2,7 +2,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `GET /` | the status page ([`crate::status_page`]): polls `/status.json` and redraws |
+//! | `GET /` | the status page (`status_page`): polls `/status.json` and redraws |
 //! | `GET /status.json` | [`StatusReport`]: every count, and the messages-per-second series |
 //! | `GET /metrics` | the same counters in the Prometheus text format ([`crate::metrics`]) |
 //! | `GET /healthz` | `200 ok` when the store answers, `503` otherwise |

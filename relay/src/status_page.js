@@ -5,6 +5,7 @@
   const POLL_MS = 1500;
   const SVG = "http" + "://www.w3.org/2000/svg"; // a namespace name, never fetched
   const W = 600, H = 160, LEFT = 36, BOTTOM = 16, TOP = 8;
+  const WINDOW_SECS = 600; // the relay keeps ten minutes
 
   function uptime(secs) {
     const d = Math.floor(secs / 86400), h = Math.floor(secs / 3600) % 24;
@@ -20,11 +21,12 @@
     return node;
   }
 
-  function line(values, max, cls) {
+  // The newest point at the right edge; a short history starts part-way.
+  function line(values, max, cls, span) {
     const n = values.length;
-    const step = n > 1 ? (W - LEFT) / (n - 1) : 0;
+    const step = (W - LEFT) / Math.max(span - 1, 1);
     const points = values.map((v, i) => {
-      const x = LEFT + i * step;
+      const x = LEFT + (span - n + i) * step;
       const y = TOP + (H - TOP - BOTTOM) * (1 - v / max);
       return x.toFixed(1) + "," + y.toFixed(1);
     });
@@ -48,12 +50,13 @@
       const label = (max * f).toFixed(max * f < 10 && f > 0 ? 1 : 0);
       svg.appendChild(el("text", { class: "axis", x: 2, y: y + 4 }, label));
     }
-    const minutes = Math.round((accepted.length * every) / 60);
+    const span = Math.max(Math.round(WINDOW_SECS / every), accepted.length);
+    const minutes = Math.round((span * every) / 60);
     svg.appendChild(el("text", { class: "axis", x: LEFT, y: H - 2 }, "-" + minutes + " min"));
     svg.appendChild(el("text", { class: "axis", x: W - 26, y: H - 2 }, "now"));
     if (accepted.length > 0) {
-      svg.appendChild(line(accepted, max, "accepted"));
-      svg.appendChild(line(delivered, max, "delivered"));
+      svg.appendChild(line(accepted, max, "accepted", span));
+      svg.appendChild(line(delivered, max, "delivered", span));
     }
     box.replaceChildren(svg);
     const peakText = document.getElementById("chart_peak");

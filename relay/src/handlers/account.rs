@@ -320,9 +320,8 @@ fn limit_guesses(
     let now = shared.config.clock.now();
     limiter
         .begin(username, state.source, now)
-        .map_err(|refusal| {
+        .inspect_err(|_| {
             shared.stats.guess_refusals.fetch_add(1, Ordering::Relaxed);
-            refusal
         })
         .map_err(|refusal| match refusal {
             Refusal::Pair { retry_after } => fail(
