@@ -94,7 +94,9 @@ impl Running {
         );
     }
 
-    /// SIGTERM, wait, and return every stderr line.
+    /// SIGTERM, wait, and return every stderr line. Call it after the
+    /// first stdout line (or a line logged once the relay runs): only
+    /// then does the relay handle SIGTERM rather than die of it.
     fn stop(mut self) -> Vec<String> {
         let killed = Command::new("kill")
             .arg("-TERM")
@@ -202,6 +204,7 @@ fn the_smtp_url_from_a_private_file_is_used_and_an_open_file_is_refused() {
         summary.contains(&format!("mail=smtps://relayuser:***@127.0.0.1:{port}")),
         "{summary}"
     );
+    assert!(relay.stdout_line().starts_with("relay: listening on "));
     relay.wait_stderr("SMTP server check failed");
     let all = relay.stop().join("\n");
     assert!(!all.contains(PASSWORD), "the password was logged:\n{all}");
@@ -229,6 +232,8 @@ fn a_password_on_the_command_line_gets_a_warning_but_is_never_printed() {
     });
     let warning = relay.wait_stderr("process list");
     assert!(warning.contains("SECURECHAT_SMTP_URL"), "{warning}");
+    // The warning comes before the relay watches for SIGTERM; the banner after.
+    assert!(relay.stdout_line().starts_with("relay: listening on "));
     let all = relay.stop().join("\n");
     assert!(!all.contains(PASSWORD), "{all}");
 }
