@@ -2,6 +2,9 @@
 //!
 //! The binary builds a [`Config`] from its command line and TOML file; the
 //! library never reads files or the environment for configuration.
+//! [`Config::validate`] refuses values that would make the relay useless
+//! (a zero quota, a zero retention); [`Config::summary`] is the start-up
+//! log of the effective settings, secrets masked.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -48,6 +51,23 @@ pub const DEFAULT_SENDER_SHARE_PERCENT: u8 = 50;
 /// Default password checks that may wait for a free argon2 worker; past it
 /// the relay answers `Busy`.
 pub const DEFAULT_ARGON2_QUEUE: usize = 8;
+
+/// The longest duration any setting takes: longer is surely a typo, and
+/// would overflow the relay's time arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A setting the relay refuses to start with.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} (`{key}` in the config file) {problem}")]
+#[non_exhaustive]
+pub struct ConfigError {
+    /// The command-line flag, e.g. `--retention`.
+    pub flag: &'static str,
+    /// The config file key, e.g. `retention`.
+    pub key: &'static str,
+    /// What is wrong and what to do.
+    pub problem: String,
+}
 
 /// Default argon2 workers: one per core the relay may use.
 pub fn default_argon2_workers() -> usize {
@@ -114,6 +134,146 @@ pub struct Config {
 }
 
 impl Config {
+    /// Refuse settings that make no sense: zero where zero would refuse or
+    /// delete everything, a share outside 1 to 100 %, durations past
+    /// [`MAX_DURATION`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let refuse = |flag: &'static str, key: &'static str, problem: &str| {
+            Err(ConfigError {
+                flag,
+                key,
+                problem: problem.to_string(),
+            })
+        };
+        let durations = [
+            (
+                "--retention",
+                "retention",
+                self.retention,
+                "messages would be deleted as soon as they are stored",
+            ),
+            (
+                "--code-ttl",
+                "code_ttl",
+                self.code_ttl,
+                "every emailed code would have expired on arrival",
+            ),
+            (
+                "--session-ttl",
+                "session_ttl",
+                self.session_ttl,
+                "every session would end as it starts",
+            ),
+            (
+                "--unauthenticated-timeout",
+                "unauthenticated_timeout",
+                self.unauthenticated_timeout,
+                "every connection would be closed before it could log in",
+            ),
+        ];
+        for (flag, key, value, why) in durations {
+            if value.is_zero() {
+                return refuse(flag, key, &format!("must be more than 0: {why}"));
+            }
+            if value > MAX_DURATION {
+                return refuse(flag, key, "must be at most 100 years");
+            }
+        }
+        let counts = [
+            (
+                "--quota-messages",
+                "quota_messages",
+                self.quota.messages,
+                "no message could ever be queued",
+            ),
+            (
+                "--quota-bytes",
+                "quota_bytes",
+                self.quota.bytes,
+                "no message could ever be queued",
+            ),
+            (
+                "--max-connections",
+                "max_connections",
+                self.max_connections as u64,
+                "every connection would be refused",
+            ),
+            (
+                "--max-connections-per-source",
+                "max_connections_per_source",
+                self.max_connections_per_source as u64,
+                "every connection would be refused",
+            ),
+            (
+                "--sends-per-minute",
+                "sends_per_minute",
+                u64::from(self.sends_per_sender.max),
+                "nobody could send",
+            ),
+            (
+                "--argon2-workers",
+                "argon2_workers",
+                self.argon2_workers as u64,
+                "no password could be checked",
+            ),
+        ];
+        for (flag, key, value, why) in counts {
+            if value == 0 {
+                return refuse(flag, key, &format!("must be at least 1: {why}"));
+            }
+        }
+        if !(1..=100).contains(&self.sender_share_percent) {
+            return refuse(
+                "--sender-share-percent",
+                "sender_share_percent",
+                &format!("must be 1 to 100, not {}", self.sender_share_percent),
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective settings as a few `key=value` log lines; the SMTP URL
+    /// with its password masked.
+    pub fn summary(&self) -> Vec<String> {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let status = self
+            .status_listen
+            .map_or_else(|| "off".to_string(), |a| a.to_string());
+        let tls = match &self.tls {
+            TlsSource::SelfSigned => "self-signed".to_string(),
+            TlsSource::Files { cert, .. } => cert.display().to_string(),
+        };
+        vec![
+            format!(
+                "settings: listen={} status_listen={status} data_dir={} tls={tls} mail={} mail_from={:?}",
+                self.listen,
+                self.data_dir.display(),
+                self.mail.describe(),
+                self.mail.from,
+            ),
+            format!(
+                "settings: retention={} quota_messages={} quota_bytes={} sender_share_percent={} \
+                 code_ttl={} session_ttl={}",
+                d(self.retention),
+                self.quota.messages,
+                self.quota.bytes,
+                self.sender_share_percent,
+                d(self.code_ttl),
+                d(self.session_ttl),
+            ),
+            format!(
+                "settings: max_connections={} max_connections_per_source={} \
+                 unauthenticated_timeout={} sends_per_minute={} argon2_workers={} argon2_queue={}",
+                self.max_connections,
+                self.max_connections_per_source,
+                d(self.unauthenticated_timeout),
+                self.sends_per_sender.max,
+                self.argon2_workers,
+                self.argon2_queue,
+            ),
+        ]
+    }
+
     /// The defaults, with data kept in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {

@@ -37,6 +37,7 @@ use crate::clock::Clock;
 use crate::close;
 use crate::handlers;
 use crate::lock;
+use crate::metrics::FrameRejection;
 use crate::ratelimit::Source;
 use crate::server::Shared;
 use crate::store::blocking;
@@ -306,10 +307,12 @@ async fn serve_request(
                 tracing::debug!(conn = state.id, request = %Summary(&request), "request");
                 handlers::dispatch(&shared, &state, request).await
             }
-            Err(e) => bad_frame(&state, &e),
+            Err(e) => bad_frame(&shared, &state, &bytes, &e),
         },
         Err(quinn::ReadToEndError::TooLong) => bad_frame(
+            &shared,
             &state,
+            &[],
             &CodecError::TooLarge {
                 len: MAX_FRAME_LEN + 5,
                 max: MAX_FRAME_LEN,
@@ -338,6 +341,12 @@ async fn serve_request(
     }
     let _ = send.finish();
     if state.bad_frames.load(Ordering::Relaxed) >= MAX_BAD_FRAMES {
+        if state.conn.close_reason().is_none() {
+            shared
+                .stats
+                .bad_frame_closes
+                .fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!(
             conn = state.id,
             "closing a connection that sent too many bad frames"
@@ -392,13 +401,32 @@ async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
     }
 }
 
-fn bad_frame(state: &ConnState, e: &CodecError) -> Response {
+/// How many request kinds this build knows ([`Request`]'s variants, whose
+/// index starts the frame body).
+const REQUEST_KINDS: u32 = 12;
+
+/// Whether a frame that could not be decoded at least names a request kind
+/// this build knows; if not, it is most likely from a newer client. A frame
+/// too short to tell counts as known (and so as malformed).
+fn known_request_kind(frame: &[u8]) -> bool {
+    frame
+        .get(5..)
+        .and_then(|body| postcard::take_from_bytes::<u32>(body).ok())
+        .is_none_or(|(kind, _)| kind < REQUEST_KINDS)
+}
+
+fn bad_frame(shared: &Shared, state: &ConnState, frame: &[u8], e: &CodecError) -> Response {
     state.bad_frames.fetch_add(1, Ordering::Relaxed);
-    let code = match e {
-        CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-        CodecError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-        _ => ErrorCode::BadRequest,
+    let (code, rejection) = match e {
+        CodecError::TooLarge { .. } => (ErrorCode::FrameTooLarge, FrameRejection::Oversized),
+        CodecError::UnsupportedVersion(_) => (
+            ErrorCode::UnsupportedVersion,
+            FrameRejection::UnsupportedVersion,
+        ),
+        _ if !known_request_kind(frame) => (ErrorCode::BadRequest, FrameRejection::Unknown),
+        _ => (ErrorCode::BadRequest, FrameRejection::Malformed),
     };
+    shared.stats.rejected_frames.add(rejection);
     Response::Error(ErrorReply::new(
         code,
         format!("cannot read the request: {e}"),
@@ -470,5 +498,24 @@ async fn push_loop(
             () = &mut woken => {}
             _ = state.conn.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_request_kind_is_the_last_one_known() {
+        // `Time` is the last variant of `Request`: a new one must raise
+        // REQUEST_KINDS, or its malformed frames are counted as unknown.
+        let frame = codec::encode(&Request::Time).unwrap();
+        assert_eq!(u32::from(frame[5]), REQUEST_KINDS - 1);
+        assert!(known_request_kind(&frame));
+        let mut newer = frame.to_vec();
+        newer[5] = REQUEST_KINDS as u8;
+        assert!(!known_request_kind(&newer));
+        assert!(known_request_kind(&[0, 0, 0, 1]));
     }
 }

@@ -14,7 +14,8 @@
 //!                 │       │  │    session token) └─► store ─► relay.redb   │
 //!                 │       │  └── push task ◄─ hub (who is online)          │
 //!                 │       └─ rate limits, login deadline, session expiry   │
-//!                 │  status page (HTTP) ─► counts only                     │
+//!                 │  status listener (HTTP): page, status.json, /metrics,  │
+//!                 │    /healthz ─► counts only                             │
 //!                 │  clock (the relay's time; tests move it)               │
 //!                 └────────────────────────────────────────────────────────┘
 //! ```
@@ -37,7 +38,11 @@
 //! * [`ratelimit`] — limits per source (an IPv4 address or IPv6 /64) and
 //!   per sender, and password-guessing delays per (account, source).
 //! * [`clock`] — the relay's time, which tests drive instead of sleeping.
-//! * [`status`] — counters and the HTTP status page.
+//! * [`status`] — counters and the HTTP listener: status page,
+//!   `/status.json`, `/metrics`, `/healthz`.
+//! * [`metrics`] — labelled counters, the commit-latency histogram, the
+//!   messages-per-second history, and the Prometheus text format.
+//! * `status_page` — the live status page (HTML, CSS and script inlined).
 //! * [`tls`] — certificate loading / self-signed generation, QUIC server config.
 //!
 //! The protocol itself (frames, messages, flow) lives in `securechat_common`.
@@ -53,10 +58,12 @@ mod handlers;
 pub mod hub;
 mod logins;
 pub mod mail;
+pub mod metrics;
 pub mod password_pool;
 pub mod ratelimit;
 pub mod server;
 pub mod status;
+mod status_page;
 pub mod store;
 pub mod tls;
 

@@ -9,6 +9,11 @@
 //! where — enough for a single-machine setup or a test.
 //!
 //! Every mail body contains a line exactly `Verification code: NNNNNN`.
+//!
+//! The SMTP URL may hold a password: it is never logged or shown as it is.
+//! [`mask_smtp_url`] gives the form for logs (`smtp://user:***@host`), and
+//! [`MailConfig`]'s `Debug` uses it. [`Mailer::check`] tries the server once
+//! (connect, EHLO, TLS, login, NOOP) so the relay can warn at start.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +29,7 @@ use rustls::pki_types::CertificateDer;
 const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where verification mail goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MailConfig {
     /// SMTP server URL; `None` writes mail to the outbox folder.
     pub smtp_url: Option<String>,
@@ -33,6 +38,53 @@ pub struct MailConfig {
     pub smtp_ca: Option<PathBuf>,
     /// The From address.
     pub from: String,
+}
+
+impl std::fmt::Debug for MailConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailConfig")
+            .field("smtp_url", &self.smtp_url.as_deref().map(mask_smtp_url))
+            .field("smtp_ca", &self.smtp_ca)
+            .field("from", &self.from)
+            .finish()
+    }
+}
+
+impl MailConfig {
+    /// Where mail goes, as the start-up summary shows it: the masked SMTP
+    /// URL, or `outbox`.
+    pub fn describe(&self) -> String {
+        match &self.smtp_url {
+            Some(url) => mask_smtp_url(url),
+            None => "outbox".into(),
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`: `smtp://user:***@host:587`.
+/// A URL that cannot be split into its parts is shown as `<smtp url>`
+/// rather than risk showing a secret.
+pub fn mask_smtp_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<smtp url>".into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let masked = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    // The query holds only settings (tls=required); a fragment or path
+    // has no business here, but is shown masked all the same.
+    let tail = if tail.contains('#') || tail.starts_with('/') && tail.len() > 1 {
+        "/…"
+    } else {
+        tail
+    };
+    format!("{scheme}://{masked}{tail}")
 }
 
 impl Default for MailConfig {
@@ -61,6 +113,9 @@ pub enum MailError {
     /// The SMTP server refused or could not be reached.
     #[error("SMTP delivery failed: {0}")]
     Smtp(String),
+    /// The start-up check could not reach or use the SMTP server.
+    #[error("SMTP server check failed: {0}")]
+    Check(String),
     /// Writing to the outbox failed.
     #[error("cannot write to the outbox {path}: {source}")]
     Outbox {
@@ -80,6 +135,8 @@ enum Transport {
 pub struct Mailer {
     transport: Transport,
     from: Mailbox,
+    /// The SMTP URL, masked, for log lines.
+    server: Option<String>,
 }
 
 impl std::fmt::Debug for Mailer {
@@ -110,7 +167,12 @@ impl Mailer {
             }
             None => Transport::Outbox(data_dir.join("outbox")),
         };
-        Ok(Self { transport, from })
+        let server = config.smtp_url.as_deref().map(mask_smtp_url);
+        Ok(Self {
+            transport,
+            from,
+            server,
+        })
     }
 
     /// The outbox folder, when mail is not sent over SMTP.
@@ -118,6 +180,23 @@ impl Mailer {
         match &self.transport {
             Transport::Outbox(dir) => Some(dir),
             Transport::Smtp(_) => None,
+        }
+    }
+
+    /// Try the SMTP server once: connect, EHLO, TLS as configured, log in if
+    /// the URL has credentials, NOOP. `Ok(Some(server))` (masked) when it
+    /// answers, `Ok(None)` with the outbox (nothing to check).
+    pub async fn check(&self) -> Result<Option<String>, MailError> {
+        let Transport::Smtp(smtp) = &self.transport else {
+            return Ok(None);
+        };
+        let server = self.server.clone().unwrap_or_default();
+        match smtp.test_connection().await {
+            Ok(true) => Ok(Some(server)),
+            Ok(false) => Err(MailError::Check(format!(
+                "{server} accepted the connection but did not answer NOOP"
+            ))),
+            Err(e) => Err(MailError::Check(format!("{server}: {e}"))),
         }
     }
 
@@ -289,6 +368,33 @@ mod tests {
         };
         let err = Mailer::new(&missing, dir.path()).unwrap_err();
         assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
+    #[test]
+    fn smtp_urls_are_masked() {
+        for (url, shown) in [
+            ("smtp://127.0.0.1:25", "smtp://127.0.0.1:25"),
+            (
+                "smtps://relay:s3cret@mail.example.org",
+                "smtps://relay:***@mail.example.org",
+            ),
+            (
+                "smtp://u%40x:p:a@ss@host:587?tls=required",
+                "smtp://u%40x:***@host:587?tls=required",
+            ),
+            ("smtp://user@host", "smtp://user@host"),
+            ("not a url with s3cret", "<smtp url>"),
+            ("smtp://host/path#s3cret", "smtp://host/…"),
+        ] {
+            assert_eq!(mask_smtp_url(url), shown);
+        }
+        let config = MailConfig {
+            smtp_url: Some("smtp://a:s3cret@h".into()),
+            from: "x@y".into(),
+            smtp_ca: None,
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(config.describe(), "smtp://a:***@h");
     }
 
     #[test]

@@ -25,16 +25,20 @@ use serde::Deserialize;
 ///
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
-/// `status_listen`, `smtp_url`, `smtp_ca`, `mail_from`, `cert`, `key`,
-/// `retention`, `quota_messages`, `quota_bytes`, `code_ttl`, `session_ttl`,
-/// `max_connections`, `max_connections_per_source`,
+/// `status_listen`, `smtp_url`, `smtp_url_file`, `smtp_ca`, `mail_from`,
+/// `cert`, `key`, `retention`, `quota_messages`, `quota_bytes`, `code_ttl`,
+/// `session_ttl`, `max_connections`, `max_connections_per_source`,
 /// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
-/// `argon2_workers`, `argon2_queue`), then the defaults shown below. A
-/// "source" is one IPv4 address or one IPv6 /64.
+/// `argon2_workers`, `argon2_queue`, `log_level`), then the defaults shown
+/// below. The SMTP URL may also come from the environment variable
+/// SECURECHAT_SMTP_URL (after the flags, before the file), which keeps its
+/// password out of the process list. A "source" is one IPv4 address or one
+/// IPv6 /64.
 ///
 /// On start the relay prints `relay: listening on ..`,
 /// `relay: certificate sha256:..` and, if enabled, the status page URL on
-/// stdout; logs go to stderr (filter with RUST_LOG, default `info`).
+/// stdout; logs go to stderr, starting with a summary of the settings
+/// (secrets masked).
 #[derive(Debug, Parser)]
 #[command(name = "relay", version)]
 struct Cli {
@@ -73,10 +77,19 @@ struct Cli {
 
     /// SMTP server for verification mail: smtp://host:port (plain),
     /// smtp://host:587?tls=required (STARTTLS), smtps://host:465 (TLS),
-    /// optionally with user:password@. Default: none — mails are written as
-    /// .eml files into <data-dir>/outbox/.
-    #[arg(long, value_name = "URL")]
+    /// optionally with user:password@. A password here is visible to every
+    /// user of the machine (ps): put the URL in SECURECHAT_SMTP_URL or
+    /// --smtp-url-file instead. Default: none — mails are written as .eml
+    /// files into <data-dir>/outbox/.
+    #[arg(long, value_name = "URL", conflicts_with = "smtp_url_file")]
     smtp_url: Option<String>,
+
+    /// Read the SMTP URL (see --smtp-url) from FILE, which must not be
+    /// readable by other users (chmod 600). With systemd credentials:
+    /// `LoadCredential=smtp-url:/etc/securechat/smtp-url` and
+    /// `--smtp-url-file %d/smtp-url`.
+    #[arg(long, value_name = "FILE")]
+    smtp_url_file: Option<PathBuf>,
 
     /// PEM file of CA certificates to trust for the SMTP server's TLS
     /// certificate, besides the public roots (a mail server with a private
@@ -102,6 +115,21 @@ struct Cli {
     #[arg(long, value_name = "N")]
     quota_bytes: Option<u64>,
 
+    /// How long an emailed verification code is valid. Default: 10m.
+    #[arg(long, value_name = "DURATION")]
+    code_ttl: Option<String>,
+
+    /// How long a session lasts after a full login (agentd resumes it
+    /// without asking). Default: 30d.
+    #[arg(long, value_name = "DURATION")]
+    session_ttl: Option<String>,
+
+    /// Log level: error, warn, info, debug, trace, or a filter such as
+    /// `info,securechat_relay=debug`. RUST_LOG, when set, wins over it.
+    /// Default: info.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+
     /// Most QUIC connections open at once; more are refused.
     /// Default: 10000.
     #[arg(long, value_name = "N")]
@@ -119,7 +147,7 @@ struct Cli {
 
     /// Percentage (1-100) of a recipient's quota, in messages and in bytes,
     /// that one sender may fill. Default: 50.
-    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    #[arg(long, value_name = "PERCENT")]
     sender_share_percent: Option<u8>,
 
     /// Messages one sender may send per minute. Default: 600.
@@ -162,6 +190,7 @@ struct FileConfig {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     smtp_url: Option<String>,
+    smtp_url_file: Option<PathBuf>,
     smtp_ca: Option<PathBuf>,
     mail_from: Option<String>,
     retention: Option<String>,
@@ -176,7 +205,14 @@ struct FileConfig {
     sends_per_minute: Option<u32>,
     argon2_workers: Option<usize>,
     argon2_queue: Option<usize>,
+    log_level: Option<String>,
 }
+
+/// The environment variable that may hold the SMTP URL.
+const SMTP_URL_ENV: &str = "SECURECHAT_SMTP_URL";
+
+/// Longest SMTP URL file read: a URL, not a mailbox.
+const MAX_SECRET_FILE: u64 = 4096;
 
 fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
     if let Ok(secs) = text.trim().parse::<u64>() {
@@ -186,12 +222,131 @@ fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("{what}: {text:?} is not a duration like 30d, 12h or 3600"))
 }
 
-/// A count that must not be zero (zero would refuse everything).
-fn at_least_one<T: PartialEq + From<u8>>(what: &str, n: T) -> anyhow::Result<T> {
-    if n == T::from(0) {
-        bail!("{what} must be at least 1");
+/// Read a secret from `path` (named `what` in errors), refusing a file
+/// that other users may read or change. Its content is never echoed.
+fn read_secret_file(what: &str, path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{what} {}: cannot open it", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{what} {}: cannot read its mode", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{what} {}: the file is open to other users (mode {mode:04o}) but holds the \
+             SMTP password; make it private with `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
     }
-    Ok(n)
+    if meta.len() > MAX_SECRET_FILE {
+        bail!(
+            "{what} {}: {} bytes is too long for an SMTP URL",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRET_FILE)
+        .read_to_string(&mut text)
+        .with_context(|| format!("{what} {}: not readable UTF-8 text", path.display()))?;
+    let url = text.trim();
+    if url.is_empty() {
+        bail!(
+            "{what} {}: the file is empty; write the SMTP URL into it",
+            path.display()
+        );
+    }
+    Ok(url.to_string())
+}
+
+/// Whether other users may read or change `path` (unknown counts as no:
+/// the file was read a moment ago).
+fn open_to_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}
+
+/// Whether an SMTP URL carries a password (`user:password@`).
+fn has_password(url: &str) -> bool {
+    url.split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        .and_then(|authority| authority.rsplit_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// The SMTP URL from, in order: --smtp-url, --smtp-url-file, the
+/// environment, the config file's `smtp_url` or `smtp_url_file`.
+fn smtp_url(
+    cli: &Cli,
+    file: &FileConfig,
+    config_path: Option<&Path>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(url) = &cli.smtp_url {
+        if has_password(url) {
+            tracing::warn!(
+                "--smtp-url holds a password, which every user of this machine can see in \
+                 the process list; put the URL in {SMTP_URL_ENV} or --smtp-url-file instead"
+            );
+        }
+        return Ok(Some(url.clone()));
+    }
+    if let Some(path) = &cli.smtp_url_file {
+        return read_secret_file("--smtp-url-file", path).map(Some);
+    }
+    if let Some(url) = std::env::var(SMTP_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return Ok(Some(url.trim().to_string()));
+    }
+    match (&file.smtp_url, &file.smtp_url_file) {
+        (Some(_), Some(_)) => {
+            bail!("the config file sets both smtp_url and smtp_url_file; keep one")
+        }
+        (Some(url), None) => {
+            if has_password(url) {
+                if let Some(path) = config_path {
+                    if open_to_others(path) {
+                        tracing::warn!(
+                            "the config file {} holds the SMTP password and is open to other \
+                             users; make it private with `chmod 600`",
+                            path.display()
+                        );
+                    }
+                }
+            }
+            Ok(Some(url.clone()))
+        }
+        (None, Some(path)) => read_secret_file("smtp_url_file", path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The log filter: RUST_LOG if set, else --log-level / `log_level`, else
+/// `info`.
+fn log_filter(
+    cli: &Cli,
+    file: &FileConfig,
+) -> anyhow::Result<(tracing_subscriber::EnvFilter, String)> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let shown = std::env::var("RUST_LOG").unwrap_or_default();
+        return Ok((filter, format!("{shown} (from RUST_LOG)")));
+    }
+    let level = cli
+        .log_level
+        .clone()
+        .or(file.log_level.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+        anyhow::anyhow!(
+            "--log-level (`log_level` in the config file) {level:?}: {e}; use error, warn, \
+             info, debug, trace, or a filter such as `info,securechat_relay=debug`"
+        )
+    })?;
+    Ok((filter, level))
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -206,11 +361,8 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
-fn build_config(cli: &Cli) -> anyhow::Result<Config> {
-    let file = match &cli.config {
-        Some(path) => load_file(path)?,
-        None => FileConfig::default(),
-    };
+fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
+    let smtp_url = smtp_url(cli, &file, cli.config.as_deref())?;
     let data_dir = match cli.data_dir.clone().or(file.data_dir) {
         Some(dir) => dir,
         None => default_data_dir()?,
@@ -234,7 +386,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         _ => bail!("cert and key must be given together"),
     }
     config.mail = MailConfig {
-        smtp_url: cli.smtp_url.clone().or(file.smtp_url),
+        smtp_url,
         smtp_ca: cli.smtp_ca.clone().or(file.smtp_ca),
         from: cli
             .mail_from
@@ -243,7 +395,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
             .unwrap_or(MailConfig::default().from),
     };
     config.retention = match cli.retention.clone().or(file.retention) {
-        Some(text) => parse_duration("retention", &text)?,
+        Some(text) => parse_duration("--retention", &text)?,
         None => DEFAULT_RETENTION,
     };
     config.quota.messages = cli
@@ -254,45 +406,43 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .quota_bytes
         .or(file.quota_bytes)
         .unwrap_or(DEFAULT_QUOTA_BYTES);
-    config.code_ttl = match file.code_ttl {
-        Some(text) => parse_duration("code_ttl", &text)?,
+    config.code_ttl = match cli.code_ttl.clone().or(file.code_ttl) {
+        Some(text) => parse_duration("--code-ttl", &text)?,
         None => DEFAULT_CODE_TTL,
     };
-    config.session_ttl = match file.session_ttl {
-        Some(text) => parse_duration("session_ttl", &text)?,
+    config.session_ttl = match cli.session_ttl.clone().or(file.session_ttl) {
+        Some(text) => parse_duration("--session-ttl", &text)?,
         None => DEFAULT_SESSION_TTL,
     };
     if let Some(n) = cli.max_connections.or(file.max_connections) {
-        config.max_connections = at_least_one("max_connections", n)?;
+        config.max_connections = n;
     }
     if let Some(n) = cli
         .max_connections_per_source
         .or(file.max_connections_per_source)
     {
-        config.max_connections_per_source = at_least_one("max_connections_per_source", n)?;
+        config.max_connections_per_source = n;
     }
     if let Some(text) = cli
         .unauthenticated_timeout
         .clone()
         .or(file.unauthenticated_timeout)
     {
-        config.unauthenticated_timeout = parse_duration("unauthenticated_timeout", &text)?;
+        config.unauthenticated_timeout = parse_duration("--unauthenticated-timeout", &text)?;
     }
     if let Some(percent) = cli.sender_share_percent.or(file.sender_share_percent) {
-        if !(1..=100).contains(&percent) {
-            bail!("sender_share_percent must be 1 to 100, got {percent}");
-        }
         config.sender_share_percent = percent;
     }
     if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
-        config.sends_per_sender.max = at_least_one("sends_per_minute", n)?;
+        config.sends_per_sender.max = n;
     }
     if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
-        config.argon2_workers = at_least_one("argon2_workers", n)?;
+        config.argon2_workers = n;
     }
     if let Some(n) = cli.argon2_queue.or(file.argon2_queue) {
         config.argon2_queue = n;
     }
+    config.validate()?;
     Ok(config)
 }
 
@@ -332,15 +482,18 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
+    let file = match &cli.config {
+        Some(path) => load_file(path)?,
+        None => FileConfig::default(),
+    };
+    let (filter, level) = log_filter(&cli, &file)?;
+    // Colour codes only for a terminal: journald and log files get plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
-    let config = build_config(&cli)?;
+    let config = build_config(&cli, file)?;
 
     if let Some(Command::Fingerprint) = cli.command {
         securechat_relay::server::create_private_dir(&config.data_dir)?;
@@ -350,6 +503,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    for line in config.summary() {
+        tracing::info!("{line}");
+    }
+    tracing::info!("settings: log_level={level}");
     let shutdown = shutdown_signal()?;
     let relay = Relay::bind(config).await.context("starting the relay")?;
     // The banner is for whoever started us; if they stopped reading (a

@@ -6,7 +6,8 @@
 //!    ├─ accept loop ──► JoinSet<connection task>   (one per QUIC connection)
 //!    ├─ queue writer (group commit of sends and acks)
 //!    ├─ sweeper (expired messages, registrations, sessions)
-//!    └─ status page (axum)
+//!    ├─ mail check (connects to the SMTP server once; a warning if it fails)
+//!    └─ status listener (axum) and its messages-per-second sampler
 //!  shutdown future fires
 //!    └─ stop accepting → close every connection ("relay shutting down")
 //!       → wait (bounded) for in-flight requests and their commits
@@ -30,6 +31,7 @@ use crate::connection;
 use crate::hub::Hub;
 use crate::logins::LiveLogins;
 use crate::mail::{MailError, Mailer};
+use crate::metrics::{Histogram, RateHistory};
 use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
 use crate::status::Stats;
@@ -39,10 +41,18 @@ use crate::tls::{TlsError, TlsIdentity};
 
 pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
 
+/// The status page's chart: one point per second ...
+const RATE_INTERVAL: Duration = Duration::from_secs(1);
+/// ... over the last ten minutes.
+const RATE_POINTS: usize = 600;
+
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
+    /// A setting makes no sense (see [`Config::validate`]).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -91,6 +101,10 @@ pub(crate) struct Shared {
     /// Connections per session token, to end them with their session.
     pub(crate) logins: LiveLogins,
     pub(crate) stats: Arc<Stats>,
+    /// Durable-commit latency, observed by the queue writer.
+    pub(crate) commit_latency: Arc<Histogram>,
+    /// Accepted and delivered messages per second, for the status page.
+    pub(crate) rates: RateHistory,
     /// Open connections, in all and per source, against their caps.
     pub(crate) admission: Arc<Admission>,
     /// Login, resume, register and verify attempts per source.
@@ -127,6 +141,7 @@ impl Relay {
     /// Open the data directory, database and TLS identity and bind the
     /// sockets. Must be called inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
+        config.validate()?;
         let data_dir = config.data_dir.clone();
         create_private_dir(&data_dir)?;
         let db_path = data_dir.join("relay.redb");
@@ -169,6 +184,7 @@ impl Relay {
             sender_share_percent: config.sender_share_percent,
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), limits);
+        let commit_latency = writer.commit_latency();
         let shared = Arc::new(Shared {
             admission: Admission::new(config.max_connections, config.max_connections_per_source),
             source_limiter: RateLimiter::new(config.attempts_per_source),
@@ -183,6 +199,8 @@ impl Relay {
             hub: Hub::default(),
             logins: LiveLogins::default(),
             stats: Arc::new(Stats::default()),
+            commit_latency,
+            rates: RateHistory::new(RATE_INTERVAL, RATE_POINTS),
             next_conn_id: AtomicU64::new(1),
         });
         Ok(Self {
@@ -261,7 +279,12 @@ impl Relay {
         // have drained: it still commits whatever they left queued.
         background.spawn(writer.run(stop_background.clone()));
         background.spawn(sweeper(Arc::clone(&shared), stop_background.clone()));
+        background.spawn(check_mail(Arc::clone(&shared)));
         if let Some(listener) = status {
+            background.spawn(crate::status::sample_rates(
+                Arc::clone(&shared),
+                stop_background.clone(),
+            ));
             let router = crate::status::router(Arc::clone(&shared));
             let stop = stop_background.clone();
             background.spawn(async move {
@@ -350,6 +373,21 @@ pub fn create_private_dir(dir: &Path) -> Result<(), RelayError> {
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(())
+}
+
+/// Try the SMTP server once at start, so a wrong host, port, TLS setting
+/// or password shows in the log now rather than at the first registration.
+/// The relay serves on either way: everything but registration works, and
+/// the server may come up later.
+async fn check_mail(shared: Arc<Shared>) {
+    match shared.mailer.check().await {
+        Ok(None) => {}
+        Ok(Some(server)) => tracing::info!(%server, "SMTP server answers"),
+        Err(e) => tracing::warn!(
+            "{e}; the relay runs, but registrations fail until the SMTP server can be \
+             reached and accepts the login in its URL"
+        ),
+    }
 }
 
 async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {

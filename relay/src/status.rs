@@ -1,20 +1,28 @@
-//! Live counters and the HTTP status page.
+//! Live counters and the relay's HTTP listener (`--status-listen`).
 //!
-//! `GET /` is a small HTML page that refreshes itself every 5 seconds;
-//! `GET /status.json` has the same numbers for machines. Neither shows a
-//! username, address or secret — only counts.
+//! | path | what |
+//! |---|---|
+//! | `GET /` | the status page (`status_page`): polls `/status.json` and redraws |
+//! | `GET /status.json` | [`StatusReport`]: every count, and the messages-per-second series |
+//! | `GET /metrics` | the same counters in the Prometheus text format ([`crate::metrics`]) |
+//! | `GET /healthz` | `200 ok` when the store answers, `503` otherwise |
+//!
+//! None of them shows a username, address or secret — only counts.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
+use crate::metrics::{
+    ByKind, Exposition, FrameRejection, LoginOutcome, MetricType, RateSeries, ResumeOutcome,
+};
 use crate::server::Shared;
 use crate::store::{blocking, StoreCounts};
 
@@ -44,6 +52,19 @@ pub struct Stats {
     pub sessions_ended: AtomicU64,
     /// `Send` requests refused: the sender held its share of the queue.
     pub sender_share_refusals: AtomicU64,
+    /// Login, register and verify attempts refused by the per-source limit.
+    pub attempt_refusals: AtomicU64,
+    /// Password checks refused by the guessing limits (per account and
+    /// source, or per account).
+    pub guess_refusals: AtomicU64,
+    /// Connections closed for sending too many bad frames.
+    pub bad_frame_closes: AtomicU64,
+    /// Password logins by outcome.
+    pub logins: ByKind<LoginOutcome>,
+    /// Session resumes by outcome.
+    pub resumes: ByKind<ResumeOutcome>,
+    /// Request frames that could not be read, by reason.
+    pub rejected_frames: ByKind<FrameRejection>,
 }
 
 impl Default for Stats {
@@ -61,6 +82,12 @@ impl Default for Stats {
             quota_refusals: AtomicU64::new(0),
             sessions_ended: AtomicU64::new(0),
             sender_share_refusals: AtomicU64::new(0),
+            attempt_refusals: AtomicU64::new(0),
+            guess_refusals: AtomicU64::new(0),
+            bad_frame_closes: AtomicU64::new(0),
+            logins: ByKind::default(),
+            resumes: ByKind::default(),
+            rejected_frames: ByKind::default(),
         }
     }
 }
@@ -83,7 +110,9 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The numbers on the status page.
+/// The numbers on the status page, as `/status.json` serves them: every
+/// count is a top-level number, and the page shows each in the element
+/// whose `id` is its key.
 #[derive(Clone, Debug, Serialize)]
 pub struct StatusReport {
     /// Active accounts.
@@ -121,60 +150,113 @@ pub struct StatusReport {
     /// Connections closed since start because their session was revoked
     /// (a logout elsewhere) or expired.
     pub sessions_ended: u64,
+    /// Password logins that succeeded since start.
+    pub logins_ok: u64,
+    /// Password logins refused since start for wrong credentials or a
+    /// wrong signature.
+    pub logins_failed: u64,
+    /// Password logins refused since start by a rate limit.
+    pub logins_rate_limited: u64,
+    /// Session resumes refused since start.
+    pub resumes_failed: u64,
+    /// Attempts (login, register, verify) refused since start by the
+    /// per-source limit.
+    pub attempt_refusals: u64,
+    /// Password checks refused since start by the guessing limits.
+    pub password_guess_refusals: u64,
+    /// Request frames rejected since start: not a valid frame.
+    pub rejected_frames_malformed: u64,
+    /// Request frames rejected since start: over the size limit.
+    pub rejected_frames_oversized: u64,
+    /// Request frames rejected since start: another protocol version.
+    pub rejected_frames_unsupported_version: u64,
+    /// Request frames rejected since start: a request kind this relay does
+    /// not know.
+    pub rejected_frames_unknown: u64,
+    /// Connections closed since start for sending too many bad frames.
+    pub bad_frame_closes: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
+    /// Messages accepted and delivered per second over the last minutes.
+    pub chart: RateSeries,
 }
 
 /// Gather the current numbers.
 pub(crate) async fn report(shared: &Shared) -> Result<StatusReport, crate::store::StoreError> {
     let counts: StoreCounts = blocking(&shared.store, |s| s.counts()).await?;
+    Ok(report_with(shared, &counts))
+}
+
+fn report_with(shared: &Shared, counts: &StoreCounts) -> StatusReport {
     let stats = &shared.stats;
-    Ok(StatusReport {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    StatusReport {
         accounts: counts.accounts,
         pending_registrations: counts.pending_registrations,
         online_users: shared.hub.len() as u64,
-        open_connections: stats.open_connections.load(Ordering::Relaxed),
+        open_connections: load(&stats.open_connections),
         queued_messages: counts.queued_messages,
         queued_bytes: counts.queued_bytes,
-        messages_accepted: stats.accepted.load(Ordering::Relaxed),
-        messages_delivered: stats.delivered.load(Ordering::Relaxed),
+        messages_accepted: load(&stats.accepted),
+        messages_delivered: load(&stats.delivered),
         password_checks_in_use: shared.passwords.in_use() as u64,
-        busy_refusals: stats.busy_refusals.load(Ordering::Relaxed),
-        refused_connections_relay_full: stats.refused_relay_full.load(Ordering::Relaxed),
-        refused_connections_source_full: stats.refused_source_full.load(Ordering::Relaxed),
-        unauthenticated_timeouts: stats.login_timeouts.load(Ordering::Relaxed),
-        send_rate_refusals: stats.send_rate_refusals.load(Ordering::Relaxed),
-        quota_refusals: stats.quota_refusals.load(Ordering::Relaxed),
-        sender_share_refusals: stats.sender_share_refusals.load(Ordering::Relaxed),
-        sessions_ended: stats.sessions_ended.load(Ordering::Relaxed),
+        busy_refusals: load(&stats.busy_refusals),
+        refused_connections_relay_full: load(&stats.refused_relay_full),
+        refused_connections_source_full: load(&stats.refused_source_full),
+        unauthenticated_timeouts: load(&stats.login_timeouts),
+        send_rate_refusals: load(&stats.send_rate_refusals),
+        quota_refusals: load(&stats.quota_refusals),
+        sender_share_refusals: load(&stats.sender_share_refusals),
+        sessions_ended: load(&stats.sessions_ended),
+        logins_ok: stats.logins.get(LoginOutcome::Ok),
+        logins_failed: stats.logins.get(LoginOutcome::BadCredentials)
+            + stats.logins.get(LoginOutcome::BadSignature),
+        logins_rate_limited: stats.logins.get(LoginOutcome::RateLimited),
+        resumes_failed: ResumeOutcome::ALL_FAILED
+            .iter()
+            .map(|k| stats.resumes.get(*k))
+            .sum(),
+        attempt_refusals: load(&stats.attempt_refusals),
+        password_guess_refusals: load(&stats.guess_refusals),
+        rejected_frames_malformed: stats.rejected_frames.get(FrameRejection::Malformed),
+        rejected_frames_oversized: stats.rejected_frames.get(FrameRejection::Oversized),
+        rejected_frames_unsupported_version: stats
+            .rejected_frames
+            .get(FrameRejection::UnsupportedVersion),
+        rejected_frames_unknown: stats.rejected_frames.get(FrameRejection::Unknown),
+        bad_frame_closes: load(&stats.bad_frame_closes),
         uptime_secs: stats.started.elapsed().as_secs(),
-    })
+        chart: shared.rates.series(),
+    }
 }
 
-/// The status page routes.
+/// The listener's routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(html))
         .route("/status.json", get(json))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .with_state(shared)
 }
 
 fn unavailable(e: crate::store::StoreError) -> Response {
     tracing::warn!(error = %e, "status page: cannot read the store");
-    (
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "status unavailable\n",
-    )
-        .into_response()
+    (StatusCode::SERVICE_UNAVAILABLE, "status unavailable\n").into_response()
 }
+
+/// Answers that hold live numbers are never cached.
+const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
 
 async fn json(State(shared): State<Arc<Shared>>) -> Response {
     match report(&shared).await {
         Ok(r) => match serde_json::to_string_pretty(&r) {
-            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Ok(body) => {
+                ([(header::CONTENT_TYPE, "application/json"), NO_STORE], body).into_response()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "status page: cannot encode");
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
             }
         },
         Err(e) => unavailable(e),
@@ -182,112 +264,198 @@ async fn json(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn html(State(shared): State<Arc<Shared>>) -> Response {
-    let r = match report(&shared).await {
-        Ok(r) => r,
-        Err(e) => return unavailable(e),
-    };
-    // Each value cell's id is its key in /status.json, so scripts and the
-    // browser test find a count without reading labels.
-    let rows = [
-        ("accounts", "Accounts", r.accounts.to_string()),
-        (
-            "pending_registrations",
-            "Pending registrations",
-            r.pending_registrations.to_string(),
-        ),
-        ("online_users", "Online users", r.online_users.to_string()),
-        (
-            "open_connections",
-            "Open connections",
-            r.open_connections.to_string(),
-        ),
-        (
-            "queued_messages",
-            "Queued messages",
-            r.queued_messages.to_string(),
-        ),
-        ("queued_bytes", "Queued bytes", r.queued_bytes.to_string()),
-        (
-            "messages_accepted",
-            "Messages accepted since start",
-            r.messages_accepted.to_string(),
-        ),
-        (
-            "messages_delivered",
-            "Messages delivered since start",
-            r.messages_delivered.to_string(),
-        ),
-        (
-            "password_checks_in_use",
-            "Password checks running or waiting",
-            r.password_checks_in_use.to_string(),
-        ),
-        (
-            "busy_refusals",
-            "Refused since start: relay busy (password checks)",
-            r.busy_refusals.to_string(),
-        ),
-        (
-            "refused_connections_relay_full",
-            "Refused since start: relay at its connection limit",
-            r.refused_connections_relay_full.to_string(),
-        ),
-        (
-            "refused_connections_source_full",
-            "Refused since start: too many connections from one source",
-            r.refused_connections_source_full.to_string(),
-        ),
-        (
-            "unauthenticated_timeouts",
-            "Closed since start: no login in time",
-            r.unauthenticated_timeouts.to_string(),
-        ),
-        (
-            "send_rate_refusals",
-            "Refused since start: sending too fast",
-            r.send_rate_refusals.to_string(),
-        ),
-        (
-            "quota_refusals",
-            "Refused since start: recipient's queue full",
-            r.quota_refusals.to_string(),
-        ),
-        (
-            "sender_share_refusals",
-            "Refused since start: sender's share of a queue full",
-            r.sender_share_refusals.to_string(),
-        ),
-        (
-            "sessions_ended",
-            "Closed since start: session revoked or expired",
-            r.sessions_ended.to_string(),
-        ),
-        ("uptime_secs", "Uptime", uptime(r.uptime_secs)),
-    ];
-    let mut table = String::new();
-    for (id, name, value) in rows {
-        table.push_str(&format!(
-            "<tr><th>{name}</th><td id=\"{id}\">{value}</td></tr>\n"
-        ));
+    match report(&shared).await {
+        Ok(r) => crate::status_page::render(&r),
+        Err(e) => unavailable(e),
     }
-    Html(format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"5\">\
-         <title>securechat relay</title>\
-         <style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:2em}}\
-         td{{text-align:right;font-variant-numeric:tabular-nums}}</style></head>\n\
-         <body><h1>securechat relay</h1>\n<table>\n{table}</table>\n\
-         <p>Refreshes every 5 seconds. Machine-readable: <a href=\"/status.json\">/status.json</a></p>\
-         </body></html>\n"
-    ))
-    .into_response()
 }
 
-fn uptime(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    if d > 0 {
-        format!("{d}d {h:02}h {m:02}m")
-    } else {
-        format!("{h:02}:{m:02}:{s:02}")
+/// How long `/healthz` waits for the store.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let answered =
+        tokio::time::timeout(HEALTH_TIMEOUT, blocking(&shared.store, |s| s.counts())).await;
+    match answered {
+        Ok(Ok(_)) => (StatusCode::OK, [NO_STORE], "ok\n").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: the store failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [NO_STORE],
+                "store failed\n",
+            )
+                .into_response()
+        }
+        Err(_) => {
+            tracing::warn!("health check: the store did not answer in time");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [NO_STORE],
+                "store not answering\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    // A failing store still leaves the relay's own counters worth scraping;
+    // `securechat_relay_store_up` says which case this is.
+    let counts = blocking(&shared.store, |s| s.counts()).await;
+    if let Err(e) = &counts {
+        tracing::warn!(error = %e, "metrics: cannot read the store");
+    }
+    let body = exposition(&shared, counts.as_ref().ok());
+    (
+        [
+            (header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE),
+            NO_STORE,
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Every metric as exposition text; the store's gauges only if `counts`.
+fn exposition(shared: &Shared, counts: Option<&StoreCounts>) -> String {
+    use MetricType::{Counter, Gauge};
+    let stats = &shared.stats;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut e = Exposition::default();
+    e.single(
+        "securechat_relay_store_up",
+        Gauge,
+        "1 if the store answered this scrape, 0 if not (the store gauges are then missing).",
+        u64::from(counts.is_some()),
+    );
+    e.single(
+        "securechat_relay_open_connections",
+        Gauge,
+        "QUIC connections open now.",
+        load(&stats.open_connections),
+    );
+    e.single(
+        "securechat_relay_online_users",
+        Gauge,
+        "Users with a logged-in connection now.",
+        shared.hub.len() as u64,
+    );
+    e.single(
+        "securechat_relay_password_checks_in_use",
+        Gauge,
+        "Password checks (argon2) running or waiting now.",
+        shared.passwords.in_use() as u64,
+    );
+    if let Some(c) = counts {
+        e.single(
+            "securechat_relay_accounts",
+            Gauge,
+            "Active accounts.",
+            c.accounts,
+        );
+        e.single(
+            "securechat_relay_pending_registrations",
+            Gauge,
+            "Registrations waiting for their emailed code.",
+            c.pending_registrations,
+        );
+        e.single(
+            "securechat_relay_queued_messages",
+            Gauge,
+            "Messages waiting in all queues.",
+            c.queued_messages,
+        );
+        e.single(
+            "securechat_relay_queued_bytes",
+            Gauge,
+            "Envelope bytes waiting in all queues.",
+            c.queued_bytes,
+        );
+    }
+    e.single(
+        "securechat_relay_messages_accepted_total",
+        Counter,
+        "Messages accepted (durably stored, duplicates not counted) since start.",
+        load(&stats.accepted),
+    );
+    e.single(
+        "securechat_relay_messages_delivered_total",
+        Counter,
+        "Messages delivered (acknowledged by their recipient) since start.",
+        load(&stats.delivered),
+    );
+    e.labelled(
+        "securechat_relay_logins_total",
+        "Password logins since start, by outcome.",
+        "outcome",
+        &stats.logins.snapshot(),
+    );
+    e.labelled(
+        "securechat_relay_resumes_total",
+        "Session resumes since start, by outcome.",
+        "outcome",
+        &stats.resumes.snapshot(),
+    );
+    e.labelled(
+        "securechat_relay_rejected_frames_total",
+        "Request frames that could not be read since start, by reason.",
+        "reason",
+        &stats.rejected_frames.snapshot(),
+    );
+    e.labelled(
+        "securechat_relay_refusals_total",
+        "Requests and connections refused by a limit since start, by limit.",
+        "limit",
+        &[
+            ("source_attempts", load(&stats.attempt_refusals)),
+            ("password_guesses", load(&stats.guess_refusals)),
+            ("busy", load(&stats.busy_refusals)),
+            ("relay_connections", load(&stats.refused_relay_full)),
+            ("source_connections", load(&stats.refused_source_full)),
+            ("send_rate", load(&stats.send_rate_refusals)),
+            ("quota", load(&stats.quota_refusals)),
+            ("sender_share", load(&stats.sender_share_refusals)),
+        ],
+    );
+    e.labelled(
+        "securechat_relay_connections_closed_total",
+        "Connections the relay closed since start, by reason.",
+        "reason",
+        &[
+            ("login_timeout", load(&stats.login_timeouts)),
+            ("session_ended", load(&stats.sessions_ended)),
+            ("bad_frames", load(&stats.bad_frame_closes)),
+        ],
+    );
+    e.histogram(
+        "securechat_relay_commit_duration_seconds",
+        "Time of each durable group commit of sends and acks (transaction and fsync).",
+        &shared.commit_latency.snapshot(),
+    );
+    e.single(
+        "securechat_relay_uptime_seconds",
+        Gauge,
+        "Seconds since the relay started.",
+        stats.started.elapsed().as_secs(),
+    );
+    e.finish()
+}
+
+/// Sample the accepted and delivered totals into the status page's rate
+/// history, once per interval, until `stop`.
+pub(crate) async fn sample_rates(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(shared.rates.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stats = &shared.stats;
+        shared.rates.sample(
+            stats.accepted.load(Ordering::Relaxed),
+            stats.delivered.load(Ordering::Relaxed),
+        );
     }
 }

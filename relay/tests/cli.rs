@@ -20,6 +20,8 @@ fn help_documents_the_flags_and_defaults() {
         "--listen",
         "--status-listen",
         "--smtp-url",
+        "--smtp-url-file",
+        "SECURECHAT_SMTP_URL",
         "--mail-from",
         "--cert",
         "--key",
@@ -33,6 +35,13 @@ fn help_documents_the_flags_and_defaults() {
         "--sends-per-minute",
         "--argon2-workers",
         "--argon2-queue",
+        "--code-ttl",
+        "Default: 10m",
+        "--session-ttl",
+        "Default: 30d",
+        "--log-level",
+        "Default: info",
+        "RUST_LOG",
         "fingerprint",
         "127.0.0.1:7443",
     ] {
@@ -124,36 +133,68 @@ fn bad_config_is_a_clear_error() {
 }
 
 #[test]
-fn limits_that_would_refuse_everyone_are_refused_at_start() {
+fn nonsense_settings_are_refused_at_start_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();
-    for (flag, value, says) in [
+    let data = dir.path().join("data");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--retention", "0"], "--retention"),
+        (&["--retention", "0s"], "--retention"),
+        (&["--retention", "200y"], "--retention"),
+        (&["--retention", "soon"], "--retention"),
+        (&["--quota-messages", "0"], "--quota-messages"),
+        (&["--quota-bytes", "0"], "--quota-bytes"),
+        (&["--session-ttl", "0"], "--session-ttl"),
+        (&["--code-ttl", "0"], "--code-ttl"),
+        (&["--code-ttl", "ten minutes"], "--code-ttl"),
+        (&["--max-connections", "0"], "--max-connections"),
         (
-            "--max-connections",
-            "0",
-            "max_connections must be at least 1",
+            &["--max-connections-per-source", "0"],
+            "--max-connections-per-source",
         ),
         (
-            "--sends-per-minute",
-            "0",
-            "sends_per_minute must be at least 1",
-        ),
-        ("--argon2-workers", "0", "argon2_workers must be at least 1"),
-        ("--sender-share-percent", "0", "1..=100"),
-        (
+            &["--unauthenticated-timeout", "0"],
             "--unauthenticated-timeout",
-            "soon",
-            "unauthenticated_timeout",
         ),
-    ] {
+        (
+            &["--unauthenticated-timeout", "soon"],
+            "--unauthenticated-timeout",
+        ),
+        (&["--sender-share-percent", "0"], "--sender-share-percent"),
+        (&["--sender-share-percent", "101"], "--sender-share-percent"),
+        (&["--sends-per-minute", "0"], "--sends-per-minute"),
+        (&["--argon2-workers", "0"], "--argon2-workers"),
+        (&["--log-level", "loud=="], "--log-level"),
+    ];
+    for (args, flag) in cases {
         let out = Command::new(RELAY)
-            .args([flag, value])
+            .args(*args)
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(&data)
             .arg("fingerprint")
+            .env_remove("RUST_LOG")
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{flag} {value} was taken");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+        assert!(!out.status.success(), "{args:?} was taken");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!data.exists(), "{args:?} made the data directory");
     }
+
+    // The same from the config file names its key.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "quota_messages = 0\n").unwrap();
+    let out = Command::new(RELAY)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("fingerprint")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`quota_messages` in the config file") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
 }

@@ -320,6 +320,9 @@ fn limit_guesses(
     let now = shared.config.clock.now();
     limiter
         .begin(username, state.source, now)
+        .inspect_err(|_| {
+            shared.stats.guess_refusals.fetch_add(1, Ordering::Relaxed);
+        })
         .map_err(|refusal| match refusal {
             Refusal::Pair { retry_after } => fail(
                 ErrorCode::RateLimited,
@@ -348,11 +351,6 @@ pub(crate) fn loggable(username: &str) -> &str {
     } else {
         "<invalid username>"
     }
-}
-
-fn failed(username: &str, reply: ErrorReply) -> ErrorReply {
-    tracing::info!(username = loggable(username), code = ?reply.code, "login refused");
-    reply
 }
 
 /// The one answer for an unknown user, a wrong password and a wrong or used
@@ -385,7 +383,7 @@ fn check_account_signature(
     let key = PublicKey::from_der(stored_key).map_err(|e| internal("stored key invalid", e))?;
     let transcript = login_transcript(purpose, username, nonce, binding);
     key.verify(&transcript, signature)
-        .map_err(|_| failed(username, bad_signature()))
+        .map_err(|_| bad_signature())
 }
 
 pub(super) async fn login(
@@ -428,7 +426,7 @@ pub(super) async fn login(
     .await?;
     let account = match account {
         Some(account) if password_ok => account,
-        _ => return Err(failed(&username, wrong_credentials())),
+        _ => return Err(wrong_credentials()),
     };
 
     // A wrong or used code gets the wrong password's answer: telling them
@@ -438,7 +436,7 @@ pub(super) async fn login(
     let step = check_totp(&generator, totp_code.trim(), shared.config.clock.unix_now())
         .filter(|step| last_step.is_none_or(|last| *step > last));
     let Some(step) = step else {
-        return Err(failed(&username, wrong_credentials()));
+        return Err(wrong_credentials());
     };
 
     check_account_signature(
@@ -457,7 +455,7 @@ pub(super) async fn login(
         .await
         .map_err(|e| internal("recording the TOTP step failed", e))?;
     if !fresh {
-        return Err(failed(&username, wrong_credentials()));
+        return Err(wrong_credentials());
     }
 
     let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;
@@ -545,7 +543,7 @@ pub(super) async fn resume(
         )
     };
     if validate_username(&username).is_err() {
-        return Err(failed(&username, session_gone()));
+        return Err(session_gone());
     }
     let (nonce, binding) = take_challenge(state, &username)?;
     let token_hash = sha256(&token);
@@ -564,7 +562,7 @@ pub(super) async fn resume(
         {
             (session, account)
         }
-        _ => return Err(failed(&username, session_gone())),
+        _ => return Err(session_gone()),
     };
     check_account_signature(
         &account.public_key,

@@ -2,12 +2,15 @@
 //! [`Response`] or a typed [`ErrorReply`].
 //!
 //! * [`account`] — register, verify, challenge, login, resume, logout, publish key;
-//! * [`messages`] — directory lookup, online list, send, ack.
+//! * [`messages`] — directory lookup, online list, send, ack;
+//! * [`audit`] — counts of login and resume outcomes, and the log line a
+//!   failed login leaves for fail2ban.
 //!
 //! Internal failures are logged with their cause and answered with a bare
 //! `Internal` error: the client learns nothing about the relay's insides.
 
 mod account;
+mod audit;
 mod messages;
 
 pub(crate) use account::loggable;
@@ -34,6 +37,11 @@ pub(crate) async fn dispatch(
     // A registration step that succeeds gives a connection without a login
     // its full time again: mail takes a while to arrive.
     let registration_step = matches!(request, Request::Register { .. } | Request::Verify { .. });
+    let attempt = match &request {
+        Request::Login { username, .. } => Some((audit::Attempt::Login, username.clone())),
+        Request::Resume { username, .. } => Some((audit::Attempt::Resume, username.clone())),
+        _ => None,
+    };
     let result = match request {
         Request::Register {
             username,
@@ -74,6 +82,9 @@ pub(crate) async fn dispatch(
     if registration_step && result.is_ok() {
         state.restart_login_time();
     }
+    if let Some((attempt, username)) = attempt {
+        audit::record(shared, state, attempt, &username, &result);
+    }
     result.unwrap_or_else(Response::Error)
 }
 
@@ -107,6 +118,10 @@ pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), Error
         .source_limiter
         .try_acquire(&state.source, shared.config.clock.now())
         .map_err(|wait| {
+            shared
+                .stats
+                .attempt_refusals
+                .fetch_add(1, Ordering::Relaxed);
             fail(
                 ErrorCode::RateLimited,
                 format!(

@@ -15,6 +15,10 @@
 //! arrives: nothing waits on a timer for company, so an idle relay answers
 //! as fast as one transaction per request.
 //!
+//! Each commit's duration (the transaction and its fsync, on the blocking
+//! pool) is recorded in [`WriterTask::commit_latency`], the histogram
+//! behind `/metrics`.
+//!
 //! A request is answered only after its batch has committed. If the commit
 //! fails, every request in the batch gets the error
 //! ([`StoreError::Batch`]): nothing is acknowledged that is not durable.
@@ -29,6 +33,8 @@ use std::sync::Arc;
 use securechat_common::MessageId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Histogram, COMMIT_BUCKETS};
 
 use super::{blocking, EnqueueOutcome, QueueLimits, QueueOp, QueueOutcome, Store, StoreError};
 
@@ -57,6 +63,7 @@ pub struct WriterTask {
     store: Arc<dyn Store>,
     jobs: mpsc::Receiver<Job>,
     limits: QueueLimits,
+    commit_latency: Arc<Histogram>,
 }
 
 impl std::fmt::Debug for WriterTask {
@@ -77,6 +84,7 @@ pub fn queue_writer(store: Arc<dyn Store>, limits: QueueLimits) -> (QueueWriter,
             store,
             jobs: rx,
             limits,
+            commit_latency: Arc::new(Histogram::new(&COMMIT_BUCKETS)),
         },
     )
 }
@@ -136,6 +144,12 @@ fn mismatch(what: &str, outcome: QueueOutcome) -> StoreError {
 }
 
 impl WriterTask {
+    /// How long each batch took to commit durably; shared with whoever
+    /// reports it.
+    pub fn commit_latency(&self) -> Arc<Histogram> {
+        Arc::clone(&self.commit_latency)
+    }
+
     /// Commit batches until `stop` is cancelled, then refuse new requests,
     /// commit the ones already queued and return.
     pub async fn run(mut self, stop: CancellationToken) {
@@ -189,7 +203,9 @@ impl WriterTask {
         let (ops, replies): (Vec<QueueOp>, Vec<_>) =
             batch.into_iter().map(|job| (job.op, job.reply)).unzip();
         let limits = self.limits;
+        let started = std::time::Instant::now();
         let result = blocking(&self.store, move |s| s.write_queue_batch(&ops, limits)).await;
+        self.commit_latency.observe(started.elapsed());
         let result = result.and_then(|outcomes| {
             if outcomes.len() == count {
                 Ok(outcomes)
