@@ -177,14 +177,7 @@ fn the_smtp_url_from_a_private_file_is_used_and_an_open_file_is_refused() {
     // Open to others: refused, naming the flag and the fix; nothing made.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let data = dir.path().join("data");
-    let out = Command::new(RELAY)
-        .arg("--smtp-url-file")
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("fingerprint")
-        .output()
-        .unwrap();
+    let out = fingerprint_with_url_file(&file, &data);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -211,14 +204,7 @@ fn the_smtp_url_from_a_private_file_is_used_and_an_open_file_is_refused() {
 
     // Empty: refused.
     std::fs::write(&file, "\n").unwrap();
-    let out = Command::new(RELAY)
-        .arg("--smtp-url-file")
-        .arg(&file)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("fingerprint")
-        .output()
-        .unwrap();
+    let out = fingerprint_with_url_file(&file, &data);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
 }
@@ -317,4 +303,17 @@ async fn a_failed_login_leaves_a_fail2ban_line_with_its_source_address() {
         2,
         "{all:#?}"
     );
+}
+
+/// `relay fingerprint` with `--smtp-url-file`: the settings are checked before
+/// anything else, so a bad file is refused without starting a relay.
+fn fingerprint_with_url_file(file: &Path, data: &Path) -> std::process::Output {
+    Command::new(RELAY)
+        .arg("--smtp-url-file")
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("fingerprint")
+        .output()
+        .unwrap()
 }
