@@ -525,7 +525,7 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
     for env in agent.store.held_from(&user)? {
         match open_any(&env, &me, &keys, &key) {
             Ok(body) => {
-                if deliver(agent, &keys, &env, &body, &key, None)? == AckOutcome::Stored {
+                if deliver(agent, &keys, &me, &env, &body, &key, None)? == AckOutcome::Stored {
                     released += 1;
                 }
             }

@@ -26,7 +26,7 @@
 use std::sync::Arc;
 
 use securechat_common::crypto::CryptoError;
-use securechat_common::envelope::{open, Envelope};
+use securechat_common::envelope::{open, Envelope, Kind};
 use securechat_common::ipc::InboxMessage;
 use securechat_common::limits::validate_username;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request};
@@ -90,12 +90,14 @@ pub(crate) fn open_any(
 pub(crate) fn deliver(
     agent: &Agent,
     keys: &ReadyKeys,
+    me: &str,
     env: &Envelope,
     body: &[u8],
     signer: &PublicKey,
     relay_ms: Option<u64>,
 ) -> Result<AckOutcome, crate::store::StoreError> {
     let now = now_ms();
+    let seq = env.slot(me).map_or(0, |s| s.seq);
     // The relay's clock is shown beside the sender's, never trusted to
     // excuse it: a receive time from the future is dropped.
     let relay_ms = relay_ms.filter(|&t| t <= now.saturating_add(MAX_FUTURE_MS));
@@ -117,7 +119,8 @@ pub(crate) fn deliver(
         received_ms: now,
         text: String::from_utf8_lossy(body).into_owned(),
         read: false,
-        seq: env.seq,
+        seq,
+        broadcast: env.kind == Kind::Broadcast,
         missing_before: 0,
         late: false,
     };
@@ -129,7 +132,7 @@ pub(crate) fn deliver(
                     "{} message(s) from {} before number {} are missing",
                     msg.missing_before,
                     env.sender,
-                    env.seq
+                    seq
                 );
             }
             tracing::info!("message {} from {} stored", env.id, env.sender);
@@ -142,7 +145,7 @@ pub(crate) fn deliver(
                 "message {} from {} reuses number {}: replay refused",
                 env.id,
                 env.sender,
-                env.seq
+                seq
             );
             Ok(AckOutcome::Rejected)
         }
@@ -190,8 +193,9 @@ async fn decide(
     if let Err(e) = validate_username(&env.sender) {
         return Ok(reject(agent, &env, &format!("invalid sender name: {e}")));
     }
-    if env.recipient != me {
-        let why = format!("addressed to {:?}, not to us", env.recipient);
+    if env.slot(&me).is_none() {
+        let names: Vec<&str> = env.recipients().collect();
+        let why = format!("addressed to {names:?}, not to us");
         return Ok(reject(agent, &env, &why));
     }
     let pinned = match agent.store.pin(&env.sender) {
@@ -221,7 +225,7 @@ async fn decide(
         }
     };
     match open_any(&env, &me, &keys, &pinned) {
-        Ok(body) => match deliver(agent, &keys, &env, &body, &pinned, Some(relay_ms)) {
+        Ok(body) => match deliver(agent, &keys, &me, &env, &body, &pinned, Some(relay_ms)) {
             Ok(outcome) => Ok(Some(outcome)),
             Err(e) => {
                 tracing::error!("store: {e}");

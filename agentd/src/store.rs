@@ -528,7 +528,7 @@ impl Store {
                 out.push(env);
             }
         }
-        out.sort_by_key(|e| e.seq);
+        out.sort_by_key(|e| e.slots.iter().map(|s| s.seq).min());
         Ok(out)
     }
 
@@ -655,6 +655,7 @@ mod tests {
             seq,
             missing_before: 0,
             late: false,
+            broadcast: false,
         }
     }
 

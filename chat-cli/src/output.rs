@@ -365,6 +365,7 @@ mod tests {
             seq: 1,
             missing_before: 2,
             late: true,
+            broadcast: false,
         };
         let shown = message(&m);
         assert!(

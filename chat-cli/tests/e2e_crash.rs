@@ -185,7 +185,7 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
         "committed but not acked",
         now_ms,
     );
-    let seq = envelope.seq;
+    let seq = envelope.slots[0].seq;
     {
         let store = securechat_agentd::store::Store::open(&w.bob.home.join("agent.redb")).unwrap();
         let inbox_key =
@@ -201,6 +201,7 @@ fn redelivery_after_a_kill_between_inbox_commit_and_ack_is_shown_once() {
             seq,
             missing_before: 0,
             late: false,
+            broadcast: false,
         };
         let delivered = store
             .deliver(

@@ -41,8 +41,9 @@ use crate::protocol::ErrorCode;
 
 /// Version of this local protocol; the first request ([`IpcRequest::Hello`])
 /// carries it and agentd refuses any other. Version 3 added the cancellable
-/// `Send` (answered `Accepted` first), `Cancel` and `Doctor`.
-pub const IPC_VERSION: u32 = 3;
+/// `Send` (answered `Accepted` first), `Cancel` and `Doctor`; version 4
+/// `History`, `Contacts`, `Events` and the broadcast flag on messages.
+pub const IPC_VERSION: u32 = 4;
 
 /// Longest JSON line either side accepts, newline included.
 ///
@@ -114,7 +115,8 @@ pub enum IpcRequest {
     /// Facts for `chat-cli doctor`: how the relay's certificate is trusted,
     /// a refusal of it, and the relay's clock against ours.
     Doctor,
-    /// Send one message to every other user online now (sealed for each).
+    /// Send one message to every other registered user (sealed once, its
+    /// key wrapped for each); offline users get it when they come back.
     Broadcast {
         /// Message text.
         text: String,
@@ -181,6 +183,25 @@ pub enum IpcRequest {
         /// Only messages from this user.
         from: Option<String>,
     },
+    /// A conversation both ways, oldest first: one `Entry` line per
+    /// message, then `End`. Nothing is marked read.
+    History {
+        /// The contact; `None` for the room (broadcasts sent and received).
+        with: Option<String>,
+        /// The newest this many.
+        limit: u32,
+    },
+    /// Every contact with a pinned key: one `Contact` line each, then `End`.
+    Contacts,
+    /// Follow agentd's event journal: answered `Events { head }`, then one
+    /// `Event` line per event after `after` (the cursor of the last event
+    /// the client has; `None` for only what happens from now on), old ones
+    /// first, then new ones as they happen, until the client hangs up.
+    Events {
+        /// Resume after this cursor.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
 }
 
 impl std::fmt::Debug for IpcRequest {
@@ -220,6 +241,11 @@ impl std::fmt::Debug for IpcRequest {
             IpcRequest::Watch { from } => return write!(f, "Watch {{ from: {from:?} }}"),
             IpcRequest::Cancel => "Cancel",
             IpcRequest::Doctor => "Doctor",
+            IpcRequest::History { with, limit } => {
+                return write!(f, "History {{ with: {with:?}, limit: {limit} }}")
+            }
+            IpcRequest::Contacts => "Contacts",
+            IpcRequest::Events { after } => return write!(f, "Events {{ after: {after:?} }}"),
         };
         f.write_str(name)
     }
@@ -329,6 +355,195 @@ pub enum IpcResponse {
     },
     /// Answer to `Doctor`.
     Doctor(Box<DoctorInfo>),
+    /// One message of a conversation, in the answer to `History`.
+    Entry(HistoryEntry),
+    /// One contact, in the answer to `Contacts`.
+    Contact(ContactInfo),
+    /// The start of an `Events` stream: the journal's newest cursor now.
+    Events {
+        /// Cursor of the newest event in the journal (0: none yet).
+        head: u64,
+    },
+    /// One event of an `Events` stream.
+    Event(EventRecord),
+}
+
+/// Where a sent message stands for one recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeliveryState {
+    /// Handed to the relay; no answer yet (or agentd stopped before it came).
+    Sending,
+    /// The relay has stored it for the recipient.
+    Queued,
+    /// The recipient's agent has stored it (a signed receipt came back).
+    Delivered,
+    /// Not sent: refused, or failed before the relay took it.
+    Failed,
+    /// It waited on the relay for the whole retention time and was removed
+    /// undelivered.
+    Expired,
+}
+
+impl DeliveryState {
+    /// The word shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Sending => "sending",
+            DeliveryState::Queued => "queued",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Expired => "expired",
+        }
+    }
+}
+
+/// One recipient of a sent message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientState {
+    /// The recipient.
+    pub user: String,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// When it got there, Unix milliseconds.
+    pub at_ms: u64,
+    /// Why, for `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A message this agent sent, as kept in its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentMessage {
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// Sent to everyone.
+    pub broadcast: bool,
+    /// The text.
+    pub text: String,
+    /// When it was sealed, Unix milliseconds.
+    pub sent_ms: u64,
+    /// Each recipient and where the message stands for them.
+    pub recipients: Vec<RecipientState>,
+}
+
+impl SentMessage {
+    /// The least advanced state over all recipients (a broadcast counts as
+    /// delivered once everyone has it).
+    pub fn state(&self) -> DeliveryState {
+        let rank = |s: DeliveryState| match s {
+            DeliveryState::Failed => 0,
+            DeliveryState::Expired => 1,
+            DeliveryState::Sending => 2,
+            DeliveryState::Queued => 3,
+            DeliveryState::Delivered => 4,
+        };
+        self.recipients
+            .iter()
+            .map(|r| r.state)
+            .min_by_key(|s| rank(*s))
+            .unwrap_or(DeliveryState::Sending)
+    }
+}
+
+/// One message in a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "direction", rename_all = "snake_case")]
+pub enum HistoryEntry {
+    /// Received.
+    In(InboxMessage),
+    /// Sent by us.
+    Out(SentMessage),
+}
+
+impl HistoryEntry {
+    /// When it was written, by its sender's clock (Unix milliseconds).
+    pub fn sent_ms(&self) -> u64 {
+        match self {
+            HistoryEntry::In(m) => m.sent_ms,
+            HistoryEntry::Out(m) => m.sent_ms,
+        }
+    }
+}
+
+/// How far a contact's pinned key is trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TrustState {
+    /// Pinned on first use, never compared out of band.
+    FirstUse,
+    /// Pinned with `chat-cli trust` after comparing fingerprints.
+    Verified,
+    /// Messages are held because a different key signed them: the contact
+    /// rotated their key, or someone pretends to be them.
+    Changed,
+}
+
+/// A contact whose key agentd has pinned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactInfo {
+    /// The contact.
+    pub user: String,
+    /// Fingerprint of the pinned key.
+    pub fingerprint: String,
+    /// How far it is trusted.
+    pub trust: TrustState,
+    /// Messages held from them (see `held`).
+    pub held: u64,
+    /// The last time they were seen: a message from them, or online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
+}
+
+/// Something that happened, as the `Events` stream reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// A message arrived and is in the inbox.
+    Message(InboxMessage),
+    /// `from` has stored our message `id` (a signed receipt).
+    Receipt {
+        /// Our message.
+        id: String,
+        /// The recipient who stored it.
+        from: String,
+        /// When agentd took the receipt, Unix milliseconds.
+        at_ms: u64,
+    },
+    /// Our message `id` to `to` waited on the relay for its whole retention
+    /// time and was removed undelivered.
+    Expired {
+        /// Our message.
+        id: String,
+        /// Its recipient.
+        to: String,
+        /// When agentd heard of it, Unix milliseconds.
+        at_ms: u64,
+    },
+    /// A user came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now.
+        online: bool,
+        /// When agentd heard of it, Unix milliseconds.
+        at_ms: u64,
+    },
+}
+
+/// An [`Event`] with its place in agentd's journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Grows by one per event and survives agentd restarts: resume an
+    /// `Events` stream after the last cursor seen, and nothing is lost or
+    /// repeated.
+    pub cursor: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
 }
 
 /// What agentd knows for `chat-cli doctor` beyond its `Status`.
@@ -437,6 +652,9 @@ pub struct InboxMessage {
     /// delayed by the relay).
     #[serde(default)]
     pub late: bool,
+    /// The sender sent it to everyone (signed: the relay cannot change it).
+    #[serde(default)]
+    pub broadcast: bool,
 }
 
 /// How far the sender's clock may be from the relay's before a message shows
@@ -797,6 +1015,7 @@ mod tests {
             seq: u64::MAX,
             missing_before: u64::MAX,
             late: true,
+            broadcast: true,
         };
         let line = encode_line(&IpcResponse::Message(msg)).unwrap();
         assert!(line.len() > 6 * MAX_MESSAGE_LEN);

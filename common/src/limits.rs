@@ -13,6 +13,15 @@ pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
 /// Largest envelope ciphertext: the body plus the AEAD tag.
 pub const MAX_CIPHERTEXT_LEN: usize = MAX_MESSAGE_LEN + 16;
 
+/// Most recipients one envelope is sealed for; a broadcast to more users
+/// is sealed once per group of this many. Bounds the envelope (each slot
+/// carries a wrapped key of up to [`MAX_RSA_OUTPUT_LEN`] bytes) well below
+/// [`MAX_FRAME_LEN`].
+pub const MAX_RECIPIENTS: usize = 256;
+
+/// Most message ids one delivery receipt names.
+pub const MAX_RECEIPT_IDS: usize = 1024;
+
 /// Largest RSA output (wrapped key or signature): a 4096-bit modulus.
 pub const MAX_RSA_OUTPUT_LEN: usize = 512;
 

@@ -43,7 +43,7 @@ use zeroize::Zeroizing;
 use crate::envelope::{Envelope, MessageId};
 
 /// Version of this protocol; every frame carries it and a mismatch is refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The TLS ALPN identifier of this protocol version.
 pub const ALPN: &[u8] = b"securechat/1";
@@ -134,7 +134,16 @@ pub enum Request {
     /// Added after version 2 was fixed, as the last variant: a relay that
     /// predates it answers `BadRequest`.
     Time,
+    /// A page of the user directory, in name order, after `after`: what
+    /// a broadcast is sealed for. Needs a login.
+    Directory {
+        /// The last name of the previous page; `None` for the first.
+        after: Option<String>,
+    },
 }
+
+/// Most entries in one [`Response::Directory`] page.
+pub const DIRECTORY_PAGE: usize = 128;
 
 /// What the recipient did with a pushed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,7 +188,8 @@ impl std::fmt::Debug for Request {
             Request::Send { envelope } => f
                 .debug_struct("Send")
                 .field("id", &envelope.id)
-                .field("recipient", &envelope.recipient)
+                .field("kind", &envelope.kind)
+                .field("recipients", &envelope.recipient_count())
                 .finish_non_exhaustive(),
             Request::Ack { id, outcome } => f
                 .debug_struct("Ack")
@@ -188,6 +198,9 @@ impl std::fmt::Debug for Request {
                 .finish(),
             Request::Online => f.write_str("Online"),
             Request::Time => f.write_str("Time"),
+            Request::Directory { after } => {
+                f.debug_struct("Directory").field("after", after).finish()
+            }
         }
     }
 }
@@ -252,6 +265,42 @@ pub enum Response {
         /// Unix milliseconds when the relay answered.
         unix_ms: u64,
     },
+    /// A page of the directory (answer to [`Request::Directory`]).
+    Directory {
+        /// At most [`DIRECTORY_PAGE`] users, in name order.
+        users: Vec<DirectoryEntry>,
+        /// More users follow: ask again with the last name as `after`.
+        more: bool,
+    },
+    /// Answer to a `Send` of an envelope with several recipients: it was
+    /// split into one copy per recipient, each queued (or refused) on its
+    /// own, all in one durable commit.
+    Fanout {
+        /// The envelope's id.
+        id: MessageId,
+        /// Recipients it is queued for now (duplicates included).
+        stored: Vec<String>,
+        /// Recipients it was refused for, with why.
+        refused: Vec<Refusal>,
+    },
+}
+
+/// One user in the directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryEntry {
+    /// Account name.
+    pub username: String,
+    /// SubjectPublicKeyInfo DER.
+    pub public_key: Vec<u8>,
+}
+
+/// A recipient a [`Response::Fanout`] did not queue for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The recipient.
+    pub user: String,
+    /// Why.
+    pub error: ErrorReply,
 }
 
 impl std::fmt::Debug for Response {
@@ -284,6 +333,21 @@ impl std::fmt::Debug for Response {
             Response::Online { users } => f.debug_struct("Online").field("users", users).finish(),
             Response::Error(e) => f.debug_tuple("Error").field(e).finish(),
             Response::Time { unix_ms } => f.debug_struct("Time").field("unix_ms", unix_ms).finish(),
+            Response::Directory { users, more } => f
+                .debug_struct("Directory")
+                .field("users", &users.len())
+                .field("more", more)
+                .finish(),
+            Response::Fanout {
+                id,
+                stored,
+                refused,
+            } => f
+                .debug_struct("Fanout")
+                .field("id", id)
+                .field("stored", &stored.len())
+                .field("refused", refused)
+                .finish(),
         }
     }
 }
@@ -299,6 +363,26 @@ pub enum Push {
         /// When the relay stored it, by the relay's clock (Unix seconds).
         /// Shown beside the sender's own timestamp when the two disagree.
         received_unix: u64,
+    },
+    /// A user came online or went offline (sent to every online user).
+    Presence {
+        /// Who.
+        user: String,
+        /// Online now (`true`) or gone (`false`).
+        online: bool,
+    },
+    /// A message this user sent was never delivered: it waited on the relay
+    /// for the whole retention time and was removed. Queued like a message:
+    /// answer with [`Request::Ack`] for `notice`.
+    Expired {
+        /// The id to acknowledge this notice with.
+        notice: MessageId,
+        /// The expired message's id.
+        id: MessageId,
+        /// Its recipient.
+        recipient: String,
+        /// When the relay had stored it (Unix seconds).
+        stored_unix: u64,
     },
 }
 

@@ -372,7 +372,7 @@ impl std::fmt::Display for Summary<'_> {
             Request::Logout => ("Logout", None),
             Request::LookupKey { username } => ("LookupKey", Some(username)),
             Request::PublishKey { .. } => ("PublishKey", None),
-            Request::Send { envelope } => ("Send", Some(&envelope.recipient)),
+            Request::Send { envelope } => ("Send", envelope.slots.first().map(|s| &s.name)),
             Request::Ack { .. } => ("Ack", None),
             Request::Online => ("Online", None),
             Request::Time => ("Time", None),

@@ -368,7 +368,7 @@ fn cases() -> Vec<Case> {
             Refused(ErrorCode::BadRequest),
             |w| {
                 let mut envelope = letter(&w.mallory, &w.carol);
-                envelope.wrapped_key = vec![7; 10 * 1024];
+                envelope.slots[0].wrapped_key = vec![7; 10 * 1024];
                 let r = w.m.call(&Request::Send { envelope }).await;
                 outcome(w.m.connection(), r)
             }

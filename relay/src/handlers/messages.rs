@@ -4,8 +4,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use securechat_common::crypto::CryptoError;
+use securechat_common::envelope::Kind;
 use securechat_common::limits::validate_username;
-use securechat_common::protocol::{AckOutcome, ErrorCode, Response};
+use securechat_common::protocol::{AckOutcome, ErrorCode, ErrorReply, Refusal, Response};
 use securechat_common::{Envelope, MessageId};
 
 use super::{fail, internal, require_auth, whole_secs, Reply};
@@ -79,7 +80,64 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             ),
         ));
     }
-    let recipient = envelope.recipient.clone();
+    if envelope.kind == Kind::Broadcast {
+        return fanout(shared, auth.username, envelope).await;
+    }
+    // check_shape: a direct message or receipt has exactly one slot.
+    let recipient = envelope.recipient().unwrap_or_default().to_string();
+    let id = envelope.id;
+    let outcome = enqueue_copy(shared, &auth.username, &envelope).await?;
+    match outcome {
+        Ok(duplicate) => Ok(Response::Stored { id, duplicate }),
+        Err(refusal) => {
+            debug_assert_eq!(refusal.user, recipient);
+            Err(refusal.error)
+        }
+    }
+}
+
+/// Split a broadcast into one copy per recipient and queue each on its own
+/// (the queue writer commits them together); one answer lists who has it.
+async fn fanout(shared: &Arc<Shared>, sender: String, envelope: Envelope) -> Reply {
+    let id = envelope.id;
+    let copies = envelope.split();
+    let results = futures_util::future::join_all(
+        copies
+            .iter()
+            .map(|copy| enqueue_copy(shared, &sender, copy)),
+    )
+    .await;
+    let mut stored = Vec::new();
+    let mut refused = Vec::new();
+    for (copy, result) in copies.iter().zip(results) {
+        let user = copy.recipient().unwrap_or_default().to_string();
+        match result? {
+            Ok(_) => stored.push(user),
+            Err(refusal) => refused.push(refusal),
+        }
+    }
+    Ok(Response::Fanout {
+        id,
+        stored,
+        refused,
+    })
+}
+
+/// Queue one single-recipient copy. The outer error is the relay's own
+/// failure (the whole request fails); the inner one a refusal for this
+/// recipient; `Ok(duplicate)` otherwise.
+async fn enqueue_copy(
+    shared: &Arc<Shared>,
+    sender: &str,
+    envelope: &Envelope,
+) -> Result<Result<bool, Refusal>, ErrorReply> {
+    let recipient = envelope.recipient().unwrap_or_default().to_string();
+    let refuse = |error: ErrorReply| {
+        Ok(Err(Refusal {
+            user: recipient.clone(),
+            error,
+        }))
+    };
     let unknown = || {
         fail(
             ErrorCode::UnknownUser,
@@ -87,16 +145,16 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
         )
     };
     if validate_username(&recipient).is_err() {
-        return Err(unknown());
+        return refuse(unknown());
     }
     let bytes =
-        postcard::to_stdvec(&envelope).map_err(|e| internal("envelope encoding failed", e))?;
+        postcard::to_stdvec(envelope).map_err(|e| internal("envelope encoding failed", e))?;
     let id = envelope.id;
     let now = shared.config.clock.unix_now();
     // Grouped with concurrent sends and acks into one durable commit.
     let outcome = shared
         .queue
-        .enqueue(recipient.clone(), auth.username, id, bytes, now)
+        .enqueue(recipient.clone(), sender.to_string(), id, bytes, now)
         .await
         .map_err(|e| internal("storing a message failed", e))?;
     match outcome {
@@ -104,15 +162,9 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
             shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
             shared.hub.notify(&recipient);
             tracing::debug!(%id, "message stored");
-            Ok(Response::Stored {
-                id,
-                duplicate: false,
-            })
+            Ok(Ok(false))
         }
-        EnqueueOutcome::Duplicate => Ok(Response::Stored {
-            id,
-            duplicate: true,
-        }),
+        EnqueueOutcome::Duplicate => Ok(Ok(true)),
         // One answer for both: how much waits for someone else, and from
         // whom, is not the sender's business.
         EnqueueOutcome::QuotaExceeded | EnqueueOutcome::SenderShareExceeded => {
@@ -122,7 +174,7 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
                 &shared.stats.sender_share_refusals
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            Err(fail(
+            refuse(fail(
                 ErrorCode::QuotaExceeded,
                 format!(
                     "{recipient:?} cannot take more messages from you right now; \
@@ -130,7 +182,7 @@ pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Enve
                 ),
             ))
         }
-        EnqueueOutcome::UnknownRecipient => Err(unknown()),
+        EnqueueOutcome::UnknownRecipient => refuse(unknown()),
     }
 }
 
