@@ -8,8 +8,16 @@
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 #![forbid(unsafe_code)]
 
+mod chat;
 mod doctor;
+mod failure;
+mod feed;
+mod follow;
+mod history;
+mod link;
 mod output;
+mod render;
+mod when;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -17,11 +25,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+use failure::Failure;
+use link::{connect, mark_read};
 use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
 use securechat_agentd::Paths;
-use securechat_common::ipc::{
-    ConnectionState, IpcError, IpcErrorKind, IpcRequest, IpcResponse, StatusInfo, MAX_MARK_READ,
-};
+use securechat_common::ipc::{ConnectionState, IpcErrorKind, IpcRequest, IpcResponse, StatusInfo};
 use zeroize::Zeroizing;
 
 /// Talk to your securechat agent (agentd).
@@ -35,6 +43,7 @@ use zeroize::Zeroizing;
 ///   chat-cli login alice           # password + authenticator code, once
 ///   chat-cli send bob "hi"
 ///   chat-cli inbox
+///   chat-cli chat                  # the room: everyone; /help inside
 #[derive(Debug, Parser)]
 #[command(name = "chat-cli", version, verbatim_doc_comment)]
 struct Cli {
@@ -46,6 +55,11 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+
+    /// Show times in UTC instead of the local time zone (which comes from
+    /// TZ, else /etc/localtime).
+    #[arg(long, global = true)]
+    utc: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -81,6 +95,8 @@ enum Command {
         totp: Option<String>,
     },
     /// Send a message; returns once the relay has stored it durably.
+    ///
+    /// An empty message (or one of only spaces) is refused.
     Send {
         /// Recipient username.
         user: String,
@@ -93,6 +109,14 @@ enum Command {
     /// is interrupted, they show again next time. Control characters in
     /// messages are shown escaped (`\x1b`, `\r`, `\u{202e}`); `--json` gives
     /// the exact text.
+    ///
+    /// With --follow it keeps running: new messages are printed as they
+    /// arrive (with --json, one message object per line) and marked read
+    /// once printed, across agentd restarts, until Ctrl-C.
+    ///
+    ///   chat-cli inbox --from bob
+    ///   chat-cli inbox --follow --json | my-bot
+    #[command(verbatim_doc_comment)]
     Inbox {
         /// Show read messages too.
         #[arg(long)]
@@ -100,12 +124,57 @@ enum Command {
         /// Only messages from this user.
         #[arg(long, value_name = "USER")]
         from: Option<String>,
+        /// Keep printing new messages as they arrive, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Show a conversation both ways, with where each sent message stands.
+    ///
+    /// Received messages show their sender; yours show `you → bob` and
+    /// their state: sending, queued (the relay stored it), delivered (their
+    /// agent has it), failed or expired (it waited on the relay too long).
+    /// Without USER, the room: broadcasts sent and received. Oldest first;
+    /// nothing is marked read.
+    ///
+    ///   chat-cli history bob
+    ///   chat-cli history --limit 200
+    ///   chat-cli history bob --json | jq '.entries[] | .text'
+    #[command(verbatim_doc_comment)]
+    History {
+        /// The contact (omit for the room).
+        user: Option<String>,
+        /// How many of the newest messages to show.
+        #[arg(long, default_value_t = 50, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+    },
+    /// List your contacts: pinned keys, fingerprints, trust, last seen.
+    Contacts,
+    /// Follow agentd's events live: messages, receipts, expiries, presence.
+    ///
+    /// For scripts and bots. Runs until Ctrl-C; when agentd restarts it
+    /// says so on stderr, reconnects and carries on after the last event
+    /// printed, without losing or repeating one. With --json each event is
+    /// exactly one JSON object per line (flushed at once), with its
+    /// `cursor`: to resume later where a previous run stopped, pass the last
+    /// cursor seen to --after. Events do not mark messages read.
+    ///
+    ///   chat-cli events
+    ///   chat-cli events --json | jq -c 'select(.event == "message")'
+    ///   chat-cli events --json --after 1041
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Start after this cursor (an earlier run's last `cursor`) instead
+        /// of with what happens from now on.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<u64>,
     },
     /// List messages held because their sender's key changed (see `trust`).
     Held,
     /// List users connected to the relay now.
     Online,
-    /// Send a message to everyone online (sealed for each of them).
+    /// Send a message to every registered user (sealed for each of them);
+    /// those offline get it when they come back.
     Broadcast {
         /// Message text; `-` reads it from stdin.
         text: String,
@@ -161,10 +230,37 @@ enum Command {
         #[arg(long)]
         passphrase_stdin: bool,
     },
-    /// Chat interactively: each line you type is sent; replies appear as they arrive.
+    /// Chat interactively, in the room (everyone) or with one user.
+    ///
+    /// Each line you type goes to the current target, which the prompt
+    /// shows (`[room]> ` or `[bob]> `). Messages, delivery receipts and
+    /// who comes and goes appear as they arrive, above the line you are
+    /// typing; Up and Down bring back earlier lines. Opening a conversation
+    /// shows its last messages.
+    ///
+    ///   /to <user>              talk to <user> from now on
+    ///   /all                    talk to the room from now on
+    ///   /all <text>             send one line to everyone
+    ///   /whisper <user> <text>  one line to <user> only (also: @user <text>)
+    ///   /list                   who is online
+    ///   /history [n]            the last n messages here (default 20)
+    ///   /inbox                  unread messages
+    ///   /help                   the commands
+    ///   /quit                   leave (Ctrl-D and Ctrl-C too)
+    ///
+    /// A line starting with // sends a literal / ("//shrug" sends "/shrug").
+    /// If agentd goes away, chat says so, reconnects by itself and puts
+    /// an unsent line back at the prompt. Without a terminal (a pipe),
+    /// lines are read one by one and sent, with no prompt.
+    ///
+    ///   chat-cli chat                  # the room
+    ///   chat-cli chat bob              # with bob
+    ///   echo "build is green" | chat-cli chat
+    #[command(verbatim_doc_comment)]
     Chat {
-        /// The contact.
-        user: String,
+        /// The user to talk to (omit for the room); refused if the relay
+        /// has no such user.
+        user: Option<String>,
     },
     /// Check agentd, the relay, its certificate, the clock, file modes and
     /// the key; each problem comes with its fix. Exits non-zero on a FAIL.
@@ -179,57 +275,6 @@ enum Command {
     },
     /// Print the manual page (roff; `chat-cli man | man -l -`).
     Man,
-}
-
-/// A failure with its typed agent error, if there is one.
-struct Failure {
-    error: anyhow::Error,
-    agent: Option<Box<IpcError>>,
-    /// The `--json` error object, when it is not the agent's error.
-    json: Option<serde_json::Value>,
-    /// The exit status.
-    exit: u8,
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        let error = e.into();
-        let agent = match error.downcast_ref::<IpcClientError>() {
-            Some(IpcClientError::Agent(e)) => Some(Box::new(e.clone())),
-            _ => None,
-        };
-        Self {
-            error,
-            agent,
-            json: None,
-            exit: 1,
-        }
-    }
-}
-
-impl Failure {
-    /// A refusal decided before anything was asked or sent, typed as agentd
-    /// would have typed it.
-    fn refuse(kind: IpcErrorKind, message: impl Into<String>) -> Self {
-        let e = IpcError::new(kind, message);
-        Self {
-            error: anyhow::anyhow!(e.message.clone()),
-            agent: Some(Box::new(e)),
-            json: None,
-            exit: 1,
-        }
-    }
-
-    /// A send stopped by Ctrl-C: `kind` is `cancelled` or `interrupted`.
-    fn interrupted(kind: &str, id: &str, message: String) -> Self {
-        Self {
-            json: Some(serde_json::json!({ "kind": kind, "id": id, "message": message })),
-            error: anyhow::anyhow!(message),
-            agent: None,
-            // As a shell reports a command ended by SIGINT.
-            exit: 130,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -329,6 +374,19 @@ fn totp_code(given: Option<String>) -> Result<Zeroizing<String>> {
     }
 }
 
+/// Refuse an empty message (or one of only whitespace) before agentd is
+/// asked: there is nothing to send.
+fn refuse_empty(text: &str) -> Result<(), Failure> {
+    if text.trim().is_empty() {
+        return Err(Failure::refuse(
+            IpcErrorKind::InvalidInput,
+            "the message is empty; nothing was sent (write some text, or `-` to read it from \
+             stdin)",
+        ));
+    }
+    Ok(())
+}
+
 fn message_text(text: String) -> Result<String> {
     if text != "-" {
         return Ok(text);
@@ -344,34 +402,6 @@ fn message_text(text: String) -> Result<String> {
     Ok(buf.strip_suffix('\n').map(str::to_string).unwrap_or(buf))
 }
 
-/// Connect to agentd: at `SECURECHAT_SOCKET` if set, else at the first of
-/// the places agentd may have put its socket that answers (see
-/// `paths::socket_candidates`: a shell without `XDG_RUNTIME_DIR` still
-/// finds the service's socket, and the other way round).
-async fn connect(paths: &Paths) -> Result<IpcClient> {
-    let socket = std::env::var_os(securechat_agentd::paths::SOCKET_ENV)
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from);
-    let default_home = Paths::resolve(None).ok().map(|p| p.home);
-    let home = (default_home.as_ref() != Some(&paths.home)).then(|| paths.home.clone());
-    let candidates = securechat_agentd::paths::socket_candidates(home, socket)?;
-    for sock in &candidates {
-        match IpcClient::connect(sock).await {
-            Ok(c) => return Ok(c),
-            Err(IpcClientError::NotRunning(_)) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-    bail!(
-        "agentd is not running (no socket at {}).\nStart it with:\n  agentd --home {} \
-         --relay HOST:PORT --relay-fingerprint SHA256\nor, as a service:\n  systemctl --user \
-         start securechat-agentd",
-        tried.join(", "),
-        paths.home.display()
-    )
-}
-
 fn print(json: bool, resp: &IpcResponse) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
@@ -381,18 +411,6 @@ fn print(json: bool, resp: &IpcResponse) -> Result<()> {
         out.write_all(output::sanitize(&output::human(resp)).as_bytes())?;
     }
     out.flush()?;
-    Ok(())
-}
-
-/// Mark messages read, in requests of at most [`MAX_MARK_READ`] ids.
-async fn mark_read(client: &mut IpcClient, ids: Vec<String>) -> Result<(), IpcClientError> {
-    for chunk in ids.chunks(MAX_MARK_READ) {
-        client
-            .request(&IpcRequest::MarkRead {
-                ids: chunk.to_vec(),
-            })
-            .await?;
-    }
     Ok(())
 }
 
@@ -536,6 +554,11 @@ async fn trust(
 fn run(cli: Cli) -> Result<(), Failure> {
     let paths = Paths::resolve(cli.home.clone())?;
     let json = cli.json;
+    when::use_zone(if cli.utc {
+        when::Zone::Utc
+    } else {
+        when::Zone::Local
+    });
     let request = match cli.command {
         command @ (Command::Register { .. }
         | Command::Login { .. }
@@ -550,18 +573,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Send { user, text } => {
             return runtime()?.block_on(send(&paths, json, user, text));
         }
-        Command::Inbox { all, from } => {
+        Command::Inbox {
+            all,
+            from,
+            follow: false,
+        } => {
             return runtime()?.block_on(inbox(&paths, json, all, from));
+        }
+        Command::Inbox {
+            all,
+            from,
+            follow: true,
+        } => {
+            return runtime()?.block_on(follow::inbox(&paths, json, all, from));
+        }
+        Command::History { user, limit } => {
+            return runtime()?.block_on(history::history(&paths, json, user, limit));
+        }
+        Command::Contacts => return runtime()?.block_on(history::contacts(&paths, json)),
+        Command::Events { after } => {
+            return runtime()?.block_on(follow::events(&paths, json, after));
         }
         Command::Held => return runtime()?.block_on(held(&paths, json)),
         Command::Online => IpcRequest::Online,
         Command::Broadcast { text } => {
             return runtime()?.block_on(async {
                 // agentd answers before the user is asked to type anything.
+                refuse_empty(&text)?;
                 let mut client = connect(&paths).await?;
-                let request = IpcRequest::Broadcast {
-                    text: message_text(text)?,
-                };
+                let text = message_text(text)?;
+                refuse_empty(&text)?;
+                let request = IpcRequest::Broadcast { text };
                 let resp = client.request(&request).await?;
                 print(json, &resp)?;
                 if let IpcResponse::Broadcast { failed, .. } = &resp {
@@ -581,8 +623,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             return runtime()?.block_on(trust(&paths, json, user, fingerprint));
         }
         Command::Chat { user } => {
-            let rt = runtime()?;
-            return rt.block_on(chat(&paths, user, json));
+            if json {
+                return Err(Failure::refuse(
+                    IpcErrorKind::InvalidInput,
+                    "chat is for people and has no --json; scripts use `chat-cli events --json` \
+                     to follow and `chat-cli send` or `broadcast` to write",
+                ));
+            }
+            return runtime()?.block_on(chat::run(&paths, user));
         }
         Command::Doctor => return runtime()?.block_on(doctor::run(&paths, json)),
         Command::Completions { shell } => {
@@ -796,8 +844,10 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// delivered, with its id, so that a retry is not a blind duplicate.
 async fn send(paths: &Paths, json: bool, to: String, text: String) -> Result<(), Failure> {
     use tokio::signal::unix::{signal, SignalKind};
+    refuse_empty(&text)?;
     let mut client = connect(paths).await?;
     let text = message_text(text)?;
+    refuse_empty(&text)?;
     // Caught from here on, so that no Ctrl-C kills chat-cli with the
     // message's fate untold.
     let mut interrupt = signal(SignalKind::interrupt()).context("catching Ctrl-C")?;
@@ -853,50 +903,4 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
-}
-
-/// Interactive chat: stdin lines are sent to `user`; their messages are
-/// printed as they arrive.
-async fn chat(paths: &Paths, user: String, json: bool) -> Result<(), Failure> {
-    use tokio::io::AsyncBufReadExt;
-    let mut sender = connect(paths).await?;
-    let mut watcher = connect(paths).await?;
-    watcher
-        .request(&IpcRequest::Watch {
-            from: Some(user.clone()),
-        })
-        .await?;
-    if !json && std::io::stdin().is_terminal() {
-        eprintln!("chatting with {user}; type a line and press Enter to send, Ctrl-D to quit");
-    }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        tokio::select! {
-            incoming = watcher.next() => {
-                let incoming = incoming?;
-                print(json, &incoming)?;
-                // Printed: now it counts as read.
-                if let IpcResponse::Message(m) = &incoming {
-                    watcher.send(&IpcRequest::MarkRead { ids: vec![m.id.clone()] }).await?;
-                }
-            }
-            line = lines.next_line() => {
-                let Some(line) = line.context("reading stdin")? else { break };
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let req = IpcRequest::Send { to: user.clone(), text: line, cancellable: false };
-                match sender.request(&req).await {
-                    Ok(resp) => {
-                        if json {
-                            print(json, &resp)?;
-                        }
-                    }
-                    Err(IpcClientError::Agent(e)) => eprintln!("chat-cli: not sent: {}", e.message),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -5,23 +5,18 @@
 //! error, it is shown, never obeyed by the terminal.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use securechat_common::ipc::{
     ConnectionState, FingerprintInfo, InboxMessage, IpcResponse, SendState, StatusInfo,
 };
 
-/// Latest time shown as a date (9999-12-31T23:59:59Z); RFC 3339 has four
-/// year digits.
-const MAX_SHOWN_MS: u64 = 253_402_300_799_999;
+use crate::when;
 
-/// Unix milliseconds as an RFC 3339 UTC timestamp; a time no calendar can
-/// show (a peer's clock is not ours to trust) is said to be invalid.
+/// Unix milliseconds as date and time to the minute, in the zone chosen
+/// for this run (see [`when`]); a time no calendar can show is said to be
+/// invalid.
 pub fn time(ms: u64) -> String {
-    if ms > MAX_SHOWN_MS {
-        return format!("invalid time ({ms} ms)");
-    }
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    when::full(ms)
 }
 
 /// Characters that reorder or hide text without being control characters:
@@ -66,28 +61,7 @@ pub fn sanitize(text: &str) -> String {
 /// clock disagrees with the relay's, the relay's time is shown and the
 /// sender's beside it.
 pub fn message(m: &InboxMessage) -> String {
-    let mut out = String::new();
-    if m.missing_before > 0 {
-        out += &format!(
-            "! {} earlier message(s) from {} never arrived (the relay dropped or is holding them)\n",
-            m.missing_before, m.from
-        );
-    }
-    let mut text = m.text.replace('\n', "\n    ");
-    if text.is_empty() {
-        text = "(empty message)".into();
-    }
-    let when = match m.relay_ms {
-        Some(relay) if m.clock_skewed() => {
-            format!("{} (sender's clock: {})", time(relay), time(m.sent_ms))
-        }
-        _ => time(m.sent_ms),
-    };
-    out += &format!("[{when}] {}: {text}", m.from);
-    if m.late {
-        out += "  (arrived late, after newer messages)";
-    }
-    out
+    crate::render::incoming(m, crate::render::Stamp::Full, "")
 }
 
 /// A QR code for the terminal.
@@ -344,13 +318,7 @@ mod tests {
 
     #[test]
     fn any_timestamp_prints() {
-        for ms in [
-            0,
-            1_700_000_000_000,
-            MAX_SHOWN_MS,
-            MAX_SHOWN_MS + 1,
-            u64::MAX,
-        ] {
+        for ms in [0, 1_700_000_000_000, 253_402_300_799_999, u64::MAX] {
             assert!(!time(ms).is_empty());
         }
         assert!(time(u64::MAX).starts_with("invalid time"));
@@ -369,7 +337,7 @@ mod tests {
         };
         let shown = message(&m);
         assert!(
-            shown.contains("2023-11-14T22:13:20Z (sender's clock: invalid time"),
+            shown.contains("2023-11-14 22:13 (sender's clock: invalid time"),
             "{shown}"
         );
         assert!(
