@@ -277,8 +277,8 @@ async fn decide(
         return Ok(reject(agent, &env, &format!("invalid sender name: {e}")));
     }
     if env.slot(&me).is_none() {
-        let names: Vec<&str> = env.recipients().collect();
-        let why = format!("addressed to {names:?}, not to us");
+        let names: Vec<String> = env.recipients().map(|n| format!("{n:?}")).collect();
+        let why = format!("addressed to {}, not to us", names.join(", "));
         return Ok(reject(agent, &env, &why));
     }
     let pinned = match agent.store.pin(&env.sender) {
