@@ -157,6 +157,10 @@ pub struct Agent {
     conn: watch::Sender<Conn>,
     flags: Mutex<Flags>,
     pub(crate) events: broadcast::Sender<InboxMessage>,
+    /// The journal's newest cursor: `Events` streams wait on it.
+    pub(crate) journal: watch::Sender<u64>,
+    /// Wakes the receipt sender (a message was stored, or we logged in).
+    pub(crate) receipts_due: Notify,
     pub(crate) reconnect: Notify,
     /// Serialises register/login/rotate/trust so they don't interleave.
     pub(crate) op_lock: tokio::sync::Mutex<()>,
@@ -384,8 +388,11 @@ impl Agent {
             );
         }
         let (events, _) = broadcast::channel(256);
+        let head = store.journal_head().unwrap_or(0);
         Ok(Self {
             config,
+            journal: watch::Sender::new(head),
+            receipts_due: Notify::new(),
             store,
             keys: Mutex::new(keys),
             conn: watch::Sender::new(Conn::default()),
@@ -397,6 +404,16 @@ impl Agent {
             send_lanes: Mutex::new(HashMap::new()),
             interrupted_sends: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Tell `Events` streams that the journal grew.
+    pub(crate) fn journal_changed(&self) {
+        match self.store.journal_head() {
+            Ok(head) => {
+                self.journal.send_replace(head);
+            }
+            Err(e) => tracing::error!("store: {e}"),
+        }
     }
 
     pub(crate) fn rotation_guard(&self) -> MutexGuard<'_, ()> {
@@ -481,6 +498,7 @@ impl Agent {
         self.conn.send_modify(|c| c.logged_in = logged_in);
         if logged_in {
             self.set_login_needed(false);
+            self.receipts_due.notify_one();
         }
     }
 
@@ -615,6 +633,12 @@ impl Agent {
         user: &str,
     ) -> Result<PublicKey, IpcError> {
         let current = self.directory_key(client, user).await?;
+        self.check_pin(user, current)
+    }
+
+    /// `current` (the directory's key for `user`) if it is the pinned one,
+    /// pinned now on first use; a key that differs from the pin is refused.
+    pub(crate) fn check_pin(&self, user: &str, current: PublicKey) -> Result<PublicKey, IpcError> {
         match self.store.pin(user)? {
             None => {
                 self.store.set_pin(user, current.as_der())?;

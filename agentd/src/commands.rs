@@ -5,21 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use securechat_common::crypto::{CryptoError, Fingerprint};
-use securechat_common::envelope::{seal, SealParams};
+use securechat_common::envelope::{seal, seal_for, Header, Kind, SealParams, To};
 use securechat_common::ipc::{
-    BroadcastFailure, DoctorInfo, FingerprintInfo, IpcError, IpcErrorKind, IpcRequest, IpcResponse,
-    SentInfo, MAX_MARK_READ,
+    BroadcastFailure, DeliveryState, DoctorInfo, FingerprintInfo, IpcError, IpcErrorKind,
+    IpcRequest, IpcResponse, RecipientState, SentInfo, SentMessage, MAX_MARK_READ,
 };
 use securechat_common::limits::{
-    validate_email, validate_password, validate_username, MAX_MESSAGE_LEN,
+    validate_email, validate_password, validate_username, MAX_MESSAGE_LEN, MAX_RECIPIENTS,
 };
-use securechat_common::protocol::{AckOutcome, Request, Response};
-use securechat_common::{IdentityKey, MessageId};
+use securechat_common::protocol::{AckOutcome, DirectoryEntry, Request, Response};
+use securechat_common::{IdentityKey, MessageId, PublicKey};
 use zeroize::Zeroizing;
 
 use crate::agent::{err, now_ms, open_inbox, unlock_keys, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
-use crate::receive::{deliver, open_any};
+use crate::receive::{deliver, open_any, receipt};
 use crate::relay_client::{ClientError, RelayClient, ServerTrust};
 use crate::rotation;
 
@@ -84,6 +84,9 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
         IpcRequest::SetPassphrase { passphrase } => set_passphrase(agent, passphrase).await,
         IpcRequest::Hello { .. }
         | IpcRequest::Watch { .. }
+        | IpcRequest::Events { .. }
+        | IpcRequest::History { .. }
+        | IpcRequest::Contacts
         | IpcRequest::Inbox { .. }
         | IpcRequest::Held => Err(err(
             IpcErrorKind::BadRequest,
@@ -277,6 +280,16 @@ async fn online(client: &RelayClient) -> Result<Vec<String>, IpcError> {
 /// Refuse a send that can never work (bad recipient name, too long).
 pub(crate) fn check_send(to: &str, text: &str) -> Result<(), IpcError> {
     validate_username(to).map_err(|e| invalid(format!("recipient: {e}")))?;
+    check_text(text)
+}
+
+/// Refuse a text that cannot be a message: empty, blank, or too long.
+pub(crate) fn check_text(text: &str) -> Result<(), IpcError> {
+    if text.trim().is_empty() {
+        return Err(invalid(
+            "the message is empty; type some text (nothing was sent)".to_string(),
+        ));
+    }
     if text.len() > MAX_MESSAGE_LEN {
         return Err(invalid(format!(
             "message of {} bytes is larger than the limit of {MAX_MESSAGE_LEN} bytes",
@@ -350,13 +363,30 @@ async fn send_as(
     let sealed =
         seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()));
     let answer = match sealed {
-        Ok(envelope) => client.call(&Request::Send { envelope }).await,
+        Ok(envelope) => {
+            // Kept before it leaves: a crash after the relay stored it must
+            // not lose it from the history.
+            let sent = SentMessage {
+                id: id.to_string(),
+                broadcast: false,
+                text: text.to_string(),
+                sent_ms: params.timestamp_ms,
+                recipients: vec![RecipientState {
+                    user: to.to_string(),
+                    state: DeliveryState::Sending,
+                    at_ms: params.timestamp_ms,
+                    detail: None,
+                }],
+            };
+            agent.store.record_sent(&keys.inbox, &sent)?;
+            client.call(&Request::Send { envelope }).await
+        }
         Err(e) => {
             agent.store.release_seq(to, seq)?;
             return Err(e);
         }
     };
-    match answer {
+    let result = match answer {
         Ok(Response::Stored { id, duplicate }) => Ok(SentInfo {
             to: to.to_string(),
             id: id.to_string(),
@@ -370,7 +400,21 @@ async fn send_as(
         }
         Err(e) => Err(e.into()),
         Ok(other) => Err(unexpected("Send", &other)),
+    };
+    let state = match &result {
+        Ok(_) => Some((DeliveryState::Queued, None)),
+        Err(e) if e.kind == IpcErrorKind::Relay => {
+            Some((DeliveryState::Failed, Some(e.message.clone())))
+        }
+        // No answer: it may be stored; it stays `sending`.
+        Err(_) => None,
+    };
+    if let Some((state, detail)) = state {
+        agent
+            .store
+            .update_sent(&keys.inbox, &id, &[(to, state, detail)])?;
     }
+    result
 }
 
 fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
@@ -387,15 +431,143 @@ fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
     Ok(IpcResponse::Ok)
 }
 
-async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError> {
-    let (client, me) = agent.logged_in_client().await?;
-    let mut sent = Vec::new();
-    let mut failed = Vec::new();
-    for user in online(&client).await?.into_iter().filter(|u| *u != me) {
-        match send_one(agent, &client, &me, &user, &text).await {
-            Ok(s) => sent.push(s),
-            Err(error) => failed.push(BroadcastFailure { to: user, error }),
+/// Most users a broadcast is sealed for (the directory is read up to here).
+const MAX_BROADCAST_USERS: usize = 10_000;
+
+/// Everyone in the relay's directory, read page by page.
+async fn directory(client: &RelayClient) -> Result<Vec<DirectoryEntry>, IpcError> {
+    let mut users: Vec<DirectoryEntry> = Vec::new();
+    loop {
+        let after = users.last().map(|e| e.username.clone());
+        match client.call(&Request::Directory { after }).await? {
+            Response::Directory { users: page, more } => {
+                let empty = page.is_empty();
+                users.extend(page);
+                if !more || empty || users.len() >= MAX_BROADCAST_USERS {
+                    return Ok(users);
+                }
+            }
+            other => return Err(unexpected("Directory", &other)),
         }
+    }
+}
+
+/// Send `text` to every other registered user: sealed once per group of
+/// [`MAX_RECIPIENTS`], its key wrapped for each, signed once, marked as a
+/// broadcast inside the signed part. Offline users get it when they come
+/// back. A user whose key changed is skipped, as a direct send would be.
+async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError> {
+    check_text(&text)?;
+    let (client, me) = agent.logged_in_client().await?;
+    let keys = agent.ready_keys()?;
+    let mut failed = Vec::new();
+    let mut targets: Vec<(String, PublicKey)> = Vec::new();
+    for entry in directory(&client).await? {
+        if entry.username == me || validate_username(&entry.username).is_err() {
+            continue;
+        }
+        let key = PublicKey::from_der(&entry.public_key)
+            .map_err(|e| err(IpcErrorKind::Crypto, format!("{}: {e}", entry.username)))
+            .and_then(|k| agent.check_pin(&entry.username, k));
+        match key {
+            Ok(k) => targets.push((entry.username, k)),
+            Err(error) => failed.push(BroadcastFailure {
+                to: entry.username,
+                error,
+            }),
+        }
+    }
+    let id = new_message_id()?;
+    let now = now_ms();
+    let sent_record = SentMessage {
+        id: id.to_string(),
+        broadcast: true,
+        text: text.clone(),
+        sent_ms: now,
+        recipients: targets
+            .iter()
+            .map(|(user, _)| RecipientState {
+                user: user.clone(),
+                state: DeliveryState::Sending,
+                at_ms: now,
+                detail: None,
+            })
+            .collect(),
+    };
+    if !targets.is_empty() {
+        agent.store.record_sent(&keys.inbox, &sent_record)?;
+    }
+    let mut sent = Vec::new();
+    for group in targets.chunks(MAX_RECIPIENTS) {
+        let mut seqs = Vec::with_capacity(group.len());
+        for (user, _) in group {
+            seqs.push(agent.store.reserve_seq(user)?);
+        }
+        let to: Vec<To<'_>> = group
+            .iter()
+            .zip(&seqs)
+            .map(|((name, key), seq)| To {
+                name,
+                key,
+                seq: *seq,
+            })
+            .collect();
+        let header = Header {
+            sender_key: &keys.current,
+            sender: &me,
+            kind: Kind::Broadcast,
+            id,
+            timestamp_ms: now,
+        };
+        let envelope = seal_for(&header, &to, text.as_bytes())
+            .map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
+        let mut updates: Vec<(&str, DeliveryState, Option<String>)> = Vec::new();
+        match client.call(&Request::Send { envelope }).await {
+            Ok(Response::Fanout {
+                stored, refused, ..
+            }) => {
+                for user in stored {
+                    if let Some((name, _)) = group.iter().find(|(n, _)| *n == user) {
+                        updates.push((name, DeliveryState::Queued, None));
+                        sent.push(SentInfo {
+                            to: user,
+                            id: id.to_string(),
+                            duplicate: false,
+                        });
+                    }
+                }
+                for r in refused {
+                    let Some(((name, _), seq)) =
+                        group.iter().zip(&seqs).find(|((n, _), _)| *n == r.user)
+                    else {
+                        continue;
+                    };
+                    agent.store.release_seq(name, *seq)?;
+                    let error: IpcError = ClientError::Relay(r.error).into();
+                    updates.push((name, DeliveryState::Failed, Some(error.message.clone())));
+                    failed.push(BroadcastFailure {
+                        to: name.clone(),
+                        error,
+                    });
+                }
+            }
+            Ok(other) => return Err(unexpected("Send", &other)),
+            Err(e) => {
+                let refused = matches!(e, ClientError::Relay(_));
+                let error: IpcError = e.into();
+                for ((name, _), seq) in group.iter().zip(&seqs) {
+                    if refused {
+                        agent.store.release_seq(name, *seq)?;
+                        updates.push((name, DeliveryState::Failed, Some(error.message.clone())));
+                    }
+                    failed.push(BroadcastFailure {
+                        to: name.clone(),
+                        error: error.clone(),
+                    });
+                }
+            }
+        }
+        agent.store.update_sent(&keys.inbox, &id, &updates)?;
     }
     Ok(IpcResponse::Broadcast { sent, failed })
 }
@@ -519,11 +691,16 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
         ));
     }
     agent.store.set_pin(&user, key.as_der())?;
+    agent.store.set_verified(&user)?;
     tracing::info!("trusting the key of {user}: {}", key.fingerprint());
     let keys = agent.ready_keys()?;
     let mut released = 0;
     for env in agent.store.held_from(&user)? {
         match open_any(&env, &me, &keys, &key) {
+            Ok(body) if env.kind == Kind::Receipt => {
+                receipt(agent, &keys, &env, &body);
+                agent.store.unhold(&env.id)?;
+            }
             Ok(body) => {
                 if deliver(agent, &keys, &me, &env, &body, &key, None)? == AckOutcome::Stored {
                     released += 1;

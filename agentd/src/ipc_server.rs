@@ -10,9 +10,10 @@ use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use securechat_common::ipc::{
-    InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SendOutcome, SendState,
-    SentInfo, IPC_VERSION,
+    ContactInfo, InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse, SendOutcome,
+    SendState, SentInfo, TrustState, IPC_VERSION,
 };
+use securechat_common::limits::validate_username;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::task::JoinSet;
 
@@ -174,6 +175,9 @@ where
         }
         match req {
             IpcRequest::Watch { from } => return watch(agent, from, reader, w).await,
+            IpcRequest::Events { after } => return events(agent, after, reader, w).await,
+            IpcRequest::History { with, limit } => history(agent, with, limit, w).await?,
+            IpcRequest::Contacts => contacts(agent, w).await?,
             IpcRequest::Inbox { all, from } => inbox(agent, all, from.as_deref(), w).await?,
             IpcRequest::Held => held(agent, w).await?,
             IpcRequest::Send {
@@ -399,6 +403,128 @@ where
             line = read_line(reader) => {
                 let Ok(Some(line)) = line else { return Ok(()) };
                 // Only `mark_read` keeps the stream going; anything else ends it.
+                match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
+                    Ok(IpcRequest::MarkRead { ids }) => {
+                        if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {
+                            return write_msg(w, &IpcResponse::Error(e)).await;
+                        }
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Most history entries one request returns.
+const MAX_HISTORY: u32 = 10_000;
+
+/// Stream a conversation, one `Entry` line each, then `End`.
+async fn history<W: AsyncWrite + Unpin>(
+    agent: &Agent,
+    with: Option<String>,
+    limit: u32,
+    w: &mut W,
+) -> Result<(), IoLineError> {
+    let found = (|| {
+        if let Some(user) = &with {
+            validate_username(user).map_err(|e| err(IpcErrorKind::InvalidInput, e))?;
+        }
+        let keys = agent.ready_keys()?;
+        let limit = limit.min(MAX_HISTORY) as usize;
+        Ok::<_, IpcError>(agent.store.history(&keys.inbox, with.as_deref(), limit)?)
+    })();
+    match found {
+        Ok(entries) => {
+            let count = entries.len() as u64;
+            for e in entries {
+                write_msg(w, &IpcResponse::Entry(e)).await?;
+            }
+            write_msg(w, &IpcResponse::End { count }).await
+        }
+        Err(e) => write_msg(w, &IpcResponse::Error(e)).await,
+    }
+}
+
+/// Stream every pinned contact, one `Contact` line each, then `End`.
+async fn contacts<W: AsyncWrite + Unpin>(agent: &Agent, w: &mut W) -> Result<(), IoLineError> {
+    let found = match agent.store.contacts() {
+        Ok(c) => c,
+        Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
+    };
+    let count = found.len() as u64;
+    for c in found {
+        let fingerprint = securechat_common::PublicKey::from_der(&c.key)
+            .map(|k| k.fingerprint().to_string())
+            .unwrap_or_else(|_| "(unreadable key)".into());
+        let trust = if c.held > 0 {
+            TrustState::Changed
+        } else if c.verified_ms.is_some() {
+            TrustState::Verified
+        } else {
+            TrustState::FirstUse
+        };
+        let info = ContactInfo {
+            user: c.user,
+            fingerprint,
+            trust,
+            held: c.held,
+            last_seen_ms: c.last_seen_ms,
+        };
+        write_msg(w, &IpcResponse::Contact(info)).await?;
+    }
+    write_msg(w, &IpcResponse::End { count }).await
+}
+
+/// Journal events read per page while streaming.
+const EVENT_PAGE: usize = 256;
+
+/// Answer `Events { head }`, then stream journal events after `after`
+/// (after `head` when `None`), old ones first, then new ones as they are
+/// journalled, until the client hangs up. `MarkRead` lines from the client
+/// are taken (no answer); any other line ends the stream.
+async fn events<R, W>(
+    agent: &Arc<Agent>,
+    after: Option<u64>,
+    reader: &mut BufReader<R>,
+    w: &mut W,
+) -> Result<(), IoLineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut journal = agent.journal.subscribe();
+    let keys = match agent.ready_keys() {
+        Ok(k) => k,
+        Err(e) => return write_msg(w, &IpcResponse::Error(e)).await,
+    };
+    let head = match agent.store.journal_head() {
+        Ok(h) => h,
+        Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
+    };
+    write_msg(w, &IpcResponse::Events { head }).await?;
+    let mut cursor = after.unwrap_or(head);
+    loop {
+        journal.mark_unchanged();
+        loop {
+            let page = match agent.store.events_after(&keys.inbox, cursor, EVENT_PAGE) {
+                Ok(p) => p,
+                Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
+            };
+            let Some(last) = page.last() else { break };
+            cursor = last.cursor;
+            for record in page {
+                write_msg(w, &IpcResponse::Event(record)).await?;
+            }
+        }
+        tokio::select! {
+            changed = journal.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            line = read_line(reader) => {
+                let Ok(Some(line)) = line else { return Ok(()) };
                 match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
                     Ok(IpcRequest::MarkRead { ids }) => {
                         if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {

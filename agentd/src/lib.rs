@@ -45,6 +45,7 @@ pub mod ipc_io;
 mod ipc_server;
 pub mod keystore;
 pub mod paths;
+mod receipts;
 mod receive;
 pub mod relay_client;
 mod rotation;
@@ -176,6 +177,7 @@ pub async fn run_with(
 
     let mut tasks = JoinSet::new();
     tasks.spawn(connection::run(agent.clone()));
+    tasks.spawn(receipts::run(agent.clone()));
     tasks.spawn(ipc_server::serve(listener, agent.clone()));
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),

@@ -12,7 +12,8 @@
 //! open(env) ──ok──► timestamp not far in the future? ──► sequence number
 //!      │              (else rejected)                     (see `seq`)
 //!      │                                                   ▼
-//!      │              inbox commit ──► Ack(Stored) ──► watchers
+//!      │              inbox commit ──► Ack(Stored) ──► watchers, receipt owed
+//!      │              (a receipt: our messages marked delivered instead)
 //!      │              (a replayed number: rejected, Ack(Rejected))
 //!      │ bad signature, and the directory key differs from the pin
 //!      ├──────────► held (until `trust`) ──► Ack(Stored)
@@ -26,10 +27,11 @@
 use std::sync::Arc;
 
 use securechat_common::crypto::CryptoError;
-use securechat_common::envelope::{open, Envelope, Kind};
-use securechat_common::ipc::InboxMessage;
-use securechat_common::limits::validate_username;
+use securechat_common::envelope::{open, Envelope, Kind, ReceiptBody};
+use securechat_common::ipc::{DeliveryState, InboxMessage};
+use securechat_common::limits::{validate_username, MAX_RECEIPT_IDS};
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request};
+use securechat_common::MessageId;
 use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
@@ -58,8 +60,87 @@ pub(crate) async fn push_loop(agent: &Arc<Agent>, client: &RelayClient) -> Resul
                         client.call(&Request::Ack { id, outcome }).await?;
                     }
                 }
+                Push::Presence { user, online } => presence(agent, &user, online),
+                Push::Expired {
+                    notice,
+                    id,
+                    recipient,
+                    ..
+                } => {
+                    if let Some(outcome) = expired(agent, &id, &recipient) {
+                        let ack = Request::Ack {
+                            id: notice,
+                            outcome,
+                        };
+                        client.call(&ack).await?;
+                    }
+                }
                 other => tracing::debug!("ignoring push {other:?}"),
             }
+        }
+    }
+}
+
+/// The relay says `user` came online or went offline: journal it for
+/// `events` and the chat's join and leave lines. A name that breaks the
+/// rules is dropped before it reaches any terminal.
+fn presence(agent: &Agent, user: &str, online: bool) {
+    if validate_username(user).is_err() {
+        tracing::warn!("ignoring a presence notice with an invalid name");
+        return;
+    }
+    let Ok(keys) = agent.ready_keys() else { return };
+    match agent.store.record_presence(&keys.inbox, user, online) {
+        Ok(()) => agent.journal_changed(),
+        Err(e) => tracing::error!("store: {e}"),
+    }
+}
+
+/// The relay removed our message `id` to `recipient` undelivered after its
+/// retention time. Recorded (and journalled) unless a receipt says it was
+/// delivered: the relay's word never undoes a signed receipt. `None`
+/// leaves the notice queued (the store failed).
+fn expired(agent: &Agent, id: &MessageId, recipient: &str) -> Option<AckOutcome> {
+    let keys = agent.ready_keys().ok()?;
+    let update = [(recipient, DeliveryState::Expired, None)];
+    match agent.store.update_sent(&keys.inbox, id, &update) {
+        Ok(changed) => {
+            if !changed.is_empty() {
+                tracing::warn!("message {id} to {recipient:?} expired on the relay undelivered");
+                agent.journal_changed();
+            }
+            Some(AckOutcome::Stored)
+        }
+        Err(e) => {
+            tracing::error!("store: {e}");
+            None
+        }
+    }
+}
+
+/// A verified receipt from `env.sender`: our messages it names are
+/// delivered to them. Nothing goes to the inbox; no receipt answers it.
+pub(crate) fn receipt(
+    agent: &Agent,
+    keys: &ReadyKeys,
+    env: &Envelope,
+    body: &[u8],
+) -> Option<AckOutcome> {
+    let ids = match postcard::from_bytes::<ReceiptBody>(body) {
+        Ok(r) if r.stored.len() <= MAX_RECEIPT_IDS => r.stored,
+        _ => return reject(agent, env, "a receipt whose body does not decode"),
+    };
+    match agent.store.record_receipt(&keys.inbox, &env.sender, &ids) {
+        Ok(changed) => {
+            if changed > 0 {
+                tracing::info!("{} delivered {changed} message(s)", env.sender);
+                agent.journal_changed();
+            }
+            Some(AckOutcome::Stored)
+        }
+        Err(e) => {
+            tracing::error!("store: {e}");
+            None
         }
     }
 }
@@ -137,6 +218,8 @@ pub(crate) fn deliver(
             }
             tracing::info!("message {} from {} stored", env.id, env.sender);
             let _ = agent.events.send(*msg);
+            agent.journal_changed();
+            agent.receipts_due.notify_one();
             Ok(AckOutcome::Stored)
         }
         Delivery::Duplicate => Ok(AckOutcome::Stored),
@@ -194,8 +277,8 @@ async fn decide(
         return Ok(reject(agent, &env, &format!("invalid sender name: {e}")));
     }
     if env.slot(&me).is_none() {
-        let names: Vec<&str> = env.recipients().collect();
-        let why = format!("addressed to {names:?}, not to us");
+        let names: Vec<String> = env.recipients().map(|n| format!("{n:?}")).collect();
+        let why = format!("addressed to {}, not to us", names.join(", "));
         return Ok(reject(agent, &env, &why));
     }
     let pinned = match agent.store.pin(&env.sender) {
@@ -225,6 +308,7 @@ async fn decide(
         }
     };
     match open_any(&env, &me, &keys, &pinned) {
+        Ok(body) if env.kind == Kind::Receipt => Ok(receipt(agent, &keys, &env, &body)),
         Ok(body) => match deliver(agent, &keys, &me, &env, &body, &pinned, Some(relay_ms)) {
             Ok(outcome) => Ok(Some(outcome)),
             Err(e) => {

@@ -13,7 +13,18 @@
 //! seq_out        recipient → u64, the next number to send
 //! seq_alerts     u64       → JSON Problem                      kept for status
 //! settings       name      → text                              account name
+//! sent           u64 key   → sealed SentMessage                what we sent, oldest first
+//! sent_ids       msg id    → u64 key                           receipts find it by id
+//! receipts_out   (sender, msg id) → 1                          receipts still to send
+//! events         cursor    → sealed EventRecord                the journal `events` follows
+//! verified       username  → Unix ms                           pinned after `trust`
+//! last_seen      username  → Unix ms                           a message or presence
 //! ```
+//!
+//! A stored message, its journal event and the receipt owed for it are
+//! written in one commit: after a crash either all three exist or none.
+//! Sent messages and journal events are sealed like inbox records (under
+//! their own associated-data labels).
 //!
 //! A message is in `inbox` and in `seen` after one commit, and agentd acks
 //! it to the relay only after that commit returned.
@@ -31,7 +42,10 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LE
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use securechat_common::crypto::random_bytes;
 use securechat_common::envelope::Envelope;
-use securechat_common::ipc::{InboxMessage, Problem};
+use securechat_common::ipc::{
+    DeliveryState, Event, EventRecord, HistoryEntry, InboxMessage, Problem, RecipientState,
+    SentMessage,
+};
 use securechat_common::MessageId;
 
 use crate::keystore::InboxKey;
@@ -48,6 +62,18 @@ const SEQ_IN: TableDefinition<&str, &[u8]> = TableDefinition::new("seq_in");
 const SEQ_OUT: TableDefinition<&str, u64> = TableDefinition::new("seq_out");
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("seq_alerts");
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+const SENT: TableDefinition<u64, &[u8]> = TableDefinition::new("sent");
+const SENT_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("sent_ids");
+const RECEIPTS_OUT: TableDefinition<(&str, &[u8]), u8> = TableDefinition::new("receipts_out");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const VERIFIED: TableDefinition<&str, u64> = TableDefinition::new("verified");
+const LAST_SEEN: TableDefinition<&str, u64> = TableDefinition::new("last_seen");
+
+/// How many journal events are kept (the oldest go first). A client that
+/// resumes after a cursor older than that gets what is left.
+pub const KEEP_EVENTS: u64 = 10_000;
+const SENT_AAD: &[u8] = b"securechat-sent-v1\0";
+const EVENTS_AAD: &[u8] = b"securechat-event-v1\0";
 
 /// How many rejected messages and sequence alerts `status` keeps.
 const KEEP_PROBLEMS: u64 = 50;
@@ -130,6 +156,21 @@ pub struct InboxFilter<'a> {
     pub limit: usize,
 }
 
+/// A pinned contact, as [`Store::contacts`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contact {
+    /// The contact.
+    pub user: String,
+    /// Their pinned key, SubjectPublicKeyInfo DER.
+    pub key: Vec<u8>,
+    /// When the pin was confirmed with `trust` (Unix ms), if it was.
+    pub verified_ms: Option<u64>,
+    /// When they were last seen (a message, a receipt, online), Unix ms.
+    pub last_seen_ms: Option<u64>,
+    /// Messages from them held because another key signed them.
+    pub held: u64,
+}
+
 /// The agent's database.
 #[derive(Debug)]
 pub struct Store {
@@ -153,21 +194,31 @@ fn cipher(key: &InboxKey) -> Result<LessSafeKey, StoreError> {
         .map_err(|_| corrupt("unusable inbox key"))
 }
 
-fn aad(record: u64) -> Vec<u8> {
-    [INBOX_AAD, &record.to_be_bytes()].concat()
+fn aad(label: &[u8], record: u64) -> Vec<u8> {
+    [label, &record.to_be_bytes()].concat()
 }
 
 /// Encrypt one inbox message for record `record`.
 fn seal_record(key: &InboxKey, record: u64, msg: &InboxMessage) -> Result<Vec<u8>, StoreError> {
-    let mut body = serde_json::to_vec(msg).map_err(corrupt)?;
+    seal_json(key, INBOX_AAD, record, msg)
+}
+
+/// Encrypt `value` as JSON for record `record` of the table `label` names.
+fn seal_json<T: serde::Serialize>(
+    key: &InboxKey,
+    label: &[u8],
+    record: u64,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let mut body = serde_json::to_vec(value).map_err(corrupt)?;
     let nonce = random_bytes::<NONCE_LEN>().map_err(corrupt)?;
     cipher(key)?
         .seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(record)),
+            Aad::from(aad(label, record)),
             &mut body,
         )
-        .map_err(|_| corrupt("inbox encryption failed"))?;
+        .map_err(|_| corrupt("record encryption failed"))?;
     let mut out = Vec::with_capacity(1 + NONCE_LEN + body.len());
     out.push(SEALED_V1);
     out.extend_from_slice(&nonce);
@@ -180,25 +231,81 @@ fn open_record(key: &InboxKey, record: u64, bytes: &[u8]) -> Result<InboxMessage
     if bytes.first() == Some(&b'{') {
         return serde_json::from_slice(bytes).map_err(corrupt);
     }
+    open_json(key, INBOX_AAD, record, bytes)
+}
+
+/// Decrypt record `record` of the table `label` names.
+fn open_json<T: serde::de::DeserializeOwned>(
+    key: &InboxKey,
+    label: &[u8],
+    record: u64,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     let (Some(&SEALED_V1), Some(nonce), Some(body)) = (
         bytes.first(),
         bytes.get(1..1 + NONCE_LEN),
         bytes.get(1 + NONCE_LEN..),
     ) else {
-        return Err(corrupt(format!(
-            "inbox record {record} has an unknown format"
-        )));
+        return Err(corrupt(format!("record {record} has an unknown format")));
     };
     let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(corrupt)?;
     let mut body = zeroize::Zeroizing::new(body.to_vec());
     let plain = cipher(key)?
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(record)),
+            Aad::from(aad(label, record)),
             &mut body,
         )
-        .map_err(|_| corrupt(format!("inbox record {record} does not decrypt")))?;
+        .map_err(|_| corrupt(format!("record {record} does not decrypt")))?;
     serde_json::from_slice(plain).map_err(corrupt)
+}
+
+/// Within `tx`: add `event` to the journal (dropping the oldest beyond
+/// [`KEEP_EVENTS`]) and return its cursor. Cursors start at 1.
+fn append_event(tx: &WriteTransaction, key: &InboxKey, event: Event) -> Result<u64, StoreError> {
+    let mut t = tx.open_table(EVENTS)?;
+    let cursor = next_key(&t)?.max(1);
+    let record = EventRecord { cursor, event };
+    t.insert(
+        cursor,
+        seal_json(key, EVENTS_AAD, cursor, &record)?.as_slice(),
+    )?;
+    if cursor > KEEP_EVENTS {
+        let cut = cursor - KEEP_EVENTS;
+        let old: Vec<u64> = t
+            .range(..=cut)?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for k in old {
+            t.remove(k)?;
+        }
+    }
+    Ok(cursor)
+}
+
+/// Within `tx`: remember that `user` was seen at `at_ms` (never moving back).
+fn note_seen(tx: &WriteTransaction, user: &str, at_ms: u64) -> Result<(), StoreError> {
+    let mut t = tx.open_table(LAST_SEEN)?;
+    let before = t.get(user)?.map(|v| v.value());
+    if before.is_none_or(|b| b < at_ms) {
+        t.insert(user, at_ms)?;
+    }
+    Ok(())
+}
+
+/// How a recipient's state may move: never back from delivered or
+/// expired, and a receipt beats every other news (it may arrive before
+/// the relay's own answer is processed).
+fn advances(from: DeliveryState, to: DeliveryState) -> bool {
+    use DeliveryState::*;
+    match (from, to) {
+        (a, b) if a == b => false,
+        (Delivered, _) => false,
+        (_, Delivered) => true,
+        (Expired, _) => false,
+        (Queued, Failed | Sending) => false,
+        _ => true,
+    }
 }
 
 /// Append a problem to a bounded list table.
@@ -265,6 +372,12 @@ impl Store {
             tx.open_table(SEQ_OUT)?;
             tx.open_table(ALERTS)?;
             tx.open_table(SETTINGS)?;
+            tx.open_table(SENT)?;
+            tx.open_table(SENT_IDS)?;
+            tx.open_table(RECEIPTS_OUT)?;
+            tx.open_table(EVENTS)?;
+            tx.open_table(VERIFIED)?;
+            tx.open_table(LAST_SEEN)?;
         }
         tx.commit()?;
         Ok(Self { db })
@@ -391,6 +504,10 @@ impl Store {
                     tx.open_table(UNREAD)?.insert(record, 1)?;
                     tx.open_table(INBOX_IDS)?.insert(id.0.as_slice(), record)?;
                     tx.open_table(HELD)?.remove(id.0.as_slice())?;
+                    tx.open_table(RECEIPTS_OUT)?
+                        .insert((msg.from.as_str(), id.0.as_slice()), 1)?;
+                    note_seen(&tx, &msg.from, msg.received_ms)?;
+                    append_event(&tx, key, Event::Message(msg.clone()))?;
                     Delivery::Stored(Box::new(msg))
                 }
             }
@@ -517,6 +634,14 @@ impl Store {
         Ok(())
     }
 
+    /// Drop a held envelope that was dealt with (a released receipt).
+    pub fn unhold(&self, id: &MessageId) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(HELD)?.remove(id.0.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Held envelopes from `user`, in the order their sender numbered them.
     pub fn held_from(&self, user: &str) -> Result<Vec<Envelope>, StoreError> {
         let tx = self.db.begin_read()?;
@@ -611,6 +736,286 @@ impl Store {
     /// Recent gaps and replays in senders' numbering, oldest first.
     pub fn sequence_alerts(&self) -> Result<Vec<Problem>, StoreError> {
         problems(&self.db, ALERTS)
+    }
+
+    /// Keep a message we are about to hand to the relay.
+    pub fn record_sent(&self, key: &InboxKey, msg: &SentMessage) -> Result<(), StoreError> {
+        let id = MessageId::from_hex(&msg.id).ok_or_else(|| corrupt("sent message id"))?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut sent = tx.open_table(SENT)?;
+            let record = next_key(&sent)?;
+            sent.insert(record, seal_json(key, SENT_AAD, record, msg)?.as_slice())?;
+            tx.open_table(SENT_IDS)?.insert(id.0.as_slice(), record)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Move recipients of our message `id` to new states, where that is
+    /// progress (see `advances`), in one commit. Deliveries and expiries
+    /// go to the journal. Returns the recipients whose state changed.
+    pub fn update_sent(
+        &self,
+        key: &InboxKey,
+        id: &MessageId,
+        updates: &[(&str, DeliveryState, Option<String>)],
+    ) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let changed = self.update_sent_in(&tx, key, id, updates)?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    fn update_sent_in(
+        &self,
+        tx: &WriteTransaction,
+        key: &InboxKey,
+        id: &MessageId,
+        updates: &[(&str, DeliveryState, Option<String>)],
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(record) = tx
+            .open_table(SENT_IDS)?
+            .get(id.0.as_slice())?
+            .map(|v| v.value())
+        else {
+            return Ok(Vec::new());
+        };
+        let mut sent = tx.open_table(SENT)?;
+        let mut msg: SentMessage = match sent.get(record)? {
+            Some(v) => open_json(key, SENT_AAD, record, v.value())?,
+            None => return Ok(Vec::new()),
+        };
+        let now = now_ms();
+        let mut changed = Vec::new();
+        for (user, state, detail) in updates {
+            let Some(r) = msg.recipients.iter_mut().find(|r| r.user == *user) else {
+                continue;
+            };
+            if !advances(r.state, *state) {
+                continue;
+            }
+            *r = RecipientState {
+                user: r.user.clone(),
+                state: *state,
+                at_ms: now,
+                detail: detail.clone(),
+            };
+            changed.push(r.user.clone());
+            let event = match state {
+                DeliveryState::Delivered => Event::Receipt {
+                    id: msg.id.clone(),
+                    from: r.user.clone(),
+                    at_ms: now,
+                },
+                DeliveryState::Expired => Event::Expired {
+                    id: msg.id.clone(),
+                    to: r.user.clone(),
+                    at_ms: now,
+                },
+                _ => continue,
+            };
+            append_event(tx, key, event)?;
+        }
+        if !changed.is_empty() {
+            sent.insert(record, seal_json(key, SENT_AAD, record, &msg)?.as_slice())?;
+        }
+        Ok(changed)
+    }
+
+    /// A signed receipt from `from` for our messages `ids`: each becomes
+    /// delivered to them (receipts are idempotent: a repeated one changes
+    /// nothing and journals nothing). Returns how many changed.
+    pub fn record_receipt(
+        &self,
+        key: &InboxKey,
+        from: &str,
+        ids: &[MessageId],
+    ) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = 0;
+        for id in ids {
+            changed += self
+                .update_sent_in(&tx, key, id, &[(from, DeliveryState::Delivered, None)])?
+                .len();
+        }
+        note_seen(&tx, from, now_ms())?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// A user came online or went offline: journal it.
+    pub fn record_presence(
+        &self,
+        key: &InboxKey,
+        user: &str,
+        online: bool,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        append_event(
+            &tx,
+            key,
+            Event::Presence {
+                user: user.to_string(),
+                online,
+                at_ms: now,
+            },
+        )?;
+        if self.pin(user)?.is_some() {
+            note_seen(&tx, user, now)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Receipts owed, at most `limit`: (to whom, for which message).
+    pub fn receipts_due(&self, limit: usize) -> Result<Vec<(String, MessageId)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(RECEIPTS_OUT)?.iter()? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = entry?;
+            let (to, id) = k.value();
+            let id: [u8; 16] = id.try_into().map_err(corrupt)?;
+            out.push((to.to_string(), MessageId(id)));
+        }
+        Ok(out)
+    }
+
+    /// Receipts the relay has stored: no longer owed.
+    pub fn receipts_sent(&self, to: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(RECEIPTS_OUT)?;
+            for id in ids {
+                t.remove((to, id.0.as_slice()))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The cursor of the newest journal event (0: none yet).
+    pub fn journal_head(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(EVENTS)?
+            .last()?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0))
+    }
+
+    /// Journal events after `after`, oldest first, at most `limit`.
+    pub fn events_after(
+        &self,
+        key: &InboxKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for entry in t.range(start..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            out.push(open_json(key, EVENTS_AAD, k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` messages of a conversation, both ways, oldest
+    /// first by our own clock: with `with`, the direct messages between us
+    /// and them; without, the room (broadcasts sent and received).
+    pub fn history(
+        &self,
+        key: &InboxKey,
+        with: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let unread = tx.open_table(UNREAD)?;
+        // (our clock, entry), newest first, from each table.
+        let mut found: Vec<(u64, HistoryEntry)> = Vec::new();
+        let mut taken = 0;
+        for entry in tx.open_table(INBOX)?.iter()?.rev() {
+            if taken >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let mut msg = open_record(key, k.value(), v.value())?;
+            let wanted = match with {
+                Some(user) => msg.from == user && !msg.broadcast,
+                None => msg.broadcast,
+            };
+            if wanted {
+                msg.read = unread.get(k.value())?.is_none();
+                taken += 1;
+                found.push((msg.received_ms, HistoryEntry::In(msg)));
+            }
+        }
+        taken = 0;
+        for entry in tx.open_table(SENT)?.iter()?.rev() {
+            if taken >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let msg: SentMessage = open_json(key, SENT_AAD, k.value(), v.value())?;
+            let wanted = match with {
+                Some(user) => !msg.broadcast && msg.recipients.iter().any(|r| r.user == user),
+                None => msg.broadcast,
+            };
+            if wanted {
+                taken += 1;
+                found.push((msg.sent_ms, HistoryEntry::Out(msg)));
+            }
+        }
+        found.sort_by_key(|(at, _)| *at);
+        let skip = found.len().saturating_sub(limit);
+        Ok(found.into_iter().skip(skip).map(|(_, e)| e).collect())
+    }
+
+    /// Every pinned contact: name, key, when it was verified with `trust`
+    /// (if it was), when they were last seen, and how many messages from
+    /// them are held.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let verified = tx.open_table(VERIFIED)?;
+        let seen = tx.open_table(LAST_SEEN)?;
+        let mut held: std::collections::HashMap<String, u64> = Default::default();
+        for entry in tx.open_table(HELD)?.iter()? {
+            let (_, v) = entry?;
+            let (env, _, _) = held_record(v.value())?;
+            *held.entry(env.sender).or_default() += 1;
+        }
+        let mut out = Vec::new();
+        for entry in tx.open_table(PINS)?.iter()? {
+            let (k, v) = entry?;
+            let user = k.value().to_string();
+            out.push(Contact {
+                key: v.value().to_vec(),
+                verified_ms: verified.get(user.as_str())?.map(|v| v.value()),
+                last_seen_ms: seen.get(user.as_str())?.map(|v| v.value()),
+                held: held.get(&user).copied().unwrap_or(0),
+                user,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `user`'s pinned key was checked out of band (`trust`).
+    pub fn set_verified(&self, user: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(VERIFIED)?.insert(user, now_ms())?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// A setting.
@@ -840,5 +1245,138 @@ mod tests {
             Delivery::Duplicate
         );
         assert_eq!(store.inbox_page(&key, all()).unwrap().len(), 1);
+    }
+
+    fn sent(id: MessageId, to: &[&str], broadcast: bool, at: u64) -> SentMessage {
+        SentMessage {
+            id: id.to_string(),
+            broadcast,
+            text: format!("text {at}"),
+            sent_ms: at,
+            recipients: to
+                .iter()
+                .map(|u| RecipientState {
+                    user: u.to_string(),
+                    state: DeliveryState::Sending,
+                    at_ms: at,
+                    detail: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn sent_messages_move_forward_only_and_receipts_are_journalled_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        store
+            .record_sent(&key, &sent(id(1), &["bob"], false, 10))
+            .unwrap();
+        // The receipt can beat the relay's own answer.
+        assert_eq!(store.record_receipt(&key, "bob", &[id(1)]).unwrap(), 1);
+        let queued = [("bob", DeliveryState::Queued, None)];
+        assert!(store.update_sent(&key, &id(1), &queued).unwrap().is_empty());
+        let expired = [("bob", DeliveryState::Expired, None)];
+        assert!(store
+            .update_sent(&key, &id(1), &expired)
+            .unwrap()
+            .is_empty());
+        // A repeated receipt, or one from someone else, changes nothing.
+        assert_eq!(store.record_receipt(&key, "bob", &[id(1)]).unwrap(), 0);
+        assert_eq!(store.record_receipt(&key, "eve", &[id(1)]).unwrap(), 0);
+        let events = store.events_after(&key, 0, 100).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(&events[0].event, Event::Receipt { from, .. } if from == "bob"));
+        assert_eq!(store.journal_head().unwrap(), events[0].cursor);
+        let history = store.history(&key, Some("bob"), 10).unwrap();
+        let [HistoryEntry::Out(m)] = history.as_slice() else {
+            panic!("{history:?}")
+        };
+        assert_eq!(m.state(), DeliveryState::Delivered);
+    }
+
+    #[test]
+    fn a_stored_message_is_journalled_and_owes_a_receipt_in_the_same_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let key = InboxKey::generate().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32])
+                .unwrap();
+            store
+                .deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32])
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.receipts_due(10).unwrap(), vec![("bob".into(), id(1))]);
+        let events = store.events_after(&key, 0, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(&events[0].event, Event::Message(m) if m.text == "hi"));
+        assert!(store
+            .events_after(&key, events[0].cursor, 10)
+            .unwrap()
+            .is_empty());
+        store.receipts_sent("bob", &[id(1)]).unwrap();
+        assert!(store.receipts_due(10).unwrap().is_empty());
+        // The journal is sealed like the inbox.
+        drop(store);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(4).any(|w| w == b"\"hi\""));
+    }
+
+    #[test]
+    fn history_keeps_conversations_and_the_room_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        let mut m = msg("bob", 1, "direct from bob");
+        m.received_ms = 20;
+        store.deliver(&key, &id(1), m, [0; 32]).unwrap();
+        let mut b = msg("bob", 2, "bob to all");
+        b.received_ms = 30;
+        b.broadcast = true;
+        store.deliver(&key, &id(2), b, [0; 32]).unwrap();
+        store
+            .record_sent(&key, &sent(id(3), &["bob"], false, 10))
+            .unwrap();
+        store
+            .record_sent(&key, &sent(id(4), &["bob", "carol"], true, 40))
+            .unwrap();
+        store
+            .record_sent(&key, &sent(id(5), &["carol"], false, 50))
+            .unwrap();
+        let texts = |with, limit| -> Vec<String> {
+            store
+                .history(&key, with, limit)
+                .unwrap()
+                .into_iter()
+                .map(|e| match e {
+                    HistoryEntry::In(m) => m.text,
+                    HistoryEntry::Out(m) => m.text,
+                })
+                .collect()
+        };
+        assert_eq!(texts(Some("bob"), 10), ["text 10", "direct from bob"]);
+        assert_eq!(texts(None, 10), ["bob to all", "text 40"]);
+        assert_eq!(texts(Some("bob"), 1), ["direct from bob"]);
+        assert_eq!(texts(Some("carol"), 10), ["text 50"]);
+    }
+
+    #[test]
+    fn the_journal_keeps_a_bounded_tail_and_cursors_keep_growing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        for i in 0..(KEEP_EVENTS + 5) {
+            store.record_presence(&key, "bob", i % 2 == 0).unwrap();
+        }
+        let head = store.journal_head().unwrap();
+        assert_eq!(head, KEEP_EVENTS + 5);
+        let all = store.events_after(&key, 0, usize::MAX).unwrap();
+        assert_eq!(all.len() as u64, KEEP_EVENTS);
+        assert_eq!(all[0].cursor, 6);
     }
 }
