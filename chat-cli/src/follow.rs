@@ -50,6 +50,9 @@ fn connection_news(item: &FeedItem, last: u64) {
 pub async fn events(paths: &Paths, json: bool, after: Option<u64>) -> Result<(), Failure> {
     let (mut feed, head) = open(paths, after).await?;
     let mut last = after.unwrap_or(head);
+    // On stderr, so that stdout holds events only; a script may wait for it
+    // to know that the follow has started.
+    eprintln!("chat-cli: following agentd's events after cursor {last}; Ctrl-C stops");
     while let Some(item) = feed.next().await {
         let FeedItem::Event(rec) = item else {
             connection_news(&item, last);
@@ -108,6 +111,7 @@ pub async fn inbox(
     }
     link::mark_read(&mut client, unread).await?;
     drop(client);
+    eprintln!("chat-cli: following new messages; Ctrl-C stops");
     let mut last = head;
     while let Some(item) = feed.next().await {
         let FeedItem::Event(rec) = item else {

@@ -236,10 +236,27 @@ fn chat_mode_and_broadcast() {
     writeln!(stdin, "typed in chat mode").unwrap();
     w.alice.wait_message("bob", "typed in chat mode");
     w.alice.send("bob", "shown live in the chat");
-    let shown = rx
-        .recv_timeout(common::WAIT)
-        .expect("the chat shows incoming messages");
-    assert!(shown.contains("alice: shown live in the chat"), "{shown}");
+    // Before it: the conversation so far and bob's own line.
+    let mut before = Vec::new();
+    loop {
+        let shown = rx
+            .recv_timeout(common::WAIT)
+            .unwrap_or_else(|_| panic!("the chat shows incoming messages; got {before:?}"));
+        if shown.contains("alice: shown live in the chat") {
+            break;
+        }
+        before.push(shown);
+    }
+    assert!(
+        before.iter().any(|l| l.ends_with("alice: pins")),
+        "{before:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|l| l.ends_with("you → alice: typed in chat mode  [queued]")),
+        "{before:?}"
+    );
     drop(stdin);
     assert!(chat.wait().unwrap().success());
 

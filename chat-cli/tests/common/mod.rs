@@ -848,3 +848,158 @@ impl Agent {
 pub fn relay_with_smtp(dir: &Path, smtp: securechat_testkit::smtp::SmtpServer) -> Relay {
     Relay::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp))
 }
+
+/// A program on a real terminal: a tmux server of its own (a private
+/// socket, so tests never meet each other's or a user's tmux), one
+/// 120x40 window, keys typed into it and its screen read back.
+///
+/// The program runs under `sh`, which prints `[exit status N]` when it ends
+/// and keeps the window open, so that a test can read how it ended.
+pub struct Tmux {
+    socket: PathBuf,
+    /// What the window runs, for failure messages.
+    what: String,
+}
+
+/// How the window's shell reports the program's end.
+pub const TMUX_EXIT: &str = "[exit status ";
+
+impl Tmux {
+    /// Run chat-cli with `--home home` and `args` in a new terminal; the
+    /// tmux socket goes in `dir` (named after `name`). Times are shown in
+    /// UTC (`TZ=UTC`). Fails, with the fix, when tmux is missing.
+    pub fn chat_cli(dir: &Path, name: &str, home: &Path, args: &[&str]) -> Self {
+        let version = Command::new("tmux").arg("-V").output();
+        assert!(
+            version.as_ref().is_ok_and(|o| o.status.success()),
+            "tmux is needed to drive chat-cli on a real terminal: run scripts/test.sh, which \
+             installs it, or `apt-get install tmux` ({version:?})"
+        );
+        let socket = dir.join(format!("tmux-{name}.sock"));
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = vec![quote(bin("chat-cli").to_str().unwrap()), "--home".into()];
+        line.push(quote(home.to_str().unwrap()));
+        line.extend(args.iter().map(|a| quote(a)));
+        let script = format!(
+            "{}; echo \"{TMUX_EXIT}$?]\"; exec sleep 3600",
+            line.join(" ")
+        );
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S")
+            .arg(&socket)
+            .args([
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "120",
+                "-y",
+                "40",
+            ])
+            .args(["sh", "-c", &script]);
+        apply_env(&mut cmd, &[("TZ", Some("UTC"))]);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "tmux new-session: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            socket,
+            what: format!("{name}'s chat-cli {args:?}"),
+        }
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tmux {args:?} for {}: {}",
+            self.what,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Type `text` (literally) without pressing Enter.
+    pub fn type_text(&self, text: &str) {
+        self.tmux(&["send-keys", "-l", text]);
+    }
+
+    /// Press a key by its tmux name: `Enter`, `C-d`, `C-c`, `Up`.
+    pub fn press(&self, key: &str) {
+        self.tmux(&["send-keys", key]);
+    }
+
+    /// Type `line` and press Enter.
+    pub fn line(&self, line: &str) {
+        self.type_text(line);
+        self.press("Enter");
+    }
+
+    /// The screen with its scrollback, wrapped lines joined.
+    pub fn screen(&self) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-J", "-S", "-"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Wait until the screen shows `text` (bounded by [`WAIT`]); fails with
+    /// the screen.
+    pub fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never showed {text:?}; the screen:\n{screen}",
+                self.what
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until the screen shows `text` `n` times in all.
+    pub fn wait_for_count(&self, text: &str, n: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if screen.matches(text).count() >= n {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never showed {text:?} {n} times; the screen:\n{screen}",
+                self.what
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait for the program to end; its exit status.
+    pub fn exit_status(&self) -> i32 {
+        let screen = self.wait_for(TMUX_EXIT);
+        let rest = &screen[screen.find(TMUX_EXIT).unwrap() + TMUX_EXIT.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
