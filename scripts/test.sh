@@ -16,6 +16,7 @@ NEEDED=(
   "/usr/bin/chromium chromium"              # the status page's browser test
   "systemd-socket-activate systemd"         # agentd's socket-activation test
   "script util-linux"                       # chat-cli on a real terminal (a pty)
+  "tmux tmux"                               # `chat-cli chat` typed into and read back
 )
 
 missing=()
