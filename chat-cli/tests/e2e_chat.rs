@@ -70,6 +70,14 @@ fn the_room_talks_both_ways_whispers_lists_and_leaves() {
     bob.wait_for("alice: /shrug");
     assert_eq!(bob.screen().matches("shrug").count(), 1, "{}", bob.screen());
 
+    // Who comes and goes shows as it happens.
+    carol.stop();
+    alice.wait_for("* carol went offline");
+    carol_t.wait_for("agentd went away; reconnecting…");
+    carol.restart();
+    alice.wait_for("* carol is online");
+    carol_t.wait_for("agentd is back");
+
     // /quit, Ctrl-D and Ctrl-C all leave cleanly.
     alice.line("/quit");
     assert_eq!(alice.exit_status(), 0, "{}", alice.screen());
@@ -276,4 +284,41 @@ fn events_and_chat_outlive_an_agentd_restart_without_loss_or_repeats() {
 
     bob.press("C-d");
     assert_eq!(bob.exit_status(), 0);
+}
+
+#[test]
+fn from_a_pipe_a_line_waits_for_agentd_to_come_back() {
+    use std::io::Write;
+    let mut w = world();
+    let mut chat = Command::new(bin("chat-cli"))
+        .arg("--home")
+        .arg(&w.bob.home)
+        .args(["chat", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (err_tx, notes) = mpsc::channel();
+    let stderr = chat.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = err_tx.send(line);
+        }
+    });
+    let mut stdin = chat.stdin.take().unwrap();
+    wait_line(&notes, "chatting with alice as bob");
+    w.bob.stop();
+    wait_line(&notes, "agentd went away; reconnecting…");
+    writeln!(stdin, "written while agentd was away").unwrap();
+    wait_line(&notes, "it goes once agentd is back");
+    w.bob.restart();
+    wait_line(&notes, "agentd is back");
+    w.alice.wait_message("bob", "written while agentd was away");
+    drop(stdin);
+    let mut chat = Spawned(chat);
+    let status = wait_for("chat to end at the end of its input", || {
+        chat.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
 }

@@ -231,17 +231,14 @@ impl Chat {
             self.me
         ));
         self.show_recent(OPENING_HISTORY, true).await;
+        // A line from a pipe that waits for agentd to come back.
         let mut waiting: Option<String> = None;
         self.term.ask(self.target.prompt(), String::new());
         loop {
-            tokio::select! {
+            let next = tokio::select! {
                 typed = self.term.typed() => match typed {
-                    Typed::Line(line) => match self.handle(&line).await {
-                        Next::Prompt(initial) => self.term.ask(self.target.prompt(), initial),
-                        Next::Wait(line) => waiting = Some(line),
-                        Next::Quit => return Ok(()),
-                    },
-                    Typed::Eof | Typed::Interrupted => return Ok(()),
+                    Typed::Line(line) => self.handle(&line).await,
+                    Typed::Eof | Typed::Interrupted => Next::Quit,
                     Typed::Failed(e) => return Err(anyhow!("reading the terminal: {e}").into()),
                 },
                 item = self.feed.next() => {
@@ -250,17 +247,18 @@ impl Chat {
                     };
                     let back = matches!(item, FeedItem::Back);
                     self.on_feed(item);
-                    if back {
-                        if let Some(line) = waiting.take() {
-                            match self.handle(&line).await {
-                                Next::Prompt(initial) => self.term.ask(self.target.prompt(), initial),
-                                Next::Wait(line) => waiting = Some(line),
-                                Next::Quit => return Ok(()),
-                            }
-                        }
+                    match waiting.take() {
+                        Some(line) if back => self.handle(&line).await,
+                        Some(line) => Next::Wait(line),
+                        None => continue,
                     }
                 }
-                _ = interrupt.recv() => return Ok(()),
+                _ = interrupt.recv() => Next::Quit,
+            };
+            match next {
+                Next::Prompt(initial) => self.term.ask(self.target.prompt(), initial),
+                Next::Wait(line) => waiting = Some(line),
+                Next::Quit => return Ok(()),
             }
         }
     }
