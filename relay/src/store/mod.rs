@@ -31,6 +31,7 @@ pub mod writer;
 
 use std::sync::Arc;
 
+use securechat_common::protocol::DirectoryEntry;
 use securechat_common::MessageId;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -160,6 +161,15 @@ impl std::fmt::Debug for Activation {
             .field("attempts", &self.attempts)
             .finish_non_exhaustive()
     }
+}
+
+/// One page of [`Store::directory`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectoryPage {
+    /// Active accounts in name order: name and public key only.
+    pub users: Vec<DirectoryEntry>,
+    /// More accounts follow the last one of `users`.
+    pub more: bool,
 }
 
 /// What [`Store::take_code_attempt`] found.
@@ -354,6 +364,10 @@ pub struct SweepStats {
 pub trait Store: Send + Sync + 'static {
     /// The active account called `username`.
     fn account(&self, username: &str) -> Result<Option<Account>, StoreError>;
+
+    /// Up to `limit` active accounts whose names sort after `after` (from
+    /// the first with `None`), in name (byte) order, and whether more follow.
+    fn directory(&self, after: Option<&str>, limit: usize) -> Result<DirectoryPage, StoreError>;
 
     /// Store a pending registration unless the name is taken by an account
     /// or by a pending registration that has not expired at `now`.

@@ -2,15 +2,17 @@
 //! change or per queue batch (redb commits are durable: fsync before
 //! `commit` returns). A transaction that changed nothing is not committed.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use securechat_common::protocol::DirectoryEntry;
 use securechat_common::MessageId;
 
 use super::{
-    from_bytes, to_bytes, Account, Activation, CodeAttempt, EnqueueOutcome, PendingRegistration,
-    QueueLimits, QueueOp, QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError,
-    SweepStats,
+    from_bytes, to_bytes, Account, Activation, CodeAttempt, DirectoryPage, EnqueueOutcome,
+    PendingRegistration, QueueLimits, QueueOp, QueueOutcome, Queued, Quota, Session, Store,
+    StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -168,6 +170,27 @@ impl Store for RedbStore {
         let table = tx.open_table(ACCOUNTS)?;
         let found = table.get(username)?;
         found.map(|g| from_bytes(g.value())).transpose()
+    }
+
+    fn directory(&self, after: Option<&str>, limit: usize) -> Result<DirectoryPage, StoreError> {
+        let tx = self.db.begin_read()?;
+        let accounts = tx.open_table(ACCOUNTS)?;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = DirectoryPage::default();
+        for entry in accounts.range::<&str>((start, Bound::Unbounded))? {
+            if page.users.len() >= limit {
+                // One entry past the page is enough to know that more follow.
+                page.more = true;
+                break;
+            }
+            let (_, value) = entry?;
+            let account: Account = from_bytes(value.value())?;
+            page.users.push(DirectoryEntry {
+                username: account.username,
+                public_key: account.public_key,
+            });
+        }
+        Ok(page)
     }
 
     fn insert_pending(&self, pending: &PendingRegistration, now: u64) -> Result<bool, StoreError> {

@@ -283,6 +283,7 @@ mod tests {
     impl Store for Probe {
         forward! {
             account(username: &str) -> Option<crate::store::Account>;
+            directory(after: Option<&str>, limit: usize) -> crate::store::DirectoryPage;
             insert_pending(p: &crate::store::PendingRegistration, now: u64) -> bool;
             replace_pending(
                 p: &crate::store::PendingRegistration,

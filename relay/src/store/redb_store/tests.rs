@@ -534,3 +534,39 @@ fn shares_are_at_least_one_and_at_most_the_quota() {
     assert_eq!(share(200), quota, "clamped to 100 %");
     assert_eq!(share(50).bytes, u64::MAX / 2);
 }
+
+#[test]
+fn the_directory_pages_through_active_accounts_in_name_order() {
+    let (_dir, store) = open();
+    assert_eq!(store.directory(None, 2).unwrap(), DirectoryPage::default());
+    for name in ["dave", "alice", "carol", "bob", "erin"] {
+        store.activate(&account(name)).unwrap();
+    }
+    // Pending registrations are not in the directory.
+    store.insert_pending(&pending("aaron", 5000), 0).unwrap();
+    let names = |page: &DirectoryPage| {
+        page.users
+            .iter()
+            .map(|u| u.username.clone())
+            .collect::<Vec<_>>()
+    };
+    let first = store.directory(None, 2).unwrap();
+    assert_eq!(names(&first), ["alice", "bob"]);
+    assert!(first.more);
+    assert_eq!(first.users[0].public_key, account("alice").public_key);
+    let second = store.directory(Some("bob"), 2).unwrap();
+    assert_eq!(names(&second), ["carol", "dave"]);
+    assert!(second.more);
+    // The last page is exactly full: nothing follows it.
+    let last = store.directory(Some("dave"), 1).unwrap();
+    assert_eq!(names(&last), ["erin"]);
+    assert!(!last.more);
+    // `after` need not be a name that exists.
+    let from_b = store.directory(Some("bz"), 10).unwrap();
+    assert_eq!(names(&from_b), ["carol", "dave", "erin"]);
+    assert!(!from_b.more);
+    assert_eq!(
+        store.directory(Some("erin"), 10).unwrap(),
+        DirectoryPage::default()
+    );
+}
