@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  loop:
-//!    queue (seq > cursor) ──batches──► Push::Deliver …        until it is empty
+//!    queue (seq > cursor) ──batches──► Push::Deliver / Push::Expired …  until it is empty
 //!    wait for: hub.notify(user) ──► back to the queue
 //!              presence change  ──► Push::Presence{user, online} (not one's own)
 //!              connection closed ──► end
@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use securechat_common::codec::{self, CodecError};
+use securechat_common::codec;
 use securechat_common::protocol::Push;
 use securechat_common::Envelope;
 use tokio::sync::broadcast::error::RecvError;
@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, Notify};
 use crate::connection::ConnState;
 use crate::hub::Presence;
 use crate::server::Shared;
-use crate::store::blocking;
+use crate::store::{blocking, from_bytes, QueueEntry, QueueItem, StoreError};
 
 /// Queue entries read from the store per batch.
 const PUSH_BATCH: usize = 64;
@@ -110,7 +110,7 @@ impl Pusher {
             let user = self.username.clone();
             let cursor = self.cursor;
             let batch = match blocking(&self.shared.store, move |s| {
-                s.queued_after(&user, cursor, PUSH_BATCH)
+                s.entries_after(&user, cursor, PUSH_BATCH)
             })
             .await
             {
@@ -124,22 +124,16 @@ impl Pusher {
             if batch.is_empty() {
                 return Ok(());
             }
-            for queued in batch {
-                self.cursor = queued.seq;
-                let push = postcard::from_bytes::<Envelope>(&queued.envelope)
-                    .map_err(CodecError::from)
-                    .map(|envelope| Push::Deliver {
-                        envelope,
-                        received_unix: queued.received_unix,
-                    });
-                match push {
+            for entry in batch {
+                self.cursor = entry.seq;
+                match to_push(&entry) {
                     Ok(push) => self.write(&push).await?,
                     Err(e) => {
-                        tracing::error!(conn = self.state.id, id = %queued.id, error = %e, "skipping an undecodable queued envelope");
+                        tracing::error!(conn = self.state.id, seq = entry.seq, error = %e, "skipping an undecodable queue entry");
                         continue;
                     }
                 }
-                tracing::debug!(conn = self.state.id, id = %queued.id, "pushed");
+                tracing::debug!(conn = self.state.id, seq = entry.seq, "pushed");
             }
         }
     }
@@ -171,4 +165,20 @@ impl Pusher {
             Ended
         })
     }
+}
+
+/// What the client is sent for a queue entry.
+fn to_push(entry: &QueueEntry) -> Result<Push, StoreError> {
+    Ok(match QueueItem::decode(&entry.item)? {
+        QueueItem::Envelope(bytes) => Push::Deliver {
+            envelope: from_bytes::<Envelope>(&bytes)?,
+            received_unix: entry.received_unix,
+        },
+        QueueItem::Expired(notice) => Push::Expired {
+            notice: notice.notice,
+            id: notice.id,
+            recipient: notice.recipient,
+            stored_unix: notice.stored_unix,
+        },
+    })
 }

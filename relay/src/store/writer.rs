@@ -311,6 +311,7 @@ mod tests {
                 now: u64,
                 q: crate::store::Quota
             ) -> EnqueueOutcome;
+            entries_after(r: &str, after: u64, limit: usize) -> Vec<crate::store::QueueEntry>;
             queued_after(r: &str, after: u64, limit: usize) -> Vec<crate::store::Queued>;
             queue_len(r: &str) -> u64;
             ack(r: &str, id: &MessageId, now: u64) -> bool;
