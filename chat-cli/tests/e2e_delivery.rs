@@ -190,3 +190,39 @@ fn events_resume_after_an_agentd_restart_without_loss_or_repeats() {
     w.bob.send("alice", "third");
     assert_eq!(next_message(&mut events)["text"], "third");
 }
+
+#[test]
+fn a_broadcast_reaches_everyone_marked_as_such_even_those_offline() {
+    let mut w = world();
+    let mut carol = Agent::start(w.tmp.path(), "carol", &w.relay);
+    carol.onboard(&w.relay);
+    carol.stop();
+    let sent = w.alice.json(&["broadcast", "hello everyone"]);
+    let to: Vec<&str> = sent["sent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(to, ["bob", "carol"], "{sent}");
+    w.bob.wait_message("alice", "hello everyone");
+    carol.restart();
+    carol.wait_message("alice", "hello everyone");
+    for agent in [&w.bob, &carol] {
+        let inbox = agent.json(&["inbox", "--all"]);
+        assert_eq!(inbox["messages"][0]["broadcast"], true, "{inbox}");
+        // In the room, not in the private conversation.
+        assert_eq!(history(agent, None).len(), 1);
+        assert!(history(agent, Some("alice")).is_empty());
+    }
+    wait_for("both receipts", || {
+        let room = history(&w.alice, None);
+        let states: Vec<&str> = room[0]["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["state"].as_str().unwrap())
+            .collect();
+        (states == ["delivered", "delivered"]).then_some(())
+    });
+}
