@@ -193,7 +193,7 @@ fn events_resume_after_an_agentd_restart_without_loss_or_repeats() {
 
 #[test]
 fn a_broadcast_reaches_everyone_marked_as_such_even_those_offline() {
-    let mut w = world();
+    let w = world();
     let mut carol = Agent::start(w.tmp.path(), "carol", &w.relay);
     carol.onboard(&w.relay);
     carol.stop();
@@ -225,4 +225,58 @@ fn a_broadcast_reaches_everyone_marked_as_such_even_those_offline() {
             .collect();
         (states == ["delivered", "delivered"]).then_some(())
     });
+}
+
+#[test]
+fn a_message_that_expires_on_the_relay_is_reported_to_its_sender() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay =
+        common::Relay::start_with(tmp.path(), &["--retention", "3s", "--sweep-interval", "1s"]);
+    let mut alice = Agent::start(tmp.path(), "alice", &relay);
+    let mut bob = Agent::start(tmp.path(), "bob", &relay);
+    alice.onboard(&relay);
+    bob.onboard(&relay);
+    alice.send("bob", "pin");
+    bob.wait_message("alice", "pin");
+    bob.stop();
+    let mut events = Ipc::open(&alice);
+    events.call(&json!({"request": "events"}));
+    alice.send("bob", "nobody reads this");
+    let expired = loop {
+        let v = events.read();
+        if v["event"] == "expired" {
+            break v;
+        }
+    };
+    assert_eq!(expired["to"], "bob", "{expired}");
+    assert_eq!(
+        state_of(&alice, "bob", "nobody reads this").as_deref(),
+        Some("expired")
+    );
+    // Gone for good: bob never gets it, and alice is told once.
+    bob.restart();
+    alice.send("bob", "after it expired");
+    bob.wait_message("alice", "after it expired");
+    let inbox = bob.json(&["inbox", "--all"]);
+    assert!(!inbox.to_string().contains("nobody reads this"), "{inbox}");
+}
+
+#[test]
+fn users_in_the_room_hear_who_comes_and_goes() {
+    let mut w = world();
+    let mut events = Ipc::open(&w.alice);
+    events.call(&json!({"request": "events"}));
+    let next_presence = |ipc: &mut Ipc| loop {
+        let v = ipc.read();
+        if v["event"] == "presence" {
+            return (
+                v["user"].as_str().unwrap().to_string(),
+                v["online"].as_bool().unwrap(),
+            );
+        }
+    };
+    w.bob.stop();
+    assert_eq!(next_presence(&mut events), ("bob".to_string(), false));
+    w.bob.restart();
+    assert_eq!(next_presence(&mut events), ("bob".to_string(), true));
 }
