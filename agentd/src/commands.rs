@@ -350,7 +350,25 @@ async fn send_as(
     // From here to the relay there is no await: a cancel either comes before
     // this (and drops the future with nothing done) or finds it committed.
     committed.store(true, Ordering::SeqCst);
-    let seq = agent.store.reserve_seq(to)?;
+    let timestamp_ms = now_ms();
+    // Kept before it leaves, with its number taken in the same commit: a
+    // crash after the relay stored it must not lose it from the history.
+    let sent = SentMessage {
+        id: id.to_string(),
+        broadcast: false,
+        text: text.to_string(),
+        sent_ms: timestamp_ms,
+        recipients: vec![RecipientState {
+            user: to.to_string(),
+            state: DeliveryState::Sending,
+            at_ms: timestamp_ms,
+            detail: None,
+        }],
+    };
+    let seq = match agent.store.begin_send(&keys.inbox, &sent)?.as_slice() {
+        [seq] => *seq,
+        _ => return Err(err(IpcErrorKind::Internal, "no sequence number taken")),
+    };
     let params = SealParams {
         sender_key: &keys.current,
         sender: me,
@@ -358,31 +376,16 @@ async fn send_as(
         recipient_key: &recipient_key,
         id,
         seq,
-        timestamp_ms: now_ms(),
+        timestamp_ms,
     };
     let sealed =
         seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()));
     let answer = match sealed {
-        Ok(envelope) => {
-            // Kept before it leaves: a crash after the relay stored it must
-            // not lose it from the history.
-            let sent = SentMessage {
-                id: id.to_string(),
-                broadcast: false,
-                text: text.to_string(),
-                sent_ms: params.timestamp_ms,
-                recipients: vec![RecipientState {
-                    user: to.to_string(),
-                    state: DeliveryState::Sending,
-                    at_ms: params.timestamp_ms,
-                    detail: None,
-                }],
-            };
-            agent.store.record_sent(&keys.inbox, &sent)?;
-            client.call(&Request::Send { envelope }).await
-        }
+        Ok(envelope) => client.call(&Request::Send { envelope }).await,
         Err(e) => {
             agent.store.release_seq(to, seq)?;
+            let failed = [(to, DeliveryState::Failed, Some(e.message.clone()))];
+            agent.store.update_sent(&keys.inbox, &id, &failed)?;
             return Err(e);
         }
     };
@@ -396,25 +399,23 @@ async fn send_as(
         // (Without an answer it may have stored it: the number stays used.)
         Err(e @ ClientError::Relay(_)) => {
             agent.store.release_seq(to, seq)?;
-            Err(e.into())
+            Err((e.into(), true))
         }
-        Err(e) => Err(e.into()),
-        Ok(other) => Err(unexpected("Send", &other)),
+        Err(e) => Err((e.into(), false)),
+        Ok(other) => Err((unexpected("Send", &other), false)),
     };
     let state = match &result {
         Ok(_) => Some((DeliveryState::Queued, None)),
-        Err(e) if e.kind == IpcErrorKind::Relay => {
-            Some((DeliveryState::Failed, Some(e.message.clone())))
-        }
+        Err((e, true)) => Some((DeliveryState::Failed, Some(e.message.clone()))),
         // No answer: it may be stored; it stays `sending`.
-        Err(_) => None,
+        Err((_, false)) => None,
     };
     if let Some((state, detail)) = state {
         agent
             .store
             .update_sent(&keys.inbox, &id, &[(to, state, detail)])?;
     }
-    result
+    result.map_err(|(e, _)| e)
 }
 
 fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
@@ -494,18 +495,19 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
             })
             .collect(),
     };
-    if !targets.is_empty() {
-        agent.store.record_sent(&keys.inbox, &sent_record)?;
-    }
+    let all_seqs = if targets.is_empty() {
+        Vec::new()
+    } else {
+        agent.store.begin_send(&keys.inbox, &sent_record)?
+    };
     let mut sent = Vec::new();
-    for group in targets.chunks(MAX_RECIPIENTS) {
-        let mut seqs = Vec::with_capacity(group.len());
-        for (user, _) in group {
-            seqs.push(agent.store.reserve_seq(user)?);
-        }
+    for (group, seqs) in targets
+        .chunks(MAX_RECIPIENTS)
+        .zip(all_seqs.chunks(MAX_RECIPIENTS))
+    {
         let to: Vec<To<'_>> = group
             .iter()
-            .zip(&seqs)
+            .zip(seqs)
             .map(|((name, key), seq)| To {
                 name,
                 key,
@@ -538,7 +540,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
                 }
                 for r in refused {
                     let Some(((name, _), seq)) =
-                        group.iter().zip(&seqs).find(|((n, _), _)| *n == r.user)
+                        group.iter().zip(seqs).find(|((n, _), _)| *n == r.user)
                     else {
                         continue;
                     };
@@ -555,7 +557,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
             Err(e) => {
                 let refused = matches!(e, ClientError::Relay(_));
                 let error: IpcError = e.into();
-                for ((name, _), seq) in group.iter().zip(&seqs) {
+                for ((name, _), seq) in group.iter().zip(seqs) {
                     if refused {
                         agent.store.release_seq(name, *seq)?;
                         updates.push((name, DeliveryState::Failed, Some(error.message.clone())));

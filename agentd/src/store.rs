@@ -591,6 +591,30 @@ impl Store {
         Ok(seq)
     }
 
+    /// Start a send in one commit: take the next sequence number for each
+    /// recipient of `msg` (in its order) and keep `msg` (every recipient
+    /// `sending`) in the sent history. As with [`Store::reserve_seq`], a
+    /// crash after this can at worst skip numbers, never reuse one.
+    pub fn begin_send(&self, key: &InboxKey, msg: &SentMessage) -> Result<Vec<u64>, StoreError> {
+        let id = MessageId::from_hex(&msg.id).ok_or_else(|| corrupt("sent message id"))?;
+        let tx = self.db.begin_write()?;
+        let mut seqs = Vec::with_capacity(msg.recipients.len());
+        {
+            let mut t = tx.open_table(SEQ_OUT)?;
+            for r in &msg.recipients {
+                let seq = t.get(r.user.as_str())?.map_or(1, |v| v.value());
+                t.insert(r.user.as_str(), seq + 1)?;
+                seqs.push(seq);
+            }
+            let mut sent = tx.open_table(SENT)?;
+            let record = next_key(&sent)?;
+            sent.insert(record, seal_json(key, SENT_AAD, record, msg)?.as_slice())?;
+            tx.open_table(SENT_IDS)?.insert(id.0.as_slice(), record)?;
+        }
+        tx.commit()?;
+        Ok(seqs)
+    }
+
     /// Give back a number the relay certainly did not store (it refused the
     /// message), if no later one was taken since.
     pub fn release_seq(&self, user: &str, seq: u64) -> Result<(), StoreError> {

@@ -153,6 +153,12 @@ impl Config {
                 "messages would be deleted as soon as they are stored",
             ),
             (
+                "--sweep-interval",
+                "sweep_interval",
+                self.sweep_interval,
+                "the sweep would never pause",
+            ),
+            (
                 "--code-ttl",
                 "code_ttl",
                 self.code_ttl,
@@ -252,9 +258,10 @@ impl Config {
                 self.mail.from,
             ),
             format!(
-                "settings: retention={} quota_messages={} quota_bytes={} sender_share_percent={} \
-                 code_ttl={} session_ttl={}",
+                "settings: retention={} sweep_interval={} quota_messages={} quota_bytes={} \
+                 sender_share_percent={} code_ttl={} session_ttl={}",
                 d(self.retention),
+                d(self.sweep_interval),
                 self.quota.messages,
                 self.quota.bytes,
                 self.sender_share_percent,

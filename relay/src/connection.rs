@@ -6,7 +6,7 @@
 //!    │                 → handlers::dispatch → one Response frame → finish
 //!    ├─ login deadline: no login or resume in time → closed with a reason
 //!    ├─ session expiry: the login ends, closed with a reason
-//!    └─ after login: push task ─► uni stream: Push::Deliver{queued…, then new…}
+//!    └─ after login: push task (see `push`) ─► uni stream: queued…, then new…
 //! ```
 //!
 //! Bad frames get a typed error reply; a connection that keeps sending them
@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 use securechat_common::codec::{self, CodecError};
 use securechat_common::limits::MAX_FRAME_LEN;
 use securechat_common::protocol::{
-    ErrorCode, ErrorReply, Push, Request, Response, BINDING_LEN, EXPORTER_LABEL,
+    ErrorCode, ErrorReply, Request, Response, BINDING_LEN, EXPORTER_LABEL,
 };
-use securechat_common::Envelope;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -38,16 +37,14 @@ use crate::close;
 use crate::handlers;
 use crate::lock;
 use crate::metrics::FrameRejection;
+use crate::push;
 use crate::ratelimit::Source;
 use crate::server::Shared;
-use crate::store::blocking;
 
 /// Malformed frames tolerated per connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 8;
 /// How long a client may take to send one whole request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Envelopes read from the store per push batch.
-const PUSH_BATCH: usize = 64;
 
 /// Who is logged in on a connection.
 #[derive(Clone, Debug)]
@@ -154,12 +151,15 @@ impl ConnState {
         if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
             return;
         }
+        // Subscribed first: the changes from the moment this user is online.
+        let presence = shared.hub.subscribe();
         let notify = shared.hub.register(username, self.id, self.conn.clone());
-        let task = tokio::spawn(push_loop(
+        let task = tokio::spawn(push::run(
             Arc::clone(shared),
             Arc::clone(self),
             username.to_string(),
             notify,
+            presence,
         ));
         *slot = Some((task, username.to_string()));
     }
@@ -403,7 +403,7 @@ async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
 
 /// How many request kinds this build knows ([`Request`]'s variants, whose
 /// index starts the frame body).
-const REQUEST_KINDS: u32 = 12;
+const REQUEST_KINDS: u32 = 13;
 
 /// Whether a frame that could not be decoded at least names a request kind
 /// this build knows; if not, it is most likely from a newer client. A frame
@@ -433,74 +433,6 @@ fn bad_frame(shared: &Shared, state: &ConnState, frame: &[u8], e: &CodecError) -
     ))
 }
 
-async fn push_loop(
-    shared: Arc<Shared>,
-    state: Arc<ConnState>,
-    username: String,
-    notify: Arc<Notify>,
-) {
-    let mut send = match state.conn.open_uni().await {
-        Ok(send) => send,
-        Err(e) => {
-            tracing::debug!(conn = state.id, error = %e, "cannot open the push stream");
-            return;
-        }
-    };
-    // Everything up to `cursor` has been pushed on this connection; unacked
-    // messages stay queued and are pushed again on the next login.
-    let mut cursor = 0u64;
-    loop {
-        let woken = notify.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        loop {
-            let user = username.clone();
-            let batch = match blocking(&shared.store, move |s| {
-                s.queued_after(&user, cursor, PUSH_BATCH)
-            })
-            .await
-            {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::error!(conn = state.id, error = %e, "cannot read the queue");
-                    state.conn.close(0u32.into(), b"relay storage error");
-                    return;
-                }
-            };
-            if batch.is_empty() {
-                break;
-            }
-            for queued in batch {
-                cursor = queued.seq;
-                let frame = postcard::from_bytes::<Envelope>(&queued.envelope)
-                    .map_err(CodecError::from)
-                    .and_then(|envelope| {
-                        codec::encode(&Push::Deliver {
-                            envelope,
-                            received_unix: queued.received_unix,
-                        })
-                    });
-                let frame = match frame {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        tracing::error!(conn = state.id, id = %queued.id, error = %e, "skipping an undecodable queued envelope");
-                        continue;
-                    }
-                };
-                if let Err(e) = send.write_all(&frame).await {
-                    tracing::debug!(conn = state.id, error = %e, "push stream closed");
-                    return;
-                }
-                tracing::debug!(conn = state.id, id = %queued.id, "pushed");
-            }
-        }
-        tokio::select! {
-            () = &mut woken => {}
-            _ = state.conn.closed() => return,
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -508,9 +440,9 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_is_the_last_one_known() {
-        // `Time` is the last variant of `Request`: a new one must raise
+        // `Directory` is the last variant of `Request`: a new one must raise
         // REQUEST_KINDS, or its malformed frames are counted as unknown.
-        let frame = codec::encode(&Request::Time).unwrap();
+        let frame = codec::encode(&Request::Directory { after: None }).unwrap();
         assert_eq!(u32::from(frame[5]), REQUEST_KINDS - 1);
         assert!(known_request_kind(&frame));
         let mut newer = frame.to_vec();

@@ -1,19 +1,32 @@
-//! Who is online: one live connection per user, and a wake-up per user.
+//! Who is online: one live connection per user, a wake-up per user, and
+//! the news of users coming and going.
 //!
 //! ```text
 //!  Send(for bob) ── commit ──► hub.notify("bob") ──► bob's push task reads the queue
 //!  login(bob) on conn 7 ──► hub.register ──► conn 3 (older bob) closed: "superseded"
+//!  first login(bob) / last bob gone ──► Presence{bob, online} ──► every push task
 //! ```
 //!
 //! The newest connection of a user wins: registering closes the previous
 //! one with a reason, so exactly one push task drains each queue.
+//!
+//! A [`Presence`] change is broadcast when a user who was offline registers
+//! and when the live connection of a user unregisters. A connection that
+//! supersedes another of the same user changes nothing (no leave and join),
+//! and the superseded one's unregistering is not a leave: it is no longer
+//! the live one. Changes are sent while the map is locked, so they come in
+//! the order the map changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
 pub use crate::close::{SUPERSEDED_CODE, SUPERSEDED_REASON};
+
+/// Presence changes a push task may fall behind by before it skips some
+/// (it cannot write while its client does not read; the others go on).
+const PRESENCE_BACKLOG: usize = 256;
 
 struct Entry {
     conn_id: u64,
@@ -21,10 +34,29 @@ struct Entry {
     notify: Arc<Notify>,
 }
 
+/// A user came online or went offline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    /// Who.
+    pub user: String,
+    /// Online now (`true`) or gone (`false`).
+    pub online: bool,
+}
+
 /// The online users.
-#[derive(Default)]
 pub struct Hub {
     users: Mutex<HashMap<String, Entry>>,
+    presence: broadcast::Sender<Presence>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        let (presence, _) = broadcast::channel(PRESENCE_BACKLOG);
+        Self {
+            users: Mutex::default(),
+            presence,
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -38,11 +70,26 @@ impl Hub {
         crate::lock(&self.users)
     }
 
+    /// Tell everyone who is subscribed (nobody listening is fine).
+    fn announce(&self, user: &str, online: bool) {
+        let _ = self.presence.send(Presence {
+            user: user.to_string(),
+            online,
+        });
+    }
+
+    /// The presence changes from now on. Subscribe before registering, so
+    /// that no change between the two is missed (the user's own come too).
+    pub fn subscribe(&self) -> broadcast::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+
     /// Make `conn` the user's live connection; close any older one. Returns
     /// the wake-up the push task for this connection waits on.
     pub fn register(&self, username: &str, conn_id: u64, conn: quinn::Connection) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
-        let old = self.lock().insert(
+        let mut users = self.lock();
+        let old = users.insert(
             username.to_string(),
             Entry {
                 conn_id,
@@ -50,11 +97,13 @@ impl Hub {
                 notify: Arc::clone(&notify),
             },
         );
-        if let Some(old) = old {
-            if old.conn_id != conn_id {
-                tracing::info!(%username, old = old.conn_id, new = conn_id, "newer connection supersedes older one");
-                old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
-            }
+        if old.is_none() {
+            self.announce(username, true);
+        }
+        drop(users);
+        if let Some(old) = old.filter(|old| old.conn_id != conn_id) {
+            tracing::info!(%username, old = old.conn_id, new = conn_id, "newer connection supersedes older one");
+            old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
         }
         notify
     }
@@ -64,6 +113,7 @@ impl Hub {
         let mut users = self.lock();
         if users.get(username).is_some_and(|e| e.conn_id == conn_id) {
             users.remove(username);
+            self.announce(username, false);
         }
     }
 

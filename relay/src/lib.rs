@@ -24,7 +24,9 @@
 //! * [`server`] — [`Relay::bind`], [`Relay::run`]: accept loop and shutdown.
 //! * `admission` — connection caps, in all and per source.
 //! * `connection` — one QUIC connection: request streams, login state and
-//!   its deadlines, pushes.
+//!   its deadlines.
+//! * `push` — a logged-in connection's push stream: its queue, and who
+//!   comes and goes.
 //! * [`close`] — the close codes and reasons a client can be sent.
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
@@ -32,7 +34,8 @@
 //! * [`store`] — the [`store::Store`] trait, its redb backend, and the
 //!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
-//! * [`hub`] — online users; the newest connection of a user wins.
+//! * [`hub`] — online users; the newest connection of a user wins; presence
+//!   changes for every push task.
 //! * `logins` — live logins per session token: a logout or an expiry ends
 //!   every connection using the token.
 //! * [`ratelimit`] — limits per source (an IPv4 address or IPv6 /64) and
@@ -60,6 +63,7 @@ mod logins;
 pub mod mail;
 pub mod metrics;
 pub mod password_pool;
+mod push;
 pub mod ratelimit;
 pub mod server;
 pub mod status;

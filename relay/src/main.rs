@@ -26,7 +26,7 @@ use serde::Deserialize;
 /// Settings come from command-line flags, then the TOML file given with
 /// --config (same names, with underscores: `listen`, `data_dir`,
 /// `status_listen`, `smtp_url`, `smtp_url_file`, `smtp_ca`, `mail_from`,
-/// `cert`, `key`, `retention`, `quota_messages`, `quota_bytes`, `code_ttl`,
+/// `cert`, `key`, `retention`, `sweep_interval`, `quota_messages`, `quota_bytes`, `code_ttl`,
 /// `session_ttl`, `max_connections`, `max_connections_per_source`,
 /// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
 /// `argon2_workers`, `argon2_queue`, `log_level`), then the defaults shown
@@ -103,9 +103,14 @@ struct Cli {
     mail_from: Option<String>,
 
     /// How long an undelivered message is kept (e.g. 30d, 12h, or seconds).
-    /// Default: 30d.
+    /// Default: 30d. The sender is told when one expires.
     #[arg(long, value_name = "DURATION")]
     retention: Option<String>,
+
+    /// How often expired messages, registrations and sessions are swept
+    /// (and the senders of expired messages told). Default: 60s.
+    #[arg(long, value_name = "DURATION")]
+    sweep_interval: Option<String>,
 
     /// Most messages waiting for one recipient. Default: 10000.
     #[arg(long, value_name = "N")]
@@ -194,6 +199,7 @@ struct FileConfig {
     smtp_ca: Option<PathBuf>,
     mail_from: Option<String>,
     retention: Option<String>,
+    sweep_interval: Option<String>,
     quota_messages: Option<u64>,
     quota_bytes: Option<u64>,
     code_ttl: Option<String>,
@@ -398,6 +404,9 @@ fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
         Some(text) => parse_duration("--retention", &text)?,
         None => DEFAULT_RETENTION,
     };
+    if let Some(text) = cli.sweep_interval.clone().or(file.sweep_interval) {
+        config.sweep_interval = parse_duration("--sweep-interval", &text)?;
+    }
     config.quota.messages = cli
         .quota_messages
         .or(file.quota_messages)

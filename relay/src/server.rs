@@ -5,7 +5,7 @@
 //!  Relay::run
 //!    ├─ accept loop ──► JoinSet<connection task>   (one per QUIC connection)
 //!    ├─ queue writer (group commit of sends and acks)
-//!    ├─ sweeper (expired messages, registrations, sessions)
+//!    ├─ sweeper (expired messages, registrations, sessions; notices to senders)
 //!    ├─ mail check (connects to the SMTP server once; a warning if it fails)
 //!    └─ status listener (axum) and its messages-per-second sampler
 //!  shutdown future fires
@@ -401,13 +401,20 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
         let retention = shared.config.retention.as_secs();
         let now = shared.config.clock.unix_now();
         match blocking(&shared.store, move |s| s.sweep(now, retention)).await {
-            Ok(stats) if stats != Default::default() => tracing::info!(
-                expired_messages = stats.expired_messages,
-                expired_registrations = stats.expired_registrations,
-                expired_activations = stats.expired_activations,
-                expired_sessions = stats.expired_sessions,
-                "swept expired records"
-            ),
+            Ok(stats) if stats != Default::default() => {
+                tracing::info!(
+                    expired_messages = stats.expired_messages,
+                    expiry_notices = stats.expiry_notices,
+                    expired_registrations = stats.expired_registrations,
+                    expired_activations = stats.expired_activations,
+                    expired_sessions = stats.expired_sessions,
+                    "swept expired records"
+                );
+                // Committed: the senders online now get their notices at once.
+                for sender in &stats.notified {
+                    shared.hub.notify(sender);
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweep failed"),
         }

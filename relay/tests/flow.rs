@@ -11,7 +11,7 @@ use securechat_common::envelope::open;
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_testkit::relay::test_config;
-use securechat_testkit::{error_code, http_get, SmtpServer, TestRelay, TestUser};
+use securechat_testkit::{error_code, http_get, next_queued, SmtpServer, TestRelay, TestUser};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -55,12 +55,7 @@ async fn send(client: &RelayClient, env: &Envelope) -> bool {
 }
 
 async fn next_push(pushes: &mut PushStream) -> Envelope {
-    match tokio::time::timeout(WAIT, pushes.next())
-        .await
-        .expect("a push within the wait")
-        .expect("push stream open")
-        .expect("a valid push frame")
-    {
+    match next_queued(pushes, WAIT).await.expect("a queued push") {
         Push::Deliver { envelope: env, .. } => env,
         other => panic!("push: {other:?}"),
     }

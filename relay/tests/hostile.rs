@@ -29,9 +29,12 @@ use securechat_relay::config::DEFAULT_UNAUTHENTICATED_TIMEOUT;
 use securechat_relay::ratelimit::Limit;
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{
-    close_reason, http_get, raw_request, SmtpServer, SourceClient, TestRelay, TestUser,
+    close_reason, http_get, next_queued, raw_request, SmtpServer, SourceClient, TestRelay, TestUser,
 };
 use zeroize::Zeroizing;
+
+/// How long a test waits for a push.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// What the relay did with a hostile request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -696,7 +699,7 @@ async fn hostile_inputs_get_their_exact_answer_and_honest_users_carry_on() {
         .await;
     assert!(matches!(r, Ok(Response::Stored { .. })), "{r:?}");
     let mut pushes = e.accept_pushes().await.unwrap();
-    let Some(Ok(Push::Deliver { envelope: got, .. })) = pushes.next().await else {
+    let Ok(Push::Deliver { envelope: got, .. }) = next_queued(&mut pushes, WAIT).await else {
         panic!("eve got nothing");
     };
     assert_eq!(got, envelope);
@@ -716,7 +719,7 @@ async fn hostile_inputs_get_their_exact_answer_and_honest_users_carry_on() {
     assert_eq!(logged.unread, w.for_carol.len() as u64);
     let mut pushes = c.accept_pushes().await.unwrap();
     for id in &w.for_carol {
-        let Some(Ok(Push::Deliver { envelope: got, .. })) = pushes.next().await else {
+        let Ok(Push::Deliver { envelope: got, .. }) = next_queued(&mut pushes, WAIT).await else {
             panic!("carol got nothing");
         };
         assert_eq!(got.id, *id);

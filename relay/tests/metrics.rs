@@ -17,7 +17,9 @@ use securechat_common::protocol::{
 };
 use securechat_common::PublicKey;
 use securechat_testkit::relay::test_config;
-use securechat_testkit::{error_code, http_get, raw_request, SmtpServer, TestRelay, TestUser};
+use securechat_testkit::{
+    error_code, http_get, next_queued, raw_request, SmtpServer, TestRelay, TestUser,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -157,11 +159,7 @@ async fn metrics_count_a_known_sequence_of_actions() {
         .await
         .unwrap()
         .unwrap();
-    let pushed = tokio::time::timeout(WAIT, pushes.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let pushed = next_queued(&mut pushes, WAIT).await.unwrap();
     let Push::Deliver { envelope, .. } = pushed else {
         panic!("push: {pushed:?}");
     };

@@ -14,9 +14,12 @@ use securechat_common::Envelope;
 use securechat_relay::config::DEFAULT_CODE_TTL;
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{
-    error_code, http_get, raw_request, refusal, SmtpServer, TestRelay, TestUser,
+    error_code, http_get, next_queued, raw_request, refusal, SmtpServer, TestRelay, TestUser,
 };
 use zeroize::Zeroizing;
+
+/// How long a test waits for a push.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn code_of(err: ClientError) -> ErrorCode {
     match err {
@@ -518,7 +521,8 @@ async fn send_refusals_are_typed_and_store_nothing() {
     assert_eq!(ivy.login(&v).await.unwrap().unread, 2);
     let mut pushes = v.accept_pushes().await.unwrap();
     for _ in 0..2 {
-        let Some(Ok(securechat_common::Push::Deliver { envelope: got, .. })) = pushes.next().await
+        let Ok(securechat_common::Push::Deliver { envelope: got, .. }) =
+            next_queued(&mut pushes, WAIT).await
         else {
             panic!("no push");
         };

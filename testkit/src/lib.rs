@@ -37,10 +37,10 @@ pub use user::{close_reason, error_code, refusal};
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use securechat_agentd::relay_client::RelayClient;
+use securechat_agentd::relay_client::{PushStream, RelayClient};
 use securechat_common::codec;
 use securechat_common::limits::MAX_FRAME_LEN;
-use securechat_common::protocol::Response;
+use securechat_common::protocol::{Push, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Write raw `bytes` as one request stream (no encoding) and decode the
@@ -55,6 +55,26 @@ pub async fn raw_request(client: &RelayClient, bytes: &[u8]) -> anyhow::Result<R
         .await
         .context("reading the relay's answer")?;
     Ok(codec::decode::<Response>(&answer)?)
+}
+
+/// The next push from the user's queue (a message or a notice), skipping
+/// presence changes, which come whenever someone else logs in or out.
+/// Fails if none comes `within`, or the stream ends or breaks first.
+pub async fn next_queued(
+    pushes: &mut PushStream,
+    within: std::time::Duration,
+) -> anyhow::Result<Push> {
+    tokio::time::timeout(within, async {
+        loop {
+            match pushes.next().await {
+                Some(Ok(Push::Presence { .. })) => continue,
+                Some(push) => return Ok(push?),
+                None => anyhow::bail!("the push stream ended"),
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("no queued push within {within:?}"))?
 }
 
 /// A minimal HTTP/1.0 GET; returns the body.

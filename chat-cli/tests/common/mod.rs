@@ -104,6 +104,8 @@ pub struct Relay {
     pub fingerprint: String,
     /// The status page, `http://127.0.0.1:PORT/`.
     pub status_url: String,
+    /// Flags added to every start (see [`Relay::start_with`]).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -112,13 +114,23 @@ impl Relay {
     pub fn start(dir: &Path) -> Self {
         let smtp = securechat_testkit::smtp::SmtpServer::start()
             .expect("a real SMTP server for the verification mails");
-        Self::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp))
+        Self::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp), Vec::new())
+    }
+
+    /// Start a relay as [`Relay::start`] does, with `extra` flags (kept
+    /// for restarts), e.g. `["--retention", "2s"]`.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        let smtp = securechat_testkit::smtp::SmtpServer::start()
+            .expect("a real SMTP server for the verification mails");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp), extra)
     }
 
     fn start_on(
         dir: &Path,
         listen: &str,
         smtp: std::sync::Arc<securechat_testkit::smtp::SmtpServer>,
+        extra: Vec<String>,
     ) -> Self {
         let data = dir.join("relay");
         let log = std::fs::OpenOptions::new()
@@ -136,6 +148,7 @@ impl Relay {
                     .map(|ca| format!("--smtp-ca={}", ca.display())),
             )
             .args(["--mail-from", "securechat@example.org"])
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -172,6 +185,7 @@ impl Relay {
             addr: addr.unwrap(),
             fingerprint: fingerprint.unwrap(),
             status_url: status_url.unwrap(),
+            extra,
             child: Some(child),
         }
     }
@@ -186,7 +200,7 @@ impl Relay {
     /// Start again on the same address with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        let again = Self::start_on(&self.dir, &self.addr, self.smtp.clone());
+        let again = Self::start_on(&self.dir, &self.addr, self.smtp.clone(), self.extra.clone());
         assert_eq!(again.fingerprint, self.fingerprint);
         self.status_url = again.status_url.clone();
         self.child = again.into_child();
@@ -846,7 +860,7 @@ impl Agent {
 /// Start a relay that mails its codes to `smtp` (a TLS one is trusted
 /// through `--smtp-ca` with its test CA).
 pub fn relay_with_smtp(dir: &Path, smtp: securechat_testkit::smtp::SmtpServer) -> Relay {
-    Relay::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp))
+    Relay::start_on(dir, "127.0.0.1:0", std::sync::Arc::new(smtp), Vec::new())
 }
 
 /// A program on a real terminal: a tmux server of its own (a private

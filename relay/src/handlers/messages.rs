@@ -1,4 +1,5 @@
-//! Directory lookups, the online list, and the message queue (send / ack).
+//! Directory lookups and pages, the online list, and the message queue
+//! (send / ack).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -6,7 +7,9 @@ use std::sync::Arc;
 use securechat_common::crypto::CryptoError;
 use securechat_common::envelope::Kind;
 use securechat_common::limits::validate_username;
-use securechat_common::protocol::{AckOutcome, ErrorCode, ErrorReply, Refusal, Response};
+use securechat_common::protocol::{
+    AckOutcome, ErrorCode, ErrorReply, Refusal, Response, DIRECTORY_PAGE,
+};
 use securechat_common::{Envelope, MessageId};
 
 use super::{fail, internal, require_auth, whole_secs, Reply};
@@ -37,6 +40,35 @@ pub(super) async fn lookup(shared: &Arc<Shared>, state: &ConnState, username: St
     Ok(Response::Key {
         username,
         public_key: account.public_key,
+    })
+}
+
+/// A page of the directory: what a client seals a broadcast for.
+pub(super) async fn directory(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    after: Option<String>,
+) -> Reply {
+    require_auth(state)?;
+    if after
+        .as_deref()
+        .is_some_and(|a| validate_username(a).is_err())
+    {
+        // Not echoed: it may be anything, of any size.
+        return Err(fail(
+            ErrorCode::BadRequest,
+            "the directory's `after` breaks the username rules; give the last name \
+             of the previous page, or none for the first page",
+        ));
+    }
+    let page = blocking(&shared.store, move |s| {
+        s.directory(after.as_deref(), DIRECTORY_PAGE)
+    })
+    .await
+    .map_err(|e| internal("reading the directory failed", e))?;
+    Ok(Response::Directory {
+        users: page.users,
+        more: page.more,
     })
 }
 

@@ -2,7 +2,7 @@
 //! [`Response`] or a typed [`ErrorReply`].
 //!
 //! * [`account`] — register, verify, challenge, login, resume, logout, publish key;
-//! * [`messages`] — directory lookup, online list, send, ack;
+//! * [`messages`] — directory lookup and pages, online list, send, ack;
 //! * [`audit`] — counts of login and resume outcomes, and the log line a
 //!   failed login leaves for fail2ban.
 //!
@@ -68,6 +68,7 @@ pub(crate) async fn dispatch(
             signature,
         } => account::publish_key(shared, state, public_key, signature).await,
         Request::LookupKey { username } => messages::lookup(shared, state, username).await,
+        Request::Directory { after } => messages::directory(shared, state, after).await,
         Request::Online => messages::online(shared, state),
         Request::Time => Ok(Response::Time {
             unix_ms: shared.config.clock.unix_now_ms(),

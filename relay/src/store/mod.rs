@@ -24,17 +24,22 @@
 //! * per-recipient message queues in arrival order, a dedupe index on
 //!   (recipient, message id), per-recipient totals for the quota, and who
 //!   sent each queued message with per-(recipient, sender) totals, so one
-//!   sender can fill only its share of someone's queue.
+//!   sender can fill only its share of someone's queue. A queue entry is a
+//!   message or a notice that a message its owner sent expired
+//!   ([`queue_item`]).
 
+pub mod queue_item;
 mod redb_store;
 pub mod writer;
 
 use std::sync::Arc;
 
+use securechat_common::protocol::DirectoryEntry;
 use securechat_common::MessageId;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use queue_item::{ExpiredNotice, QueueItem};
 pub use redb_store::RedbStore;
 pub use writer::{QueueWriter, WriterTask};
 
@@ -160,6 +165,15 @@ impl std::fmt::Debug for Activation {
             .field("attempts", &self.attempts)
             .finish_non_exhaustive()
     }
+}
+
+/// One page of [`Store::directory`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectoryPage {
+    /// Active accounts in name order: name and public key only.
+    pub users: Vec<DirectoryEntry>,
+    /// More accounts follow the last one of `users`.
+    pub more: bool,
 }
 
 /// What [`Store::take_code_attempt`] found.
@@ -310,7 +324,19 @@ pub enum QueueOutcome {
     Ack(bool),
 }
 
-/// One queued envelope.
+/// One entry of a queue as stored: a message or a notice. What the push
+/// task reads.
+#[derive(Clone, Debug)]
+pub struct QueueEntry {
+    /// Position in the owner's queue (grows with arrival).
+    pub seq: u64,
+    /// When the relay stored it (Unix seconds).
+    pub received_unix: u64,
+    /// The entry: a postcard [`QueueItem`] (see [`QueueItem::decode`]).
+    pub item: Vec<u8>,
+}
+
+/// One queued message.
 #[derive(Clone, Debug)]
 pub struct Queued {
     /// Position in the recipient's queue (grows with arrival).
@@ -330,17 +356,22 @@ pub struct StoreCounts {
     pub accounts: u64,
     /// Pending registrations (expired ones included until swept).
     pub pending_registrations: u64,
-    /// Messages waiting in all queues.
+    /// Messages (and expiry notices) waiting in all queues.
     pub queued_messages: u64,
-    /// Envelope bytes waiting in all queues.
+    /// Bytes waiting in all queues.
     pub queued_bytes: u64,
 }
 
-/// What a [`Store::sweep`] removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a [`Store::sweep`] removed, and the notices it queued.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepStats {
-    /// Messages older than the retention time.
+    /// Messages (and notices) older than the retention time.
     pub expired_messages: u64,
+    /// [`ExpiredNotice`]s queued for the senders of expired messages.
+    pub expiry_notices: u64,
+    /// Whose queues got a notice, sorted, each once: the relay wakes their
+    /// push tasks.
+    pub notified: Vec<String>,
     /// Expired pending registrations.
     pub expired_registrations: u64,
     /// Expired [`Activation`] records (accounts stay).
@@ -354,6 +385,10 @@ pub struct SweepStats {
 pub trait Store: Send + Sync + 'static {
     /// The active account called `username`.
     fn account(&self, username: &str) -> Result<Option<Account>, StoreError>;
+
+    /// Up to `limit` active accounts whose names sort after `after` (from
+    /// the first with `None`), in name (byte) order, and whether more follow.
+    fn directory(&self, after: Option<&str>, limit: usize) -> Result<DirectoryPage, StoreError>;
 
     /// Store a pending registration unless the name is taken by an account
     /// or by a pending registration that has not expired at `now`.
@@ -455,7 +490,18 @@ pub trait Store: Send + Sync + 'static {
         limits: QueueLimits,
     ) -> Result<Vec<QueueOutcome>, StoreError>;
 
-    /// Up to `limit` queued envelopes for `recipient` with `seq > after`, oldest first.
+    /// Up to `limit` queue entries (messages and notices) for `recipient`
+    /// with `seq > after`, oldest first, undecoded.
+    fn entries_after(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<QueueEntry>, StoreError>;
+
+    /// Up to `limit` queued messages for `recipient` with `seq > after`,
+    /// oldest first; notices are left out. For tools and tests: an entry
+    /// that does not decode fails the call.
     fn queued_after(
         &self,
         recipient: &str,
@@ -463,17 +509,21 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Queued>, StoreError>;
 
-    /// Messages waiting for `recipient`.
+    /// Entries (messages and notices) waiting for `recipient`.
     fn queue_len(&self, recipient: &str) -> Result<u64, StoreError>;
 
-    /// Delete an acknowledged message (and its count in its sender's
-    /// share); `false` if it was not queued. The id stays known for dedupe
+    /// Delete an acknowledged message or notice (and a message's count in
+    /// its sender's share); `false` if it was not queued. The id stays known for dedupe
     /// until the retention time has passed.
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError>;
 
     /// Remove messages stored before `now - retention_secs` (with their
     /// counts in their senders' shares), dedupe entries of that age, and
     /// expired registrations, activations and sessions.
+    ///
+    /// In the same commit, each removed message with a recorded sender who
+    /// still has an account becomes an [`ExpiredNotice`] in the sender's
+    /// queue, stored at `now`. A removed notice gets no notice.
     fn sweep(&self, now: u64, retention_secs: u64) -> Result<SweepStats, StoreError>;
 
     /// Totals for the status page.

@@ -2,15 +2,17 @@
 //! change or per queue batch (redb commits are durable: fsync before
 //! `commit` returns). A transaction that changed nothing is not committed.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use securechat_common::protocol::DirectoryEntry;
 use securechat_common::MessageId;
 
 use super::{
-    from_bytes, to_bytes, Account, Activation, CodeAttempt, EnqueueOutcome, PendingRegistration,
-    QueueLimits, QueueOp, QueueOutcome, Queued, Quota, Session, Store, StoreCounts, StoreError,
-    SweepStats,
+    from_bytes, to_bytes, Account, Activation, CodeAttempt, DirectoryPage, EnqueueOutcome,
+    ExpiredNotice, PendingRegistration, QueueEntry, QueueItem, QueueLimits, QueueOp, QueueOutcome,
+    Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -23,7 +25,7 @@ const ACTIVATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("activati
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 /// username → last accepted TOTP time step.
 const TOTP_STEPS: TableDefinition<&str, u64> = TableDefinition::new("totp_steps");
-/// (recipient, seq) → (stored unix secs, postcard envelope).
+/// (owner, seq) → (stored unix secs, postcard [`QueueItem`]).
 const QUEUE: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("queue");
 /// (recipient, message id) → (seq, stored unix secs); seq 0 = delivered.
 const DEDUPE: TableDefinition<(&str, &[u8]), (u64, u64)> = TableDefinition::new("queue_dedupe");
@@ -168,6 +170,27 @@ impl Store for RedbStore {
         let table = tx.open_table(ACCOUNTS)?;
         let found = table.get(username)?;
         found.map(|g| from_bytes(g.value())).transpose()
+    }
+
+    fn directory(&self, after: Option<&str>, limit: usize) -> Result<DirectoryPage, StoreError> {
+        let tx = self.db.begin_read()?;
+        let accounts = tx.open_table(ACCOUNTS)?;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = DirectoryPage::default();
+        for entry in accounts.range::<&str>((start, Bound::Unbounded))? {
+            if page.users.len() >= limit {
+                // One entry past the page is enough to know that more follow.
+                page.more = true;
+                break;
+            }
+            let (_, value) = entry?;
+            let account: Account = from_bytes(value.value())?;
+            page.users.push(DirectoryEntry {
+                username: account.username,
+                public_key: account.public_key,
+            });
+        }
+        Ok(page)
     }
 
     fn insert_pending(&self, pending: &PendingRegistration, now: u64) -> Result<bool, StoreError> {
@@ -435,6 +458,33 @@ impl Store for RedbStore {
         Ok(outcomes)
     }
 
+    fn entries_after(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let queue = tx.open_table(QUEUE)?;
+        let mut out = Vec::new();
+        if after == u64::MAX {
+            return Ok(out);
+        }
+        for entry in queue.range((recipient, after + 1)..=(recipient, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            let (received_unix, item) = value.value();
+            out.push(QueueEntry {
+                seq: key.value().1,
+                received_unix,
+                item: item.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
     fn queued_after(
         &self,
         recipient: &str,
@@ -452,15 +502,17 @@ impl Store for RedbStore {
                 break;
             }
             let (key, value) = entry?;
-            let (_, seq) = key.value();
-            let (received_unix, envelope) = value.value();
-            let env: securechat_common::Envelope = from_bytes(envelope)?;
-            out.push(Queued {
-                seq,
-                id: env.id,
-                received_unix,
-                envelope: envelope.to_vec(),
-            });
+            let (received_unix, item) = value.value();
+            let item = QueueItem::decode(item)?;
+            let id = item.ack_id()?;
+            if let QueueItem::Envelope(envelope) = item {
+                out.push(Queued {
+                    seq: key.value().1,
+                    id,
+                    received_unix,
+                    envelope,
+                });
+            }
         }
         Ok(out)
     }
@@ -486,30 +538,12 @@ impl Store for RedbStore {
         let mut stats = SweepStats::default();
         let tx = self.db.begin_write()?;
         {
-            let mut queue = tx.open_table(QUEUE)?;
-            let mut expired: Vec<(String, u64, u64)> = Vec::new();
-            for entry in queue.iter()? {
-                let (key, value) = entry?;
-                let (stored, envelope) = value.value();
-                if stored < cutoff {
-                    let (recipient, seq) = key.value();
-                    expired.push((recipient.to_string(), seq, envelope.len() as u64));
-                }
-            }
-            let mut totals = tx.open_table(TOTALS)?;
-            let mut senders = tx.open_table(QUEUE_SENDERS)?;
-            let mut sender_totals = tx.open_table(SENDER_TOTALS)?;
-            for (recipient, seq, size) in &expired {
-                queue.remove((recipient.as_str(), *seq))?;
-                subtract_totals(&mut totals, recipient, 1, *size)?;
-                forget_sender(&mut senders, &mut sender_totals, recipient, *seq, *size)?;
-            }
-            stats.expired_messages = expired.len() as u64;
+            let mut tables = QueueTables::open(&tx)?;
+            tables.expire(cutoff, now, &mut stats)?;
 
             // Dedupe entries live as long as the messages they guard.
-            let mut dedupe = tx.open_table(DEDUPE)?;
             let mut old: Vec<(String, Vec<u8>)> = Vec::new();
-            for entry in dedupe.iter()? {
+            for entry in tables.dedupe.iter()? {
                 let (key, value) = entry?;
                 let (_, stored) = value.value();
                 if stored < cutoff {
@@ -518,7 +552,7 @@ impl Store for RedbStore {
                 }
             }
             for (recipient, id) in &old {
-                dedupe.remove((recipient.as_str(), id.as_slice()))?;
+                tables.dedupe.remove((recipient.as_str(), id.as_slice()))?;
             }
 
             stats.expired_registrations = remove_expired(&mut tx.open_table(PENDING)?, |v| {
@@ -594,12 +628,9 @@ impl<'txn> QueueTables<'txn> {
         if self.dedupe.get((recipient, id.0.as_slice()))?.is_some() {
             return Ok(EnqueueOutcome::Duplicate);
         }
-        let (messages, bytes) = self
-            .totals
-            .get(recipient)?
-            .map(|g| g.value())
-            .unwrap_or((0, 0));
-        let size = envelope.len() as u64;
+        let item = QueueItem::Envelope(envelope.to_vec()).encode()?;
+        let (messages, bytes) = self.held(recipient)?;
+        let size = item.len() as u64;
         if exceeds((messages, bytes), size, limits.quota) {
             return Ok(EnqueueOutcome::QuotaExceeded);
         }
@@ -617,19 +648,129 @@ impl<'txn> QueueTables<'txn> {
             }
             None => None,
         };
-        let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
-        self.meta.insert("next_seq", seq + 1)?;
-        self.queue.insert((recipient, seq), (now, envelope))?;
-        self.dedupe
-            .insert((recipient, id.0.as_slice()), (seq, now))?;
-        self.totals
-            .insert(recipient, (messages + 1, bytes + size))?;
+        let seq = self.append(recipient, id, &item, now)?;
         if let Some((sender, (held_messages, held_bytes))) = from_sender {
             self.senders.insert((recipient, seq), sender)?;
             self.sender_totals
                 .insert((recipient, sender), (held_messages + 1, held_bytes + size))?;
         }
         Ok(EnqueueOutcome::Stored)
+    }
+
+    /// What waits in `owner`'s queue: (entries, bytes).
+    fn held(&self, owner: &str) -> Result<(u64, u64), StoreError> {
+        Ok(self.totals.get(owner)?.map(|g| g.value()).unwrap_or((0, 0)))
+    }
+
+    /// Put `item` at the end of `owner`'s queue, known by `id` for dedupe
+    /// and acks, and count it; the caller has checked the limits and the
+    /// dedupe index. Returns its queue position.
+    fn append(
+        &mut self,
+        owner: &str,
+        id: &MessageId,
+        item: &[u8],
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let (messages, bytes) = self.held(owner)?;
+        let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
+        self.meta.insert("next_seq", seq + 1)?;
+        self.queue.insert((owner, seq), (now, item))?;
+        self.dedupe.insert((owner, id.0.as_slice()), (seq, now))?;
+        self.totals
+            .insert(owner, (messages + 1, bytes + item.len() as u64))?;
+        Ok(seq)
+    }
+
+    /// Remove every entry stored before `cutoff`; for each removed message
+    /// with a recorded sender, queue an [`ExpiredNotice`] for that sender at
+    /// `now` (if they still have an account). Counts go into `stats`.
+    fn expire(&mut self, cutoff: u64, now: u64, stats: &mut SweepStats) -> Result<(), StoreError> {
+        struct Gone {
+            owner: String,
+            seq: u64,
+            stored: u64,
+            size: u64,
+            /// The message id, read only for entries with a sender: notices
+            /// (which have none) get no notice in turn.
+            id: Option<MessageId>,
+        }
+        let mut gone = Vec::new();
+        for entry in self.queue.iter()? {
+            let (key, value) = entry?;
+            let (stored, item) = value.value();
+            if stored >= cutoff {
+                continue;
+            }
+            let (owner, seq) = key.value();
+            let id = if self.senders.get((owner, seq))?.is_some() {
+                match QueueItem::decode(item).and_then(|item| item.ack_id()) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "an expired message does not decode; its sender is not told");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            gone.push(Gone {
+                owner: owner.to_string(),
+                seq,
+                stored,
+                size: item.len() as u64,
+                id,
+            });
+        }
+        let mut notified = std::collections::BTreeSet::new();
+        for g in &gone {
+            self.queue.remove((g.owner.as_str(), g.seq))?;
+            subtract_totals(&mut self.totals, &g.owner, 1, g.size)?;
+            let sender = forget_sender(
+                &mut self.senders,
+                &mut self.sender_totals,
+                &g.owner,
+                g.seq,
+                g.size,
+            )?;
+            let (Some(sender), Some(id)) = (sender, g.id) else {
+                continue;
+            };
+            if !self.has_account(&sender)? {
+                continue;
+            }
+            let notice = ExpiredNotice::new(id, &g.owner, g.seq, g.stored);
+            if self.enqueue_notice(&sender, &notice, now)? {
+                stats.expiry_notices += 1;
+                notified.insert(sender);
+            }
+        }
+        stats.expired_messages = gone.len() as u64;
+        stats.notified = notified.into_iter().collect();
+        Ok(())
+    }
+
+    /// Queue `notice` for `owner`: no limit applies (one notice per message
+    /// the owner had queued, and smaller than it). `false` if its id is
+    /// taken in the owner's dedupe index, which a derived id makes
+    /// practically impossible; it is then dropped.
+    fn enqueue_notice(
+        &mut self,
+        owner: &str,
+        notice: &ExpiredNotice,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        if self
+            .dedupe
+            .get((owner, notice.notice.0.as_slice()))?
+            .is_some()
+        {
+            tracing::warn!(notice = %notice.notice, "an expiry notice's id is taken; the notice is dropped");
+            return Ok(false);
+        }
+        let item = QueueItem::Expired(notice.clone()).encode()?;
+        self.append(owner, &notice.notice, &item, now)?;
+        Ok(true)
     }
 
     fn ack(&mut self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError> {
@@ -672,18 +813,19 @@ fn exceeds(held: (u64, u64), size: u64, quota: Quota) -> bool {
 
 /// A message of `bytes` at `(recipient, seq)` left the queue (acked or
 /// expired): it no longer counts against its sender's share, if it did.
+/// Returns that sender.
 fn forget_sender(
     senders: &mut redb::Table<(&str, u64), &str>,
     sender_totals: &mut redb::Table<(&str, &str), (u64, u64)>,
     recipient: &str,
     seq: u64,
     bytes: u64,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     let Some(sender) = senders
         .remove((recipient, seq))?
         .map(|g| g.value().to_string())
     else {
-        return Ok(());
+        return Ok(None);
     };
     let key = (recipient, sender.as_str());
     let (m, b) = sender_totals.get(key)?.map(|g| g.value()).unwrap_or((0, 0));
@@ -693,7 +835,7 @@ fn forget_sender(
     } else {
         sender_totals.insert(key, (m, b))?;
     }
-    Ok(())
+    Ok(Some(sender))
 }
 
 fn subtract_totals(

@@ -283,6 +283,7 @@ mod tests {
     impl Store for Probe {
         forward! {
             account(username: &str) -> Option<crate::store::Account>;
+            directory(after: Option<&str>, limit: usize) -> crate::store::DirectoryPage;
             insert_pending(p: &crate::store::PendingRegistration, now: u64) -> bool;
             replace_pending(
                 p: &crate::store::PendingRegistration,
@@ -310,6 +311,7 @@ mod tests {
                 now: u64,
                 q: crate::store::Quota
             ) -> EnqueueOutcome;
+            entries_after(r: &str, after: u64, limit: usize) -> Vec<crate::store::QueueEntry>;
             queued_after(r: &str, after: u64, limit: usize) -> Vec<crate::store::Queued>;
             queue_len(r: &str) -> u64;
             ack(r: &str, id: &MessageId, now: u64) -> bool;

@@ -34,6 +34,12 @@ fn envelope(id: MessageId) -> Vec<u8> {
     postcard::to_stdvec(&env).unwrap()
 }
 
+/// The bytes one envelope from [`envelope`] takes in a queue (and counts
+/// for the byte quota): the envelope in its [`QueueItem`].
+fn stored_len(id: MessageId) -> u64 {
+    QueueItem::Envelope(envelope(id)).encode().unwrap().len() as u64
+}
+
 fn pending(name: &str, expires_unix: u64) -> PendingRegistration {
     PendingRegistration {
         username: name.into(),
@@ -233,7 +239,7 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
     assert_eq!(store.queue_len("nobody").unwrap(), 0);
     let counts = store.counts().unwrap();
     assert_eq!(counts.queued_messages, 4);
-    assert_eq!(counts.queued_bytes, 4 * envelope(ids[0]).len() as u64);
+    assert_eq!(counts.queued_bytes, 4 * stored_len(ids[0]));
     // Sequence numbers keep growing across batches.
     let out = store
         .write_queue_batch(&[send("carol", ids[3], 20)], QueueLimits::quota_only(QUOTA))
@@ -248,7 +254,7 @@ fn a_batch_counts_the_byte_quota_across_its_envelopes() {
     let (_dir, store) = open();
     store.activate(&account("bob")).unwrap();
     let ids: Vec<MessageId> = (1..=3u8).map(|i| MessageId([i; 16])).collect();
-    let size = envelope(ids[0]).len() as u64;
+    let size = stored_len(ids[0]);
     let quota = Quota {
         messages: 100,
         bytes: 2 * size + 1,
@@ -339,7 +345,10 @@ fn sweep_removes_what_has_expired_only() {
             expired_messages: 1,
             expired_registrations: 1,
             expired_activations: 0,
-            expired_sessions: 1
+            expired_sessions: 1,
+            // Queued without a sender (the tools' way): nobody to tell.
+            expiry_notices: 0,
+            notified: Vec::new(),
         }
     );
     let left = store.queued_after("bob", 0, 10).unwrap();
@@ -394,7 +403,7 @@ fn one_sender_fills_only_its_share_of_a_queue() {
     };
     assert_eq!(limits.sender_quota().messages, 2);
     let ids: Vec<MessageId> = (1..=8u8).map(|i| MessageId([i; 16])).collect();
-    let size = envelope(ids[0]).len() as u64;
+    let size = stored_len(ids[0]);
     use EnqueueOutcome::{Duplicate, QuotaExceeded, SenderShareExceeded, Stored};
     use QueueOutcome::{Ack, Enqueue};
     let ops = [
@@ -533,4 +542,168 @@ fn shares_are_at_least_one_and_at_most_the_quota() {
     assert_eq!(share(100), quota);
     assert_eq!(share(200), quota, "clamped to 100 %");
     assert_eq!(share(50).bytes, u64::MAX / 2);
+}
+
+#[test]
+fn the_directory_pages_through_active_accounts_in_name_order() {
+    let (_dir, store) = open();
+    assert_eq!(store.directory(None, 2).unwrap(), DirectoryPage::default());
+    for name in ["dave", "alice", "carol", "bob", "erin"] {
+        store.activate(&account(name)).unwrap();
+    }
+    // Pending registrations are not in the directory.
+    store.insert_pending(&pending("aaron", 5000), 0).unwrap();
+    let names = |page: &DirectoryPage| {
+        page.users
+            .iter()
+            .map(|u| u.username.clone())
+            .collect::<Vec<_>>()
+    };
+    let first = store.directory(None, 2).unwrap();
+    assert_eq!(names(&first), ["alice", "bob"]);
+    assert!(first.more);
+    assert_eq!(first.users[0].public_key, account("alice").public_key);
+    let second = store.directory(Some("bob"), 2).unwrap();
+    assert_eq!(names(&second), ["carol", "dave"]);
+    assert!(second.more);
+    // The last page is exactly full: nothing follows it.
+    let last = store.directory(Some("dave"), 1).unwrap();
+    assert_eq!(names(&last), ["erin"]);
+    assert!(!last.more);
+    // `after` need not be a name that exists.
+    let from_b = store.directory(Some("bz"), 10).unwrap();
+    assert_eq!(names(&from_b), ["carol", "dave", "erin"]);
+    assert!(!from_b.more);
+    assert_eq!(
+        store.directory(Some("erin"), 10).unwrap(),
+        DirectoryPage::default()
+    );
+}
+
+/// The entries of `owner`'s queue, decoded.
+fn items(store: &RedbStore, owner: &str) -> Vec<(u64, QueueItem)> {
+    store
+        .entries_after(owner, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.received_unix, QueueItem::decode(&e.item).unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_sweep_tells_senders_of_expired_messages_in_their_queue() {
+    let (_dir, store) = open();
+    for name in ["alice", "bob", "carol"] {
+        store.activate(&account(name)).unwrap();
+    }
+    let limits = QueueLimits {
+        quota: QUOTA,
+        sender_share_percent: 100,
+    };
+    let [lost, ghostly, untold, fresh] = [1u8, 2, 3, 4].map(|i| MessageId([i; 16]));
+    let out = store
+        .write_queue_batch(
+            &[
+                send_from("alice", "bob", lost, 100),
+                // A sender whose account is gone by the sweep.
+                send_from("ghost", "bob", ghostly, 100),
+                send_from("alice", "carol", fresh, 900),
+            ],
+            limits,
+        )
+        .unwrap();
+    assert!(out
+        .iter()
+        .all(|o| *o == QueueOutcome::Enqueue(EnqueueOutcome::Stored)));
+    // Queued without a sender: nobody to tell.
+    store
+        .enqueue("bob", &untold, &envelope(untold), 100, QUOTA)
+        .unwrap();
+    let lost_seq = store.queued_after("bob", 0, 10).unwrap()[0].seq;
+
+    let stats = store.sweep(1000, 500).unwrap();
+    assert_eq!(stats.expired_messages, 3);
+    assert_eq!(stats.expiry_notices, 1);
+    assert_eq!(stats.notified, ["alice"]);
+    assert_eq!(store.queue_len("bob").unwrap(), 0);
+    assert_eq!(held(&store, "bob", "alice"), (0, 0));
+
+    // Alice's queue holds the notice, stored now, acknowledged by its own id.
+    let notice = ExpiredNotice {
+        notice: ExpiredNotice::id_for(&lost, "bob", lost_seq),
+        id: lost,
+        recipient: "bob".into(),
+        stored_unix: 100,
+    };
+    assert_eq!(
+        items(&store, "alice"),
+        [(1000, QueueItem::Expired(notice.clone()))]
+    );
+    assert_eq!(store.queue_len("alice").unwrap(), 1);
+    assert!(
+        store.queued_after("alice", 0, 10).unwrap().is_empty(),
+        "messages only"
+    );
+    // It counts against nobody's share in alice's queue, and carol's
+    // message from alice is untouched.
+    assert_eq!(held(&store, "alice", "alice"), (0, 0));
+    assert_eq!(store.queue_len("carol").unwrap(), 1);
+    assert!(
+        !store.ack("alice", &lost, 1001).unwrap(),
+        "not by the message id"
+    );
+    assert!(store.ack("alice", &notice.notice, 1001).unwrap());
+    assert!(items(&store, "alice").is_empty());
+    assert_eq!(store.counts().unwrap().queued_messages, 1);
+
+    // A notice that expires in turn is dropped without a notice.
+    let again = MessageId([5; 16]);
+    store
+        .write_queue_batch(&[send_from("carol", "bob", again, 1000)], limits)
+        .unwrap();
+    // (alice's message to carol expires now too.)
+    let stats = store.sweep(2000, 500).unwrap();
+    assert_eq!((stats.expired_messages, stats.expiry_notices), (2, 2));
+    assert_eq!(stats.notified, ["alice", "carol"]);
+    assert_eq!(items(&store, "carol").len(), 1);
+    let stats = store.sweep(3000, 500).unwrap();
+    assert_eq!((stats.expired_messages, stats.expiry_notices), (2, 0));
+    assert!(stats.notified.is_empty());
+    assert_eq!(
+        store.counts().unwrap(),
+        StoreCounts {
+            accounts: 3,
+            ..StoreCounts::default()
+        }
+    );
+}
+
+#[test]
+fn entries_of_an_older_relay_are_listed_but_do_not_decode() {
+    let (_dir, store) = open();
+    // Bare envelopes, as queued before notices existed: version 3, and
+    // the version 1 of the test envelope, whose first byte is a variant
+    // of QueueItem (what follows is not a whole notice).
+    let id = MessageId([1; 16]);
+    let mut current: securechat_common::Envelope = postcard::from_bytes(&envelope(id)).unwrap();
+    current.version = 3;
+    let current = postcard::to_stdvec(&current).unwrap();
+    {
+        let tx = store.db.begin_write().unwrap();
+        let mut queue = tx.open_table(QUEUE).unwrap();
+        queue
+            .insert(("bob", 1), (10, envelope(id).as_slice()))
+            .unwrap();
+        queue.insert(("bob", 2), (10, current.as_slice())).unwrap();
+        drop(queue);
+        tx.commit().unwrap();
+    }
+    let entries = store.entries_after("bob", 0, 10).unwrap();
+    assert_eq!(entries.len(), 2);
+    for entry in &entries {
+        assert!(QueueItem::decode(&entry.item).is_err());
+    }
+    assert!(store.queued_after("bob", 0, 10).is_err());
+    // The sweep removes them like any other.
+    assert_eq!(store.sweep(1000, 500).unwrap().expired_messages, 2);
 }

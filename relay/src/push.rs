@@ -1,0 +1,184 @@
+//! The push task of a logged-in connection: one unidirectional stream that
+//! carries the user's queue and the others' comings and goings.
+//!
+//! ```text
+//!  loop:
+//!    queue (seq > cursor) ──batches──► Push::Deliver / Push::Expired …  until it is empty
+//!    wait for: hub.notify(user) ──► back to the queue
+//!              presence change  ──► Push::Presence{user, online} (not one's own)
+//!              connection closed ──► end
+//! ```
+//!
+//! Everything up to the cursor has been pushed on this connection; what is
+//! not acknowledged stays queued and is pushed again on the next login.
+//! Presence changes are written between queue batches. A client that reads
+//! slowly holds up only its own stream: the presence changes it falls
+//! behind on are skipped (its agent can ask `Online`), never queued without
+//! bound.
+
+use std::sync::Arc;
+
+use securechat_common::codec;
+use securechat_common::protocol::Push;
+use securechat_common::Envelope;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, Notify};
+
+use crate::connection::ConnState;
+use crate::hub::Presence;
+use crate::server::Shared;
+use crate::store::{blocking, from_bytes, QueueEntry, QueueItem, StoreError};
+
+/// Queue entries read from the store per batch.
+const PUSH_BATCH: usize = 64;
+
+/// The push stream ended: the connection closed, or the store failed (the
+/// connection was then closed with a reason).
+struct Ended;
+
+/// Push `username`'s queue and the presence changes on `state`'s
+/// connection until it closes.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    username: String,
+    notify: Arc<Notify>,
+    presence: broadcast::Receiver<Presence>,
+) {
+    let send = match state.conn.open_uni().await {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(conn = state.id, error = %e, "cannot open the push stream");
+            return;
+        }
+    };
+    let mut pusher = Pusher {
+        shared,
+        state,
+        username,
+        send,
+        cursor: 0,
+    };
+    let _ = pusher.serve(&notify, presence).await;
+}
+
+struct Pusher {
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    username: String,
+    send: quinn::SendStream,
+    /// The last queue position pushed on this connection.
+    cursor: u64,
+}
+
+impl Pusher {
+    async fn serve(
+        &mut self,
+        notify: &Notify,
+        mut presence: broadcast::Receiver<Presence>,
+    ) -> Result<(), Ended> {
+        let mut presence_open = true;
+        loop {
+            // Armed before the queue is read: a commit during the read
+            // still wakes the wait below.
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            self.drain_queue().await?;
+            loop {
+                tokio::select! {
+                    () = &mut woken => break,
+                    change = presence.recv(), if presence_open => match change {
+                        Ok(change) => self.push_presence(change).await?,
+                        Err(RecvError::Lagged(skipped)) => tracing::debug!(
+                            conn = self.state.id,
+                            skipped,
+                            "push stream fell behind; presence changes skipped"
+                        ),
+                        // Only when the hub is gone, i.e. the relay stops.
+                        Err(RecvError::Closed) => presence_open = false,
+                    },
+                    _ = self.state.conn.closed() => return Err(Ended),
+                }
+            }
+        }
+    }
+
+    /// Push every queue entry after the cursor.
+    async fn drain_queue(&mut self) -> Result<(), Ended> {
+        loop {
+            let user = self.username.clone();
+            let cursor = self.cursor;
+            let batch = match blocking(&self.shared.store, move |s| {
+                s.entries_after(&user, cursor, PUSH_BATCH)
+            })
+            .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(conn = self.state.id, error = %e, "cannot read the queue");
+                    self.state.conn.close(0u32.into(), b"relay storage error");
+                    return Err(Ended);
+                }
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for entry in batch {
+                self.cursor = entry.seq;
+                match to_push(&entry) {
+                    Ok(push) => self.write(&push).await?,
+                    Err(e) => {
+                        tracing::error!(conn = self.state.id, seq = entry.seq, error = %e, "skipping an undecodable queue entry");
+                        continue;
+                    }
+                }
+                tracing::debug!(conn = self.state.id, seq = entry.seq, "pushed");
+            }
+        }
+    }
+
+    /// Tell this user that someone else came or went.
+    async fn push_presence(&mut self, change: Presence) -> Result<(), Ended> {
+        if change.user == self.username {
+            return Ok(());
+        }
+        self.write(&Push::Presence {
+            user: change.user,
+            online: change.online,
+        })
+        .await
+    }
+
+    async fn write(&mut self, push: &Push) -> Result<(), Ended> {
+        let frame = match codec::encode(push) {
+            Ok(frame) => frame,
+            Err(e) => {
+                // Nothing the relay queues is larger than a frame; should it
+                // happen, that one push is lost, not the stream.
+                tracing::error!(conn = self.state.id, error = %e, "cannot encode a push; skipped");
+                return Ok(());
+            }
+        };
+        self.send.write_all(&frame).await.map_err(|e| {
+            tracing::debug!(conn = self.state.id, error = %e, "push stream closed");
+            Ended
+        })
+    }
+}
+
+/// What the client is sent for a queue entry.
+fn to_push(entry: &QueueEntry) -> Result<Push, StoreError> {
+    Ok(match QueueItem::decode(&entry.item)? {
+        QueueItem::Envelope(bytes) => Push::Deliver {
+            envelope: from_bytes::<Envelope>(&bytes)?,
+            received_unix: entry.received_unix,
+        },
+        QueueItem::Expired(notice) => Push::Expired {
+            notice: notice.notice,
+            id: notice.id,
+            recipient: notice.recipient,
+            stored_unix: notice.stored_unix,
+        },
+    })
+}
