@@ -163,6 +163,10 @@ fn a_broadcast_waits_for_an_offline_user_and_is_then_delivered() {
     let human = text(&w.alice.cli(&["contacts"]).stdout);
     assert!(human.contains("bob: pinned on first use"), "{human}");
 
+    alice.line("/inbox");
+    alice.wait_for("no unread messages");
+    alice.line("/help");
+    alice.wait_for("/whisper <user> <text>  send one line to <user> only");
     alice.line("/quit");
     assert_eq!(alice.exit_status(), 0);
 }
@@ -321,4 +325,52 @@ fn from_a_pipe_a_line_waits_for_agentd_to_come_back() {
         chat.0.try_wait().unwrap()
     });
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn inbox_follow_prints_unread_then_new_messages_and_marks_them_read() {
+    let w = world();
+    w.alice.send("bob", "before the follow");
+    wait_for("bob to have the first message", || {
+        let h = w.bob.json(&["history", "alice"]);
+        (h["entries"].as_array()?.len() == 1).then_some(())
+    });
+    let mut child = Command::new(bin("chat-cli"))
+        .arg("--home")
+        .arg(&w.bob.home)
+        .args(["--json", "inbox", "--follow"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _follow = Spawned(child);
+    let (tx, messages) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+        }
+    });
+    let (err_tx, notes) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = err_tx.send(line);
+        }
+    });
+    let first = messages.recv_timeout(WAIT).unwrap();
+    assert_eq!(first["text"], "before the follow", "{first}");
+    assert_eq!(first["from"], "alice", "{first}");
+    wait_line(&notes, "following new messages");
+    w.alice.send("bob", "while following");
+    let second = messages.recv_timeout(WAIT).unwrap();
+    assert_eq!(second["text"], "while following", "{second}");
+    wait_for("both messages to count as read", || {
+        (w.bob.status()["unread"] == 0).then_some(())
+    });
+    assert!(
+        messages.try_recv().is_err(),
+        "a message printed twice, or a stray line"
+    );
 }
