@@ -37,6 +37,9 @@ pub enum FeedItem {
     /// The connection to agentd broke (agentd stopped or crashed); the
     /// feed retries every [`RETRY`].
     Lost(String),
+    /// agentd answers again but refuses the events (its key is locked, say);
+    /// the feed keeps retrying. Said once per reason.
+    Refused(String),
     /// agentd answers again; the events missed meanwhile follow.
     Back,
 }
@@ -124,6 +127,7 @@ impl Follow {
             if self.items.send(FeedItem::Lost(reason)).await.is_err() {
                 return;
             }
+            let mut refused: Option<String> = None;
             conn = loop {
                 tokio::time::sleep(RETRY).await;
                 if self.items.is_closed() {
@@ -132,8 +136,15 @@ impl Follow {
                 let Ok(mut c) = Duplex::open(&self.paths).await else {
                     continue;
                 };
-                if start(&mut c, Some(self.last)).await.is_ok() {
-                    break c;
+                match start(&mut c, Some(self.last)).await {
+                    Ok(_) => break c,
+                    Err(IpcClientError::Agent(e)) if refused.as_ref() != Some(&e.message) => {
+                        refused = Some(e.message.clone());
+                        if self.items.send(FeedItem::Refused(e.message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {}
                 }
             };
             if self.items.send(FeedItem::Back).await.is_err() {

@@ -40,6 +40,10 @@ fn connection_news(item: &FeedItem, last: u64) {
             "chat-cli: agentd went away ({}); reconnecting…",
             output::sanitize(why)
         ),
+        FeedItem::Refused(why) => eprintln!(
+            "chat-cli: agentd answers but refuses the events: {}; still trying",
+            output::sanitize(why)
+        ),
         FeedItem::Back => eprintln!("chat-cli: agentd is back; resuming after event {last}"),
         FeedItem::Event(_) => {}
     }

@@ -374,3 +374,25 @@ fn inbox_follow_prints_unread_then_new_messages_and_marks_them_read() {
         "a message printed twice, or a stray line"
     );
 }
+
+#[test]
+fn events_say_why_a_restarted_agentd_refuses_them_and_resume_once_unlocked() {
+    let mut w = world();
+    let out = w
+        .bob
+        .cli_stdin(&["passphrase", "--passphrase-stdin"], "open sesame\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_events, events, notes) = follow_events(&w.bob);
+    wait_line(&notes, "following agentd's events after cursor");
+
+    // Restarted, agentd waits for the passphrase: the follow says so.
+    w.bob.restart();
+    wait_line(&notes, "agentd answers but refuses the events");
+    w.alice.send("bob", "kept for after the unlock");
+    let out = w
+        .bob
+        .cli_stdin(&["unlock", "--passphrase-stdin"], "open sesame\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_line(&notes, "agentd is back");
+    events_until(&events, "kept for after the unlock");
+}

@@ -621,6 +621,11 @@ impl Chat {
                 self.feed_up = false;
                 self.went_away();
             }
+            FeedItem::Refused(why) => {
+                self.notice(&format!(
+                    "agentd answers but refuses the events: {why}; still trying"
+                ));
+            }
             FeedItem::Back => {
                 self.feed_up = true;
                 self.came_back();
