@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
@@ -385,6 +386,8 @@ where
 {
     let mut events = agent.events.subscribe();
     write_msg(w, &IpcResponse::Ok).await?;
+    let lines = client_lines(reader);
+    tokio::pin!(lines);
     // Records up to here were sent on this stream already.
     let mut after = None;
     loop {
@@ -400,19 +403,47 @@ where
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             },
-            line = read_line(reader) => {
-                let Ok(Some(line)) = line else { return Ok(()) };
-                // Only `mark_read` keeps the stream going; anything else ends it.
-                match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
-                    Ok(IpcRequest::MarkRead { ids }) => {
-                        if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {
-                            return write_msg(w, &IpcResponse::Error(e)).await;
-                        }
-                    }
-                    _ => return Ok(()),
+            line = lines.next() => {
+                if !take_mark_read(agent, line, w).await? {
+                    return Ok(());
                 }
             }
         }
+    }
+}
+
+/// The client's lines as a stream. Waiting on `next()` in a `select!` is
+/// cancel-safe: a line that arrives in pieces while another branch wins
+/// is kept in the stream's state, not lost (a bare `read_line` future
+/// dropped half way would lose what it had read).
+fn client_lines<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> impl futures_util::Stream<Item = Result<Option<Vec<u8>>, IoLineError>> + '_ {
+    futures_util::stream::unfold(reader, |r| async move {
+        let line = read_line(r).await;
+        Some((line, r))
+    })
+}
+
+/// What a following stream (`Watch`, `Events`) does with a client line:
+/// `MarkRead` is taken (no answer); anything else, or the end, stops it.
+async fn take_mark_read<W: AsyncWrite + Unpin>(
+    agent: &Arc<Agent>,
+    line: Option<Result<Option<Vec<u8>>, IoLineError>>,
+    w: &mut W,
+) -> Result<bool, IoLineError> {
+    let Some(Ok(Some(line))) = line else {
+        return Ok(false);
+    };
+    match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
+        Ok(IpcRequest::MarkRead { ids }) => {
+            if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {
+                write_msg(w, &IpcResponse::Error(e)).await?;
+                return Ok(false);
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }
 
@@ -503,6 +534,8 @@ where
         Err(e) => return write_msg(w, &IpcResponse::Error(e.into())).await,
     };
     write_msg(w, &IpcResponse::Events { head }).await?;
+    let lines = client_lines(reader);
+    tokio::pin!(lines);
     let mut cursor = after.unwrap_or(head);
     loop {
         journal.mark_unchanged();
@@ -523,15 +556,9 @@ where
                     return Ok(());
                 }
             }
-            line = read_line(reader) => {
-                let Ok(Some(line)) = line else { return Ok(()) };
-                match securechat_common::ipc::decode_line::<IpcRequest>(&line) {
-                    Ok(IpcRequest::MarkRead { ids }) => {
-                        if let Err(e) = commands::handle(agent, IpcRequest::MarkRead { ids }).await {
-                            return write_msg(w, &IpcResponse::Error(e)).await;
-                        }
-                    }
-                    _ => return Ok(()),
+            line = lines.next() => {
+                if !take_mark_read(agent, line, w).await? {
+                    return Ok(());
                 }
             }
         }
