@@ -102,6 +102,10 @@ wait_for 30 sh -c "chat-cli --home '$WORK/bob' inbox --all | grep -q 'end-to-end
 step "bob reads his inbox"
 show chat-cli --home "$WORK/bob" inbox --all
 
+step "alice's history with bob: bob's agentd sent back a signed receipt, so it says delivered"
+wait_for 30 sh -c "chat-cli --home '$WORK/alice' history bob | grep -q delivered"
+show chat-cli --home "$WORK/alice" history bob
+
 step "alice's agentd stops; bob replies while she is offline"
 kill "$AGENT_PID_alice"; wait "$AGENT_PID_alice" 2>/dev/null || true
 show chat-cli --home "$WORK/bob" send alice "Hi Alice, you will read this when you are back."
@@ -110,6 +114,11 @@ step "alice's agentd starts again and resumes its session without a new login"
 start_agent alice
 wait_for 30 sh -c "chat-cli --home '$WORK/alice' inbox --all | grep -q 'when you are back'"
 show chat-cli --home "$WORK/alice" inbox --all
+
+step "bob writes to the room: a broadcast reaches every registered user"
+show chat-cli --home "$WORK/bob" broadcast "Hello everyone."
+wait_for 30 sh -c "chat-cli --home '$WORK/alice' history | grep -q 'Hello everyone'"
+show chat-cli --home "$WORK/alice" history
 
 step "Fingerprints to compare out of band"
 show chat-cli --home "$WORK/alice" fingerprint
