@@ -127,13 +127,16 @@ impl Pusher {
             for entry in batch {
                 self.cursor = entry.seq;
                 match to_push(&entry) {
-                    Ok(push) => self.write(&push).await?,
+                    Ok(push) => {
+                        self.write(&push).await?;
+                        tracing::debug!(conn = self.state.id, seq = entry.seq, "pushed");
+                    }
+                    // An entry from an older relay: it stays queued (the
+                    // retention time removes it) and the others go on.
                     Err(e) => {
                         tracing::error!(conn = self.state.id, seq = entry.seq, error = %e, "skipping an undecodable queue entry");
-                        continue;
                     }
                 }
-                tracing::debug!(conn = self.state.id, seq = entry.seq, "pushed");
             }
         }
     }
