@@ -499,15 +499,30 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<QueueEntry>, StoreError>;
 
-    /// Up to `limit` queued messages for `recipient` with `seq > after`,
-    /// oldest first; notices are left out. For tools and tests: an entry
-    /// that does not decode fails the call.
+    /// The queued messages among the first `limit` queue entries for
+    /// `recipient` with `seq > after`, oldest first; notices are left out.
+    /// For tools and tests: an entry that does not decode fails the call.
     fn queued_after(
         &self,
         recipient: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Queued>, StoreError>;
+    ) -> Result<Vec<Queued>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.entries_after(recipient, after, limit)? {
+            let item = QueueItem::decode(&entry.item)?;
+            let id = item.ack_id()?;
+            if let QueueItem::Envelope(envelope) = item {
+                out.push(Queued {
+                    seq: entry.seq,
+                    id,
+                    received_unix: entry.received_unix,
+                    envelope,
+                });
+            }
+        }
+        Ok(out)
+    }
 
     /// Entries (messages and notices) waiting for `recipient`.
     fn queue_len(&self, recipient: &str) -> Result<u64, StoreError>;

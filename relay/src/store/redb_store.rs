@@ -12,7 +12,7 @@ use securechat_common::MessageId;
 use super::{
     from_bytes, to_bytes, Account, Activation, CodeAttempt, DirectoryPage, EnqueueOutcome,
     ExpiredNotice, PendingRegistration, QueueEntry, QueueItem, QueueLimits, QueueOp, QueueOutcome,
-    Queued, Quota, Session, Store, StoreCounts, StoreError, SweepStats,
+    Quota, Session, Store, StoreCounts, StoreError, SweepStats,
 };
 
 /// username → postcard [`Account`].
@@ -481,38 +481,6 @@ impl Store for RedbStore {
                 received_unix,
                 item: item.to_vec(),
             });
-        }
-        Ok(out)
-    }
-
-    fn queued_after(
-        &self,
-        recipient: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Queued>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let queue = tx.open_table(QUEUE)?;
-        let mut out = Vec::new();
-        if after == u64::MAX {
-            return Ok(out);
-        }
-        for entry in queue.range((recipient, after + 1)..=(recipient, u64::MAX))? {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = entry?;
-            let (received_unix, item) = value.value();
-            let item = QueueItem::decode(item)?;
-            let id = item.ack_id()?;
-            if let QueueItem::Envelope(envelope) = item {
-                out.push(Queued {
-                    seq: key.value().1,
-                    id,
-                    received_unix,
-                    envelope,
-                });
-            }
         }
         Ok(out)
     }
