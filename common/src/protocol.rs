@@ -234,7 +234,8 @@ pub enum Response {
         token: Option<Zeroizing<Vec<u8>>>,
         /// Unix seconds when the session expires.
         session_expires_unix: u64,
-        /// Messages waiting in the queue; they follow on the push stream.
+        /// Entries waiting in the queue (messages, and notices of our own
+        /// messages that expired undelivered); they follow on the push stream.
         unread: u64,
     },
     /// The request succeeded and carries no data.
