@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use securechat_common::ipc::{
-    ConnectionState, InboxMessage, IpcError, IpcErrorKind, KeyChange, RetryInfo, SendOutcome,
-    StatusInfo, INTERRUPTED_SENDS_KEPT,
+    ConnectionState, IpcError, IpcErrorKind, KeyChange, RetryInfo, SendOutcome, StatusInfo,
+    INTERRUPTED_SENDS_KEPT,
 };
 use securechat_common::protocol::{ErrorCode, Request, Response};
 use securechat_common::{IdentityKey, PublicKey};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 use crate::config::AgentConfig;
 use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
@@ -156,7 +156,6 @@ pub struct Agent {
     keys: Mutex<Keys>,
     conn: watch::Sender<Conn>,
     flags: Mutex<Flags>,
-    pub(crate) events: broadcast::Sender<InboxMessage>,
     /// The journal's newest cursor: `Events` streams wait on it.
     pub(crate) journal: watch::Sender<u64>,
     /// Wakes the receipt sender (a message was stored, or we logged in).
@@ -387,7 +386,6 @@ impl Agent {
                 paths.identity_key().display()
             );
         }
-        let (events, _) = broadcast::channel(256);
         let head = store.journal_head().unwrap_or(0);
         Ok(Self {
             config,
@@ -397,7 +395,6 @@ impl Agent {
             keys: Mutex::new(keys),
             conn: watch::Sender::new(Conn::default()),
             flags: Mutex::new(Flags::default()),
-            events,
             reconnect: Notify::new(),
             op_lock: tokio::sync::Mutex::new(()),
             rotation: Mutex::new(()),

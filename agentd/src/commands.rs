@@ -8,7 +8,7 @@ use securechat_common::crypto::{CryptoError, Fingerprint};
 use securechat_common::envelope::{seal, seal_for, Header, Kind, SealParams, To};
 use securechat_common::ipc::{
     BroadcastFailure, DeliveryState, DoctorInfo, FingerprintInfo, IpcError, IpcErrorKind,
-    IpcRequest, IpcResponse, RecipientState, SentInfo, SentMessage, MAX_MARK_READ,
+    IpcRequest, IpcResponse, SentInfo, SentMessage, MAX_MARK_READ,
 };
 use securechat_common::limits::{
     validate_email, validate_password, validate_username, MAX_MESSAGE_LEN, MAX_RECIPIENTS,
@@ -353,18 +353,13 @@ async fn send_as(
     let timestamp_ms = now_ms();
     // Kept before it leaves, with its number taken in the same commit: a
     // crash after the relay stored it must not lose it from the history.
-    let sent = SentMessage {
-        id: id.to_string(),
-        broadcast: false,
-        text: text.to_string(),
-        sent_ms: timestamp_ms,
-        recipients: vec![RecipientState {
-            user: to.to_string(),
-            state: DeliveryState::Sending,
-            at_ms: timestamp_ms,
-            detail: None,
-        }],
-    };
+    let sent = SentMessage::sending(
+        id.to_string(),
+        false,
+        text.to_string(),
+        timestamp_ms,
+        &[to.to_string()],
+    );
     let seq = match agent.store.begin_send(&keys.inbox, &sent)?.as_slice() {
         [seq] => *seq,
         _ => return Err(err(IpcErrorKind::Internal, "no sequence number taken")),
@@ -480,21 +475,8 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
     }
     let id = new_message_id()?;
     let now = now_ms();
-    let sent_record = SentMessage {
-        id: id.to_string(),
-        broadcast: true,
-        text: text.clone(),
-        sent_ms: now,
-        recipients: targets
-            .iter()
-            .map(|(user, _)| RecipientState {
-                user: user.clone(),
-                state: DeliveryState::Sending,
-                at_ms: now,
-                detail: None,
-            })
-            .collect(),
-    };
+    let names: Vec<String> = targets.iter().map(|(user, _)| user.clone()).collect();
+    let sent_record = SentMessage::sending(id.to_string(), true, text.clone(), now, &names);
     let all_seqs = if targets.is_empty() {
         Vec::new()
     } else {

@@ -384,13 +384,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut events = agent.events.subscribe();
+    // Every stored message is journalled: the journal's head moving is
+    // the wake-up.
+    let mut journal = agent.journal.subscribe();
     write_msg(w, &IpcResponse::Ok).await?;
     let lines = client_lines(reader);
     tokio::pin!(lines);
     // Records up to here were sent on this stream already.
     let mut after = None;
     loop {
+        journal.mark_unchanged();
         let page = |after| inbox_page(agent, false, from.as_deref(), after);
         if write_pages(w, &mut after, page, IpcResponse::Message)
             .await?
@@ -399,10 +402,11 @@ where
             return Ok(());
         }
         tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-            },
+            changed = journal.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
             line = lines.next() => {
                 if !take_mark_read(agent, line, w).await? {
                     return Ok(());

@@ -217,7 +217,6 @@ pub(crate) fn deliver(
                 );
             }
             tracing::info!("message {} from {} stored", env.id, env.sender);
-            let _ = agent.events.send(*msg);
             agent.journal_changed();
             agent.receipts_due.notify_one();
             Ok(AckOutcome::Stored)

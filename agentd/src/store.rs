@@ -283,6 +283,13 @@ fn append_event(tx: &WriteTransaction, key: &InboxKey, event: Event) -> Result<u
     Ok(cursor)
 }
 
+/// Take the next number of the messages to `user` from `seq_out`.
+fn take_seq(seq_out: &mut redb::Table<&str, u64>, user: &str) -> Result<u64, StoreError> {
+    let seq = seq_out.get(user)?.map_or(1, |v| v.value());
+    seq_out.insert(user, seq + 1)?;
+    Ok(seq)
+}
+
 /// Within `tx`: remember that `user` was seen at `at_ms` (never moving back).
 fn note_seen(tx: &WriteTransaction, user: &str, at_ms: u64) -> Result<(), StoreError> {
     let mut t = tx.open_table(LAST_SEEN)?;
@@ -581,12 +588,7 @@ impl Store {
     /// skip a number (the recipient sees a gap), never use one twice.
     pub fn reserve_seq(&self, user: &str) -> Result<u64, StoreError> {
         let tx = self.db.begin_write()?;
-        let seq = {
-            let mut t = tx.open_table(SEQ_OUT)?;
-            let seq = t.get(user)?.map_or(1, |v| v.value());
-            t.insert(user, seq + 1)?;
-            seq
-        };
+        let seq = take_seq(&mut tx.open_table(SEQ_OUT)?, user)?;
         tx.commit()?;
         Ok(seq)
     }
@@ -602,9 +604,7 @@ impl Store {
         {
             let mut t = tx.open_table(SEQ_OUT)?;
             for r in &msg.recipients {
-                let seq = t.get(r.user.as_str())?.map_or(1, |v| v.value());
-                t.insert(r.user.as_str(), seq + 1)?;
-                seqs.push(seq);
+                seqs.push(take_seq(&mut t, &r.user)?);
             }
             let mut sent = tx.open_table(SENT)?;
             let record = next_key(&sent)?;
@@ -760,20 +760,6 @@ impl Store {
     /// Recent gaps and replays in senders' numbering, oldest first.
     pub fn sequence_alerts(&self) -> Result<Vec<Problem>, StoreError> {
         problems(&self.db, ALERTS)
-    }
-
-    /// Keep a message we are about to hand to the relay.
-    pub fn record_sent(&self, key: &InboxKey, msg: &SentMessage) -> Result<(), StoreError> {
-        let id = MessageId::from_hex(&msg.id).ok_or_else(|| corrupt("sent message id"))?;
-        let tx = self.db.begin_write()?;
-        {
-            let mut sent = tx.open_table(SENT)?;
-            let record = next_key(&sent)?;
-            sent.insert(record, seal_json(key, SENT_AAD, record, msg)?.as_slice())?;
-            tx.open_table(SENT_IDS)?.insert(id.0.as_slice(), record)?;
-        }
-        tx.commit()?;
-        Ok(())
     }
 
     /// Move recipients of our message `id` to new states, where that is
@@ -1272,21 +1258,8 @@ mod tests {
     }
 
     fn sent(id: MessageId, to: &[&str], broadcast: bool, at: u64) -> SentMessage {
-        SentMessage {
-            id: id.to_string(),
-            broadcast,
-            text: format!("text {at}"),
-            sent_ms: at,
-            recipients: to
-                .iter()
-                .map(|u| RecipientState {
-                    user: u.to_string(),
-                    state: DeliveryState::Sending,
-                    at_ms: at,
-                    detail: None,
-                })
-                .collect(),
-        }
+        let to: Vec<String> = to.iter().map(|u| u.to_string()).collect();
+        SentMessage::sending(id.to_string(), broadcast, format!("text {at}"), at, &to)
     }
 
     #[test]
@@ -1295,7 +1268,7 @@ mod tests {
         let store = Store::open(&tmp.path().join("a.redb")).unwrap();
         let key = InboxKey::generate().unwrap();
         store
-            .record_sent(&key, &sent(id(1), &["bob"], false, 10))
+            .begin_send(&key, &sent(id(1), &["bob"], false, 10))
             .unwrap();
         // The receipt can beat the relay's own answer.
         assert_eq!(store.record_receipt(&key, "bob", &[id(1)]).unwrap(), 1);
@@ -1364,13 +1337,13 @@ mod tests {
         b.broadcast = true;
         store.deliver(&key, &id(2), b, [0; 32]).unwrap();
         store
-            .record_sent(&key, &sent(id(3), &["bob"], false, 10))
+            .begin_send(&key, &sent(id(3), &["bob"], false, 10))
             .unwrap();
         store
-            .record_sent(&key, &sent(id(4), &["bob", "carol"], true, 40))
+            .begin_send(&key, &sent(id(4), &["bob", "carol"], true, 40))
             .unwrap();
         store
-            .record_sent(&key, &sent(id(5), &["carol"], false, 50))
+            .begin_send(&key, &sent(id(5), &["carol"], false, 50))
             .unwrap();
         let texts = |with, limit| -> Vec<String> {
             store

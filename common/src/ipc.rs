@@ -429,6 +429,25 @@ pub struct SentMessage {
 }
 
 impl SentMessage {
+    /// A message about to be handed to the relay: every recipient `sending`.
+    pub fn sending(id: String, broadcast: bool, text: String, at_ms: u64, to: &[String]) -> Self {
+        Self {
+            id,
+            broadcast,
+            text,
+            sent_ms: at_ms,
+            recipients: to
+                .iter()
+                .map(|user| RecipientState {
+                    user: user.clone(),
+                    state: DeliveryState::Sending,
+                    at_ms,
+                    detail: None,
+                })
+                .collect(),
+        }
+    }
+
     /// The least advanced state over all recipients (a broadcast counts as
     /// delivered once everyone has it).
     pub fn state(&self) -> DeliveryState {
