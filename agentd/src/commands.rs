@@ -42,7 +42,7 @@ async fn generate(agent: &Agent) -> Result<IdentityKey, IpcError> {
         .map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))
 }
 
-/// Answer one request (everything but `Hello` and `Watch`).
+/// Answer one request (everything but `Hello` and the streamed ones).
 pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcResponse, IpcError> {
     match req {
         IpcRequest::Register {
@@ -83,7 +83,6 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
         IpcRequest::Unlock { passphrase } => unlock(agent, passphrase).await,
         IpcRequest::SetPassphrase { passphrase } => set_passphrase(agent, passphrase).await,
         IpcRequest::Hello { .. }
-        | IpcRequest::Watch { .. }
         | IpcRequest::Events { .. }
         | IpcRequest::History { .. }
         | IpcRequest::Contacts

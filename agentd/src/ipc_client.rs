@@ -90,13 +90,13 @@ impl IpcClient {
     }
 
     /// Send a request without reading an answer: the start of a streamed
-    /// answer (read it with [`IpcClient::next`]), or a `MarkRead` inside a
-    /// `Watch` stream.
+    /// answer (read it with [`IpcClient::next`]), or a `MarkRead` inside an
+    /// `Events` stream.
     pub async fn send(&mut self, req: &IpcRequest) -> Result<(), IpcClientError> {
         Ok(write_msg(&mut self.writer, req).await?)
     }
 
-    /// Read the next answer (for `Watch` streams); an error answer is `Err`.
+    /// Read the next answer (for streamed answers); an error answer is `Err`.
     pub async fn next(&mut self) -> Result<IpcResponse, IpcClientError> {
         match read_msg::<IpcResponse, _>(&mut self.reader).await? {
             None => Err(IpcClientError::Closed),

@@ -175,7 +175,6 @@ where
             continue;
         }
         match req {
-            IpcRequest::Watch { from } => return watch(agent, from, reader, w).await,
             IpcRequest::Events { after } => return events(agent, after, reader, w).await,
             IpcRequest::History { with, limit } => history(agent, with, limit, w).await?,
             IpcRequest::Contacts => contacts(agent, w).await?,
@@ -370,52 +369,6 @@ async fn held<W: AsyncWrite + Unpin>(agent: &Agent, w: &mut W) -> Result<(), IoL
     Ok(())
 }
 
-/// Answer `Ok`, then stream unread messages (from `from`, if given) now and
-/// as they arrive, until the client hangs up. The client marks each one read
-/// with a `MarkRead` line once it has shown it; a message sent here but not
-/// marked stays unread for the next `inbox`.
-async fn watch<R, W>(
-    agent: &Arc<Agent>,
-    from: Option<String>,
-    reader: &mut BufReader<R>,
-    w: &mut W,
-) -> Result<(), IoLineError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Every stored message is journalled: the journal's head moving is
-    // the wake-up.
-    let mut journal = agent.journal.subscribe();
-    write_msg(w, &IpcResponse::Ok).await?;
-    let lines = client_lines(reader);
-    tokio::pin!(lines);
-    // Records up to here were sent on this stream already.
-    let mut after = None;
-    loop {
-        journal.mark_unchanged();
-        let page = |after| inbox_page(agent, false, from.as_deref(), after);
-        if write_pages(w, &mut after, page, IpcResponse::Message)
-            .await?
-            .is_none()
-        {
-            return Ok(());
-        }
-        tokio::select! {
-            changed = journal.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
-            line = lines.next() => {
-                if !take_mark_read(agent, line, w).await? {
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
 /// The client's lines as a stream. Waiting on `next()` in a `select!` is
 /// cancel-safe: a line that arrives in pieces while another branch wins
 /// is kept in the stream's state, not lost (a bare `read_line` future
@@ -429,7 +382,7 @@ fn client_lines<R: AsyncRead + Unpin>(
     })
 }
 
-/// What a following stream (`Watch`, `Events`) does with a client line:
+/// What an `Events` stream does with a client line:
 /// `MarkRead` is taken (no answer); anything else, or the end, stops it.
 async fn take_mark_read<W: AsyncWrite + Unpin>(
     agent: &Arc<Agent>,

@@ -19,9 +19,10 @@
 //!   │ ◄── {"response":"end","count":2}     │
 //!   │ {"request":"mark_read","ids":[..]} ► │  once chat-cli has shown them
 //!   │ ◄── {"response":"ok"}                │
-//!   │ {"request":"watch","from":"bob"} ──► │  `ok`, then one `message` line per
-//!   │ ◄── {"response":"message",...} ...   │  inbox item until chat-cli hangs up;
-//!   │ {"request":"mark_read","ids":[..]} ► │  chat-cli marks each one read once shown
+//!   │ {"request":"events"} ──────────────► │  `events` with the journal's head, then
+//!   │ ◄── {"response":"event",...} ...     │  one `event` line per event until
+//!   │ {"request":"mark_read","ids":[..]} ► │  chat-cli hangs up; it marks messages
+//!                                          │  read once shown
 //! ```
 //!
 //! Lists are streamed one item per line, never as one reply, so that no
@@ -131,8 +132,8 @@ pub enum IpcRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<String>,
     },
-    /// Mark inbox messages read (after the client has shown them). Inside a
-    /// `Watch` stream it gets no answer.
+    /// Mark inbox messages read (after the client has shown them). Inside an
+    /// `Events` stream it gets no answer.
     MarkRead {
         /// Message ids (32 hex digits), at most [`MAX_MARK_READ`].
         ids: Vec<String>,
@@ -174,14 +175,6 @@ pub enum IpcRequest {
     SetPassphrase {
         /// The new passphrase.
         passphrase: Option<Zeroizing<String>>,
-    },
-    /// Stream unread inbox messages (optionally from one user) now and as
-    /// they arrive: answered with `Ok`, then one `Message` line each. The
-    /// client sends `MarkRead` lines for what it has shown; any other line,
-    /// or hanging up, ends the stream.
-    Watch {
-        /// Only messages from this user.
-        from: Option<String>,
     },
     /// A conversation both ways, oldest first: one `Entry` line per
     /// message, then `End`. Nothing is marked read.
@@ -238,7 +231,6 @@ impl std::fmt::Debug for IpcRequest {
             IpcRequest::RotateKey { .. } => "RotateKey",
             IpcRequest::Unlock { .. } => "Unlock",
             IpcRequest::SetPassphrase { .. } => "SetPassphrase",
-            IpcRequest::Watch { from } => return write!(f, "Watch {{ from: {from:?} }}"),
             IpcRequest::Cancel => "Cancel",
             IpcRequest::Doctor => "Doctor",
             IpcRequest::History { with, limit } => {
@@ -331,7 +323,7 @@ pub enum IpcResponse {
         /// Fingerprint of the new, published key.
         new_fingerprint: String,
     },
-    /// One inbox message, in the answer to `Inbox` or on a `Watch` stream.
+    /// One inbox message, in the answer to `Inbox`.
     Message(InboxMessage),
     /// The request failed.
     Error(IpcError),
@@ -952,7 +944,7 @@ mod tests {
                 password: Zeroizing::new("pw".into()),
                 totp: Zeroizing::new("123456".into()),
             },
-            IpcRequest::Watch { from: None },
+            IpcRequest::Events { after: Some(7) },
             IpcRequest::Inbox {
                 all: true,
                 from: Some("bob".into()),
