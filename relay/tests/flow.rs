@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use securechat_agentd::relay_client::{ClientError, PushStream, RelayClient};
 use securechat_common::envelope::open;
-use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request, Response};
+use securechat_common::protocol::{ErrorCode, Push, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{error_code, http_get, next_queued, SmtpServer, TestRelay, TestUser};
@@ -62,14 +62,7 @@ async fn next_push(pushes: &mut PushStream) -> Envelope {
 }
 
 async fn ack(client: &RelayClient, id: MessageId) {
-    let resp = client
-        .call(&Request::Ack {
-            id,
-            outcome: AckOutcome::Stored,
-        })
-        .await
-        .unwrap();
-    assert_eq!(resp, Response::Ok);
+    securechat_testkit::ack_stored(client, id).await.unwrap();
 }
 
 async fn status(relay: &TestRelay) -> serde_json::Value {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use securechat_agentd::relay_client::{PushStream, RelayClient};
 use securechat_common::envelope::{open, seal_for, Header, Kind, To};
 use securechat_common::protocol::{
-    AckOutcome, DirectoryEntry, ErrorCode, Push, Refusal, Request, Response, DIRECTORY_PAGE,
+    DirectoryEntry, ErrorCode, Push, Refusal, Request, Response, DIRECTORY_PAGE,
 };
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_relay::ratelimit::Limit;
@@ -132,14 +132,7 @@ async fn send(client: &RelayClient, envelope: &Envelope) -> Result<Response, Err
 }
 
 async fn ack(client: &RelayClient, id: MessageId) {
-    let resp = client
-        .call(&Request::Ack {
-            id,
-            outcome: AckOutcome::Stored,
-        })
-        .await
-        .unwrap();
-    assert_eq!(resp, Response::Ok);
+    securechat_testkit::ack_stored(client, id).await.unwrap();
 }
 
 /// The next push, which must be a presence change: (user, online).

@@ -40,7 +40,7 @@ use anyhow::Context;
 use securechat_agentd::relay_client::{PushStream, RelayClient};
 use securechat_common::codec;
 use securechat_common::limits::MAX_FRAME_LEN;
-use securechat_common::protocol::{Push, Response};
+use securechat_common::protocol::{AckOutcome, Push, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Write raw `bytes` as one request stream (no encoding) and decode the
@@ -55,6 +55,22 @@ pub async fn raw_request(client: &RelayClient, bytes: &[u8]) -> anyhow::Result<R
         .await
         .context("reading the relay's answer")?;
     Ok(codec::decode::<Response>(&answer)?)
+}
+
+/// Acknowledge a pushed message (or notice) as stored; the relay must
+/// answer `Ok`.
+pub async fn ack_stored(
+    client: &RelayClient,
+    id: securechat_common::MessageId,
+) -> anyhow::Result<()> {
+    let req = Request::Ack {
+        id,
+        outcome: AckOutcome::Stored,
+    };
+    match client.call(&req).await? {
+        Response::Ok => Ok(()),
+        other => anyhow::bail!("ack answered {other:?}"),
+    }
 }
 
 /// The next push from the user's queue (a message or a notice), skipping
