@@ -20,8 +20,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::AgentConfig;
 use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
-use crate::relay_client::{CertRejection, ClientError, RelayClient};
 use crate::store::{Store, StoreError};
+use securechat_client::relay::{CertRejection, ClientError, RelayClient};
 
 /// How long a request waits for the relay connection to come back.
 const READY_WAIT: Duration = Duration::from_secs(10);
@@ -59,7 +59,7 @@ impl ReadyKeys {
     /// Every key file with its plaintext, for [`keystore::reseal_all`].
     pub(crate) fn files(
         &self,
-        paths: &crate::paths::Paths,
+        paths: &securechat_client::Paths,
     ) -> Result<keystore::KeyFiles, KeyStoreError> {
         let mut files = vec![(
             paths.identity_key(),
@@ -85,7 +85,7 @@ impl ReadyKeys {
 /// passphrase, all files at once; see [`keystore::reseal_all`]). The caller
 /// holds the rotation guard.
 pub(crate) fn unlock_keys(
-    paths: &crate::paths::Paths,
+    paths: &securechat_client::Paths,
     store: &Store,
     locked: &LockedKey,
     passphrase: &str,
@@ -117,7 +117,7 @@ pub(crate) fn unlock_keys(
 /// Load (or make) the inbox key with the identity's protection, and encrypt
 /// inbox records an earlier version left in plain text.
 pub(crate) fn open_inbox(
-    paths: &crate::paths::Paths,
+    paths: &securechat_client::Paths,
     store: &Store,
     sealer: Option<&Sealer>,
 ) -> Result<InboxKey, KeyStoreError> {
@@ -213,8 +213,9 @@ impl From<KeyStoreError> for IpcError {
     }
 }
 
-impl From<ClientError> for IpcError {
-    fn from(e: ClientError) -> Self {
+/// What a failed relay request tells chat-cli.
+pub(crate) fn relay_error(e: ClientError) -> IpcError {
+    {
         match e {
             ClientError::Relay(reply) => {
                 let kind = match reply.code {
@@ -323,7 +324,7 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
 /// A file that does not open is left alone (and reported): it may be the
 /// only copy of the key the relay holds.
 pub(crate) fn load_pending(
-    paths: &crate::paths::Paths,
+    paths: &securechat_client::Paths,
     sealer: Option<&Sealer>,
 ) -> Option<Arc<IdentityKey>> {
     let path = paths.pending_key();
@@ -629,7 +630,10 @@ impl Agent {
         client: &RelayClient,
         user: &str,
     ) -> Result<PublicKey, IpcError> {
-        let current = self.directory_key(client, user).await?;
+        let current = self
+            .directory_key(client, user)
+            .await
+            .map_err(relay_error)?;
         self.check_pin(user, current)
     }
 
@@ -733,7 +737,7 @@ mod tests {
     #[test]
     fn unlocking_a_first_format_key_rewrites_every_file_and_makes_the_inbox_key() {
         let tmp = tempfile::tempdir().unwrap();
-        let paths = crate::paths::Paths::in_home(tmp.path().to_path_buf());
+        let paths = securechat_client::Paths::in_home(tmp.path().to_path_buf());
         let key = IdentityKey::generate(KeySize::Rsa2048).unwrap();
         std::fs::write(paths.identity_key(), keystore::v1_file(&key, "old pass")).unwrap();
         let store = Store::open(&paths.database()).unwrap();

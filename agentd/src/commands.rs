@@ -17,11 +17,11 @@ use securechat_common::protocol::{AckOutcome, DirectoryEntry, Request, Response}
 use securechat_common::{IdentityKey, MessageId, PublicKey};
 use zeroize::Zeroizing;
 
-use crate::agent::{err, now_ms, open_inbox, unlock_keys, Agent, Keys, ReadyKeys};
+use crate::agent::{err, now_ms, open_inbox, relay_error, unlock_keys, Agent, Keys, ReadyKeys};
 use crate::keystore::{self, Sealer, Session};
 use crate::receive::{deliver, open_any, receipt};
-use crate::relay_client::{ClientError, RelayClient, ServerTrust};
 use crate::rotation;
+use securechat_client::relay::{ClientError, RelayClient, ServerTrust};
 
 fn unexpected(what: &str, got: &Response) -> IpcError {
     err(
@@ -145,9 +145,9 @@ async fn register(
             agent
                 .store
                 .set_setting("pending_username", previous.as_deref().unwrap_or(""))?;
-            return Err(e.into());
+            return Err(relay_error(e));
         }
-        other => other?,
+        other => other.map_err(relay_error)?,
     };
     match answer {
         Response::RegisterPending { expires_in_secs } => Ok(IpcResponse::RegisterPending {
@@ -173,7 +173,7 @@ async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, I
         username: username.clone(),
         code,
     };
-    match client.call(&req).await? {
+    match client.call(&req).await.map_err(relay_error)? {
         Response::Verified {
             otpauth_uri,
             secret_base32,
@@ -219,7 +219,8 @@ async fn login(
     let done = rotation::with_either_key(agent, c, u, &keys, move |key| async move {
         c.login(u, p, t, &key).await
     })
-    .await?;
+    .await
+    .map_err(relay_error)?;
     let Some(token) = done.token else {
         return Err(err(
             IpcErrorKind::Internal,
@@ -270,7 +271,7 @@ async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
 }
 
 async fn online(client: &RelayClient) -> Result<Vec<String>, IpcError> {
-    match client.call(&Request::Online).await? {
+    match client.call(&Request::Online).await.map_err(relay_error)? {
         Response::Online { users } => Ok(users),
         other => Err(unexpected("Online", &other)),
     }
@@ -393,9 +394,9 @@ async fn send_as(
         // (Without an answer it may have stored it: the number stays used.)
         Err(e @ ClientError::Relay(_)) => {
             agent.store.release_seq(to, seq)?;
-            Err((e.into(), true))
+            Err((relay_error(e), true))
         }
-        Err(e) => Err((e.into(), false)),
+        Err(e) => Err((relay_error(e), false)),
         Ok(other) => Err((unexpected("Send", &other), false)),
     };
     let state = match &result {
@@ -434,7 +435,11 @@ async fn directory(client: &RelayClient) -> Result<Vec<DirectoryEntry>, IpcError
     let mut users: Vec<DirectoryEntry> = Vec::new();
     loop {
         let after = users.last().map(|e| e.username.clone());
-        match client.call(&Request::Directory { after }).await? {
+        match client
+            .call(&Request::Directory { after })
+            .await
+            .map_err(relay_error)?
+        {
             Response::Directory { users: page, more } => {
                 let empty = page.is_empty();
                 users.extend(page);
@@ -526,7 +531,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
                         continue;
                     };
                     agent.store.release_seq(name, *seq)?;
-                    let error: IpcError = ClientError::Relay(r.error).into();
+                    let error: IpcError = relay_error(ClientError::Relay(r.error));
                     updates.push((name, DeliveryState::Failed, Some(error.message.clone())));
                     failed.push(BroadcastFailure {
                         to: name.clone(),
@@ -537,7 +542,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
             Ok(other) => return Err(unexpected("Send", &other)),
             Err(e) => {
                 let refused = matches!(e, ClientError::Relay(_));
-                let error: IpcError = e.into();
+                let error: IpcError = relay_error(e);
                 for ((name, _), seq) in group.iter().zip(seqs) {
                     if refused {
                         agent.store.release_seq(name, *seq)?;
@@ -636,7 +641,7 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
         (Some(client), true) => match agent.directory_key(&client, &user).await {
             Ok(k) => Some(k.fingerprint().to_string()),
             Err(ClientError::Relay(r)) if pinned.is_none() => {
-                return Err(ClientError::Relay(r).into())
+                return Err(relay_error(ClientError::Relay(r)))
             }
             Err(_) => None,
         },
@@ -661,7 +666,10 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
     };
     let (client, me) = agent.logged_in_client().await?;
     let _op = agent.op_lock.lock().await;
-    let key = agent.directory_key(&client, &user).await?;
+    let key = agent
+        .directory_key(&client, &user)
+        .await
+        .map_err(relay_error)?;
     if key.fingerprint() != wanted {
         return Err(err(
             IpcErrorKind::FingerprintMismatch,
@@ -750,7 +758,7 @@ async fn rotate_key(
         Err(e) => {
             side.close("rotation failed").await;
             rotation::abandon(agent, &new_key)?;
-            return Err(e.into());
+            return Err(relay_error(e));
         }
     };
     let published = side.publish_key(&me, &new_key).await;
@@ -760,7 +768,7 @@ async fn rotate_key(
         // A refusal: the relay kept the old key.
         Err(e @ ClientError::Relay(_)) => {
             rotation::abandon(agent, &new_key)?;
-            return Err(e.into());
+            return Err(relay_error(e));
         }
         // No answer: the relay may or may not have taken the new key. Keep
         // both; the next connection finds out which one it holds.
@@ -853,5 +861,7 @@ async fn resolve_and_connect(relay: &crate::RelaySettings) -> Result<RelayClient
             format!("cannot resolve the relay address {}: {e}", relay.display),
         )
     })?;
-    Ok(RelayClient::connect_named(addr, &relay.server_name, relay.trust.clone()).await?)
+    RelayClient::connect_named(addr, &relay.server_name, relay.trust.clone())
+        .await
+        .map_err(relay_error)
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use securechat_common::KeySize;
 use serde::{Deserialize, Serialize};
 
-use crate::paths::Paths;
-use crate::relay_client::ServerTrust;
+use securechat_client::relay::ServerTrust;
+use securechat_client::Paths;
 
 /// Everything agentd needs to run.
 #[derive(Clone, Debug)]

@@ -22,8 +22,8 @@ use securechat_common::protocol::ErrorCode;
 use crate::agent::{certificate_refused, Agent};
 use crate::keystore;
 use crate::receive;
-use crate::relay_client::{ClientError, RelayClient};
 use crate::rotation;
+use securechat_client::relay::{ClientError, RelayClient};
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);

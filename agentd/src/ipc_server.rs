@@ -21,10 +21,10 @@ use tokio::task::JoinSet;
 use crate::agent::{err, now_ms, Agent};
 use crate::commands;
 use crate::files::ensure_private_dir;
-use crate::ipc_io::{read_line, write_msg, IoLineError};
-use crate::paths::Paths;
 use crate::store::InboxFilter;
 use crate::AgentError;
+use securechat_client::lines::{read_line, write_msg, IoLineError};
+use securechat_client::Paths;
 
 /// Create the socket directory (0700) and bind the socket, replacing a
 /// stale socket file but refusing if another agentd answers on it.

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 use crate::files::{
     ensure_private_dir, read_optional, remove_durable, rename_durable, sync_dir, write_private,
 };
-use crate::paths::Paths;
+use securechat_client::Paths;
 
 const MAGIC_V1: &[u8] = b"SCKEY1\0";
 const MAGIC: &[u8] = b"SCKEY2\0";

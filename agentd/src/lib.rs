@@ -7,13 +7,11 @@
 //! ```text
 //!  chat-cli ─JSON lines─► ipc_server ─► commands ─┐
 //!                                                 ├─► Agent (keys, store, conn)
-//!  relay ═QUIC═► relay_client ◄─ connection ──────┤        │
+//!  relay ═QUIC═► RelayClient ◄── connection ──────┤        │
 //!                   pushes ───► receive ──────────┘        └─► store (redb)
 //! ```
 //!
-//! * [`paths`] — where the home directory and the socket are (chat-cli uses it too).
 //! * [`config`] — typed configuration and the `agentd.toml` format.
-//! * [`relay_client`] — the QUIC client for the relay protocol.
 //! * `connection` — reconnect with backoff, resume the session.
 //! * `receive` — verify, open, store, then ack pushed messages.
 //! * `commands` — what each chat-cli request does.
@@ -22,7 +20,9 @@
 //! * [`store`] — the encrypted inbox, pins, seen ids, held and rejected
 //!   messages, sequence numbers.
 //! * `seq` — noticing messages the relay dropped, reordered or replayed.
-//! * [`ipc_client`] / [`ipc_io`] — the local socket protocol's client and line I/O.
+//!
+//! The relay's QUIC client, the local socket's line I/O and the path rules
+//! come from `securechat_client`, which chat-cli shares.
 //!
 //! [`run`] is the whole daemon: give it an [`AgentConfig`] and a shutdown
 //! future.
@@ -40,20 +40,16 @@ mod commands;
 pub mod config;
 mod connection;
 pub mod files;
-pub mod ipc_client;
-pub mod ipc_io;
 mod ipc_server;
 pub mod keystore;
-pub mod paths;
 mod receipts;
 mod receive;
-pub mod relay_client;
 mod rotation;
 mod seq;
 pub mod store;
 
 pub use config::{AgentConfig, ConfigFile, RelaySettings};
-pub use paths::Paths;
+pub use securechat_client::Paths;
 
 /// Why agentd could not start.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use securechat_agentd::relay_client::{parse_ca_pem, parse_fingerprint, ServerTrust};
 use securechat_agentd::{AgentConfig, ConfigFile, Paths, RelaySettings};
+use securechat_client::relay::{parse_ca_pem, parse_fingerprint, ServerTrust};
 use securechat_common::KeySize;
 
 /// The securechat agent: one per user, keeps your key and your inbox.

@@ -25,7 +25,7 @@ use securechat_common::{MessageId, PublicKey};
 
 use crate::agent::{err, now_ms, Agent};
 use crate::commands::new_message_id;
-use crate::relay_client::ClientError;
+use securechat_client::relay::ClientError;
 
 /// How often owed receipts are retried without a wake-up.
 const RETRY: Duration = Duration::from_secs(30);
@@ -97,7 +97,7 @@ async fn flush(agent: &Agent) -> Result<(), IpcError> {
                 {
                     agent.store.receipts_sent(&to, chunk)?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(crate::agent::relay_error(e)),
                 Ok(other) => {
                     tracing::warn!("unexpected answer to a receipt: {other:?}");
                     return Ok(());

@@ -36,8 +36,8 @@ use securechat_common::PublicKey;
 use zeroize::Zeroizing;
 
 use crate::agent::{now_ms, Agent, ReadyKeys};
-use crate::relay_client::{ClientError, RelayClient};
 use crate::store::{Delivery, Seen};
+use securechat_client::relay::{ClientError, RelayClient};
 
 /// How far ahead of agentd's clock a sender's timestamp may be before the
 /// message is refused (a day covers any time zone mistake).

@@ -27,7 +27,7 @@ use securechat_common::IdentityKey;
 use crate::agent::{Agent, Keys, ReadyKeys};
 use crate::files::{remove_durable, rename_durable};
 use crate::keystore::{self, KeyStoreError};
-use crate::relay_client::{ClientError, LoggedIn, RelayClient};
+use securechat_client::relay::{ClientError, LoggedIn, RelayClient};
 
 /// Whether a relay error means "this signature is not by the account key".
 fn wrong_key(e: &ClientError) -> bool {

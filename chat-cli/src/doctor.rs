@@ -17,7 +17,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use securechat_agentd::Paths;
+use securechat_client::Paths;
 use securechat_common::ipc::{ConnectionState, DoctorInfo, IpcRequest, IpcResponse, StatusInfo};
 use serde::Serialize;
 

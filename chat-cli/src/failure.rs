@@ -1,7 +1,7 @@
 //! A failed command: what to print (text, or the typed `--json` error) and
 //! the exit status.
 
-use securechat_agentd::ipc_client::IpcClientError;
+use securechat_client::ipc::IpcClientError;
 use securechat_common::ipc::{IpcError, IpcErrorKind};
 
 /// A failure with its typed agent error, if there is one.

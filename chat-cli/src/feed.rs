@@ -18,8 +18,8 @@
 
 use std::time::Duration;
 
-use securechat_agentd::ipc_client::IpcClientError;
-use securechat_agentd::Paths;
+use securechat_client::ipc::IpcClientError;
+use securechat_client::Paths;
 use securechat_common::ipc::{EventRecord, IpcRequest, IpcResponse, MAX_MARK_READ};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -212,7 +212,7 @@ impl Follow {
             let req = IpcRequest::MarkRead {
                 ids: chunk.to_vec(),
             };
-            if securechat_agentd::ipc_io::write_msg(w, &req).await.is_err() {
+            if securechat_client::lines::write_msg(w, &req).await.is_err() {
                 *writer = None;
                 self.pending.extend(ids);
                 return;

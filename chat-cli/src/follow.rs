@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 
-use securechat_agentd::Paths;
+use securechat_client::Paths;
 use securechat_common::ipc::{Event, IpcRequest, IpcResponse};
 
 use crate::failure::Failure;

@@ -1,7 +1,7 @@
 //! What agentd keeps, listed: `history` (a conversation both ways, with
 //! where each sent message stands) and `contacts` (pinned keys).
 
-use securechat_agentd::Paths;
+use securechat_client::Paths;
 use securechat_common::ipc::{IpcErrorKind, IpcRequest, IpcResponse};
 
 use crate::failure::Failure;

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
-use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
-use securechat_agentd::ipc_io::{read_msg, write_msg};
-use securechat_agentd::Paths;
+use securechat_client::ipc::{IpcClient, IpcClientError};
+use securechat_client::lines::{read_msg, write_msg};
+use securechat_client::Paths;
 use securechat_common::ipc::{IpcRequest, IpcResponse, IPC_VERSION, MAX_MARK_READ};
 use tokio::io::{BufReader, ReadHalf, WriteHalf};
 
@@ -18,12 +18,12 @@ use tokio::io::{BufReader, ReadHalf, WriteHalf};
 /// without `XDG_RUNTIME_DIR` still finds the service's socket, and the
 /// other way round).
 fn candidates(paths: &Paths) -> Result<Vec<PathBuf>> {
-    let socket = std::env::var_os(securechat_agentd::paths::SOCKET_ENV)
+    let socket = std::env::var_os(securechat_client::paths::SOCKET_ENV)
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
     let default_home = Paths::resolve(None).ok().map(|p| p.home);
     let home = (default_home.as_ref() != Some(&paths.home)).then(|| paths.home.clone());
-    Ok(securechat_agentd::paths::socket_candidates(home, socket)?)
+    Ok(securechat_client::paths::socket_candidates(home, socket)?)
 }
 
 /// Connect to the first candidate socket that answers; when none does,

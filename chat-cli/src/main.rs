@@ -28,8 +28,8 @@ use clap::{CommandFactory, Parser};
 use cli::{Cli, Command};
 use failure::Failure;
 use link::{connect, mark_read};
-use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
-use securechat_agentd::Paths;
+use securechat_client::ipc::{IpcClient, IpcClientError};
+use securechat_client::Paths;
 use securechat_common::ipc::{ConnectionState, IpcErrorKind, IpcRequest, IpcResponse, StatusInfo};
 use zeroize::Zeroizing;
 

@@ -396,9 +396,7 @@ fn hostile_local_requests_get_typed_errors_and_change_nothing() {
 
 #[test]
 fn password_guessing_by_others_never_locks_the_owner_out() {
-    use securechat_agentd::relay_client::{
-        parse_fingerprint, ClientError, RelayClient, ServerTrust,
-    };
+    use securechat_client::relay::{parse_fingerprint, ClientError, RelayClient, ServerTrust};
     use securechat_common::protocol::ErrorCode;
 
     let mut w = world();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use securechat_agentd::relay_client::RelayClient;
+use securechat_client::relay::RelayClient;
 use securechat_common::protocol::{AckOutcome, Push, Request, Response};
 use securechat_common::{Envelope, PublicKey};
 use securechat_relay::store::Quota;

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{ClientError, PushStream, RelayClient};
+use securechat_client::relay::{ClientError, PushStream, RelayClient};
 use securechat_common::envelope::open;
 use securechat_common::protocol::{ErrorCode, Push, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};

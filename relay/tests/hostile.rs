@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
+use securechat_client::relay::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::limits::MAX_CIPHERTEXT_LEN;
 use securechat_common::protocol::{

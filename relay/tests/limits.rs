@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{ClientError, RelayClient};
+use securechat_client::relay::{ClientError, RelayClient};
 use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request, Response};
 use securechat_common::IdentityKey;
 use securechat_relay::ratelimit::{Limit, LoginLimits};

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use securechat_agentd::relay_client::RelayClient;
+use securechat_client::relay::RelayClient;
 use securechat_common::codec;
 use securechat_common::protocol::{
     AckOutcome, ErrorCode, Push, Request, Response, PROTOCOL_VERSION,

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use securechat_agentd::relay_client::{RelayClient, ServerTrust, PINNED_SERVER_NAME};
+use securechat_client::relay::{RelayClient, ServerTrust, PINNED_SERVER_NAME};
 use securechat_common::protocol::ErrorCode;
 use securechat_testkit::{error_code, SmtpServer, TestUser};
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{ClientError, RelayClient};
+use securechat_client::relay::{ClientError, RelayClient};
 use securechat_common::codec;
 use securechat_common::crypto::{login_transcript, IdentityKey, KeySize, LoginPurpose};
 use securechat_common::limits::MAX_FRAME_LEN;

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{ClientError, RelayClient};
+use securechat_client::relay::{ClientError, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 use securechat_relay::config::DEFAULT_CODE_TTL;

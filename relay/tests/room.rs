@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use securechat_agentd::relay_client::{PushStream, RelayClient};
+use securechat_client::relay::{PushStream, RelayClient};
 use securechat_common::envelope::{open, seal_for, Header, Kind, To};
 use securechat_common::protocol::{
     DirectoryEntry, ErrorCode, Push, Refusal, Request, Response, DIRECTORY_PAGE,

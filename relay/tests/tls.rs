@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use securechat_agentd::relay_client::{
+use securechat_client::relay::{
     parse_ca_pem, CertRejection, ClientError, RelayClient, ServerTrust,
 };
 use securechat_common::protocol::{Request, Response};

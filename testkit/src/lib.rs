@@ -37,7 +37,7 @@ pub use user::{close_reason, error_code, refusal};
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use securechat_agentd::relay_client::{PushStream, RelayClient};
+use securechat_client::relay::{PushStream, RelayClient};
 use securechat_common::codec;
 use securechat_common::limits::MAX_FRAME_LEN;
 use securechat_common::protocol::{AckOutcome, Push, Request, Response};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use securechat_agentd::relay_client::{RelayClient, ServerTrust};
+use securechat_client::relay::{RelayClient, ServerTrust};
 use securechat_relay::clock::Clock;
 use securechat_relay::ratelimit::Limit;
 use securechat_relay::{Config, Relay, RelayError};

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 
 use anyhow::Context;
-use securechat_agentd::relay_client::{ClientError, RelayClient, ServerTrust, PINNED_SERVER_NAME};
+use securechat_client::relay::{ClientError, RelayClient, ServerTrust, PINNED_SERVER_NAME};
 use securechat_common::crypto::IdentityKey;
 use securechat_common::protocol::{Request, Response};
 

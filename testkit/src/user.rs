@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use securechat_agentd::relay_client::{ClientError, LoggedIn, RelayClient};
+use securechat_client::relay::{ClientError, LoggedIn, RelayClient};
 use securechat_common::crypto::{IdentityKey, KeySize};
 use securechat_common::envelope::{seal, SealParams};
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};

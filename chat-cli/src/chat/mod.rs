@@ -25,8 +25,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 
 use anyhow::{anyhow, Context};
-use securechat_agentd::ipc_client::{IpcClient, IpcClientError};
-use securechat_agentd::Paths;
+use securechat_client::ipc::{IpcClient, IpcClientError};
+use securechat_client::Paths;
 use securechat_common::ipc::{
     Event, EventRecord, HistoryEntry, InboxMessage, IpcError, IpcErrorKind, IpcRequest, IpcResponse,
 };

@@ -8,7 +8,7 @@ use interprocess::local_socket::{GenericFilePath, ToFsName};
 use securechat_common::ipc::{IpcError, IpcRequest, IpcResponse, IPC_VERSION};
 use tokio::io::{BufReader, ReadHalf, WriteHalf};
 
-use crate::ipc_io::{read_msg, write_msg, IoLineError};
+use crate::lines::{read_msg, write_msg, IoLineError};
 
 /// Why talking to agentd failed.
 #[derive(Debug, thiserror::Error)]
