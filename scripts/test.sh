@@ -17,6 +17,8 @@ NEEDED=(
   "systemd-socket-activate systemd"         # agentd's socket-activation test
   "script util-linux"                       # chat-cli on a real terminal (a pty)
   "tmux tmux"                               # `chat-cli chat` typed into and read back
+  "redis-server redis-server"               # securechat-bench --compare-redis (the yardstick)
+  "redis-benchmark redis-tools"             # the same
 )
 
 missing=()

@@ -217,6 +217,12 @@ impl Config {
                 "nobody could send",
             ),
             (
+                "--attempts-per-minute",
+                "attempts_per_minute",
+                u64::from(self.attempts_per_source.max),
+                "nobody could log in or register",
+            ),
+            (
                 "--argon2-workers",
                 "argon2_workers",
                 self.argon2_workers as u64,
@@ -270,11 +276,13 @@ impl Config {
             ),
             format!(
                 "settings: max_connections={} max_connections_per_source={} \
-                 unauthenticated_timeout={} sends_per_minute={} argon2_workers={} argon2_queue={}",
+                 unauthenticated_timeout={} sends_per_minute={} attempts_per_minute={} argon2_workers={} \
+                 argon2_queue={}",
                 self.max_connections,
                 self.max_connections_per_source,
                 d(self.unauthenticated_timeout),
                 self.sends_per_sender.max,
+                self.attempts_per_source.max,
                 self.argon2_workers,
                 self.argon2_queue,
             ),

@@ -28,7 +28,7 @@ use serde::Deserialize;
 /// `status_listen`, `smtp_url`, `smtp_url_file`, `smtp_ca`, `mail_from`,
 /// `cert`, `key`, `retention`, `sweep_interval`, `quota_messages`, `quota_bytes`, `code_ttl`,
 /// `session_ttl`, `max_connections`, `max_connections_per_source`,
-/// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`,
+/// `unauthenticated_timeout`, `sender_share_percent`, `sends_per_minute`, `attempts_per_minute`,
 /// `argon2_workers`, `argon2_queue`, `log_level`), then the defaults shown
 /// below. The SMTP URL may also come from the environment variable
 /// SECURECHAT_SMTP_URL (after the flags, before the file), which keeps its
@@ -159,6 +159,12 @@ struct Cli {
     #[arg(long, value_name = "N")]
     sends_per_minute: Option<u32>,
 
+    /// Logins, session resumes, registrations and verifications one source
+    /// may attempt per minute. Default: 30. Raise it when many users share
+    /// one address (a NAT) or for load tests.
+    #[arg(long, value_name = "N")]
+    attempts_per_minute: Option<u32>,
+
     /// Threads that hash and check passwords (argon2id, 19 MiB each).
     /// Default: the number of cores.
     #[arg(long, value_name = "N")]
@@ -209,6 +215,7 @@ struct FileConfig {
     unauthenticated_timeout: Option<String>,
     sender_share_percent: Option<u8>,
     sends_per_minute: Option<u32>,
+    attempts_per_minute: Option<u32>,
     argon2_workers: Option<usize>,
     argon2_queue: Option<usize>,
     log_level: Option<String>,
@@ -444,6 +451,9 @@ fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
     }
     if let Some(n) = cli.sends_per_minute.or(file.sends_per_minute) {
         config.sends_per_sender.max = n;
+    }
+    if let Some(n) = cli.attempts_per_minute.or(file.attempts_per_minute) {
+        config.attempts_per_source.max = n;
     }
     if let Some(n) = cli.argon2_workers.or(file.argon2_workers) {
         config.argon2_workers = n;
