@@ -385,69 +385,80 @@ fn raise_open_files(needed: usize) {
 }
 
 fn print_table(r: &Report) {
-    let f = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0} {unit}"));
+    let rate = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.0} {unit}"));
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} ms"));
+    let row = |what: &str, rate: String, p50: Option<f64>, p99: Option<f64>, max: Option<f64>| {
+        println!(
+            "{what:<36} {rate:>14} {:>10} {:>10} {:>10}",
+            ms(p50),
+            ms(p99),
+            ms(max)
+        );
+    };
     println!(
         "relays {}, {} connections x {} in flight, body {} B (envelope {} B)",
         r.relays, r.connections, r.in_flight, r.size, r.envelope_bytes
     );
     println!(
-        "{:<34} {:>14} {:>10} {:>10} {:>10}",
+        "{:<36} {:>14} {:>10} {:>10} {:>10}",
         "", "rate", "p50", "p99", "max"
     );
-    println!(
-        "{:<34} {:>14} {:>10} {:>10} {:>10}",
-        "durable send",
-        f(r.send_msgs_per_s, "msg/s"),
-        ms(r.send_p50_ms),
-        ms(r.send_p99_ms),
-        ms(r.send_max_ms)
-    );
-    if r.redis_msgs_per_s.is_some() {
-        println!(
-            "{:<34} {:>14} {:>10} {:>10} {:>10}",
-            "redis LPUSH, appendfsync always",
-            f(r.redis_msgs_per_s, "req/s"),
-            ms(r.redis_p50_ms),
-            ms(r.redis_p99_ms),
-            "-"
+    if r.send_msgs_per_s.is_some() {
+        row(
+            "durable send",
+            rate(r.send_msgs_per_s, "msg/s"),
+            r.send_p50_ms,
+            r.send_p99_ms,
+            r.send_max_ms,
         );
+    }
+    if r.redis_msgs_per_s.is_some() {
+        row(
+            "redis LPUSH, appendfsync always",
+            rate(r.redis_msgs_per_s, "req/s"),
+            r.redis_p50_ms,
+            r.redis_p99_ms,
+            None,
+        );
+        if let Some(ratio) = r.ratio_vs_redis {
+            println!("{:<36} {ratio:>14.2}", "ratio vs redis");
+        }
+    }
+    if let (Some(sent), Some(got)) = (r.e2e_sent, r.e2e_received) {
+        row(
+            &format!("end to end, offered ({got} of {sent} arrived)"),
+            rate(r.e2e_offered_per_s, "msg/s"),
+            r.e2e_p50_ms,
+            r.e2e_p99_ms,
+            r.e2e_max_ms,
+        );
+    }
+    if let Some(n) = r.drain_messages {
         println!(
-            "{:<34} {:>14}",
-            "ratio vs redis",
-            r.ratio_vs_redis.map_or("-".into(), |v| format!("{v:.2}"))
+            "{:<36} {:>14}   (all pushed at {})",
+            format!("drain of {n}, push + ack"),
+            rate(r.drain_msgs_per_s, "msg/s"),
+            rate(r.drain_pushed_per_s, "msg/s")
         );
     }
     println!(
-        "{:<34} {:>14} {:>10} {:>10} {:>10}",
-        format!(
-            "end to end ({} of {} arrived)",
-            r.e2e_received.unwrap_or(0),
-            r.e2e_sent.unwrap_or(0)
-        ),
-        f(r.e2e_offered_per_s, "msg/s"),
-        ms(r.e2e_p50_ms),
-        ms(r.e2e_p99_ms),
-        ms(r.e2e_max_ms)
+        "{:<36} {:>14}",
+        "full MFA logins",
+        rate(r.logins_per_s, "/s")
     );
-    println!(
-        "{:<34} {:>14}   (pushed: {})",
-        format!("drain of {} (push + ack)", r.drain_messages.unwrap_or(0)),
-        f(r.drain_msgs_per_s, "msg/s"),
-        f(r.drain_pushed_per_s, "msg/s")
-    );
-    println!("{:<34} {:>14}", "full MFA logins", f(r.logins_per_s, "/s"));
-    println!(
-        "{:<34} {:>14}",
-        "session resumes (new connection)",
-        f(r.resumes_per_s, "/s")
-    );
-    println!(
-        "{:<34} {:>14}   (relay RSS {})",
-        format!("idle sessions: {}", r.idle_sessions.unwrap_or(0)),
-        r.idle_rss_bytes_per_conn
-            .map_or("-".into(), |v| format!("{:.1} KiB/conn", v / 1024.0)),
-        r.idle_rss_bytes
-            .map_or("-".into(), |v| format!("{:.1} MiB", v as f64 / 1048576.0))
-    );
+    if let Some(n) = r.idle_sessions {
+        println!(
+            "{:<36} {:>14}",
+            "session resumes, each a new connection",
+            rate(r.resumes_per_s, "/s")
+        );
+        println!(
+            "{:<36} {:>14}   (relay RSS {})",
+            format!("idle sessions: {n}"),
+            r.idle_rss_bytes_per_conn
+                .map_or("-".into(), |v| format!("{:.1} KiB/conn", v / 1024.0)),
+            r.idle_rss_bytes
+                .map_or("-".into(), |v| format!("{:.1} MiB", v as f64 / 1_048_576.0))
+        );
+    }
 }
