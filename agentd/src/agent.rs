@@ -405,6 +405,21 @@ impl Agent {
     }
 
     /// Tell `Events` streams that the journal grew.
+    /// Run database or file work on tokio's blocking pool, so that a
+    /// commit's fsync never holds up a runtime thread (and with it other
+    /// connections' requests). `Err` only if the task panicked or was
+    /// cancelled; what `f` returns is the caller's to check.
+    pub(crate) async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Agent) -> T + Send + 'static,
+    {
+        let agent = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&agent))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))
+    }
+
     pub(crate) fn journal_changed(&self) {
         match self.store.journal_head() {
             Ok(head) => {

@@ -139,6 +139,15 @@ pub async fn run_with(
         }
         Err(e) => return Err(e.into()),
     };
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .saturating_sub(store::SEEN_KEEP_MS);
+    match store.prune_seen(cutoff) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("forgot {n} message id(s) handled too long ago to come back"),
+        Err(e) => tracing::warn!("pruning old message ids: {e}"),
+    }
     let listener = match activated {
         Some(l) => {
             if let Some(path) = l

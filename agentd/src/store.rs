@@ -6,6 +6,7 @@
 //! inbox_unread   u64 key   → 1                                 not yet shown
 //! inbox_ids      msg id    → u64 key                           mark read by id
 //! seen           msg id    → u8 (1 inbox, 2 held, 3 rejected)  dedupe
+//! seen_at        (Unix ms, msg id) → ()                        when, for pruning `seen`
 //! pins           username  → SubjectPublicKeyInfo DER          TOFU pins
 //! held           msg id    → postcard (Envelope, reason, at_ms) sender key changed
 //! rejected       u64       → JSON Problem                      kept for status
@@ -55,6 +56,7 @@ const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const UNREAD: TableDefinition<u64, u8> = TableDefinition::new("inbox_unread");
 const INBOX_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("inbox_ids");
 const SEEN: TableDefinition<&[u8], u8> = TableDefinition::new("seen");
+const SEEN_AT: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("seen_at");
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
 const HELD: TableDefinition<&[u8], &[u8]> = TableDefinition::new("held");
 const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
@@ -78,12 +80,37 @@ const EVENTS_AAD: &[u8] = b"securechat-event-v1\0";
 /// How many rejected messages and sequence alerts `status` keeps.
 const KEEP_PROBLEMS: u64 = 50;
 
+/// Setting present once every `seen` id has a `seen_at` entry.
+const SEEN_INDEXED: &str = "seen_indexed";
+
 /// Setting present once every inbox record is encrypted.
 const INBOX_SEALED: &str = "inbox_sealed";
 
 /// First byte of an encrypted inbox record (plain JSON records start with `{`).
 const SEALED_V1: u8 = 1;
 const INBOX_AAD: &[u8] = b"securechat-inbox-v1\0";
+
+/// How long a message id stays in `seen` after it was last handled.
+///
+/// `seen` is what answers a redelivery (our ack was lost, or the relay
+/// pushed the queue again on reconnect) with the same outcome as the first
+/// time, without a second inbox entry or a false replay alert. The relay
+/// only redelivers what it still queues, and it drops every message after
+/// its retention time (30 days unless its operator chose otherwise), so an
+/// id handled longer ago than that cannot come back from an honest relay.
+/// Twice the default retention leaves room for a longer setting and for
+/// clocks that disagree.
+///
+/// Forgetting an id does not open the door to replays: a message a
+/// dishonest relay replays after that still carries a sequence number that
+/// was delivered before, and `seq` refuses it (recorded as a replay).
+/// Held messages keep their ids for as long as they are held.
+pub const SEEN_KEEP_MS: u64 = 60 * 24 * 3600 * 1000;
+
+/// Most `seen` ids forgotten in one commit, so that a first prune of a
+/// large old table does not make one delivery slow; the rest go with the
+/// next ones.
+const PRUNE_BATCH: usize = 1000;
 
 /// Why the database failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +125,10 @@ pub enum StoreError {
     /// Setting the database file's mode failed.
     #[error("database file: {0}")]
     Io(#[from] std::io::Error),
+    /// The blocking task that ran the database work failed (it panicked or
+    /// was cancelled as agentd stopped).
+    #[error("database task failed: {0}")]
+    Task(String),
 }
 
 macro_rules! db_from {
@@ -351,9 +382,131 @@ fn record_rejection(
     problem: &Problem,
 ) -> Result<(), StoreError> {
     push_problem(tx, REJECTED, problem)?;
-    seen.insert(id.0.as_slice(), 3)?;
+    mark_seen(tx, seen, id, 3)?;
     tx.open_table(HELD)?.remove(id.0.as_slice())?;
     Ok(())
+}
+
+/// Within `tx`: one message of [`Store::deliver_many`].
+fn deliver_in(
+    tx: &WriteTransaction,
+    key: &InboxKey,
+    id: &MessageId,
+    mut msg: InboxMessage,
+    signer: [u8; 32],
+) -> Result<Delivery, StoreError> {
+    let delivery = {
+        let mut seen = tx.open_table(SEEN)?;
+        if seen.get(id.0.as_slice())?.is_some_and(|v| v.value() == 1) {
+            return Ok(Delivery::Duplicate);
+        }
+        let mut seq_in = tx.open_table(SEQ_IN)?;
+        let state: Option<SeqState> = match seq_in.get(msg.from.as_str())? {
+            Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
+            None => None,
+        };
+        let (verdict, next) = seq::check(state.as_ref(), msg.seq, signer);
+        let alert = |reason: String| Problem {
+            id: msg.id.clone(),
+            from: msg.from.clone(),
+            reason,
+            at_ms: now_ms(),
+        };
+        match verdict {
+            Verdict::Replay { highest } => {
+                let reason = format!(
+                    "replayed: message number {} from {} was delivered before (highest so far \
+                         {highest}); the relay sent it again",
+                    msg.seq, msg.from
+                );
+                push_problem(tx, ALERTS, &alert(reason.clone()))?;
+                record_rejection(tx, &mut seen, id, &alert(reason))?;
+                Delivery::Replayed
+            }
+            verdict => {
+                msg.missing_before = verdict.missing();
+                msg.late = verdict == Verdict::Late;
+                msg.read = false;
+                if let Verdict::Gap { first, last } = verdict {
+                    let reason = if first == last {
+                        format!("1 message from {} is missing (number {first})", msg.from)
+                    } else {
+                        format!(
+                            "{} messages from {} are missing (numbers {first} to {last})",
+                            last - first + 1,
+                            msg.from
+                        )
+                    };
+                    push_problem(tx, ALERTS, &alert(reason))?;
+                }
+                let bytes = postcard::to_stdvec(&next).map_err(corrupt)?;
+                seq_in.insert(msg.from.as_str(), bytes.as_slice())?;
+                mark_seen(tx, &mut seen, id, 1)?;
+                let mut inbox = tx.open_table(INBOX)?;
+                let record = next_key(&inbox)?;
+                inbox.insert(record, seal_record(key, record, &msg)?.as_slice())?;
+                tx.open_table(UNREAD)?.insert(record, 1)?;
+                tx.open_table(INBOX_IDS)?.insert(id.0.as_slice(), record)?;
+                tx.open_table(HELD)?.remove(id.0.as_slice())?;
+                tx.open_table(RECEIPTS_OUT)?
+                    .insert((msg.from.as_str(), id.0.as_slice()), 1)?;
+                note_seen(tx, &msg.from, msg.received_ms)?;
+                append_event(tx, key, Event::Message(msg.clone()))?;
+                Delivery::Stored(Box::new(msg))
+            }
+        }
+    };
+    Ok(delivery)
+}
+
+/// Within `tx`: remember `id` as handled (`state` as in `seen`) now, for
+/// dedupe until [`SEEN_KEEP_MS`] has passed.
+fn mark_seen(
+    tx: &WriteTransaction,
+    seen: &mut redb::Table<&[u8], u8>,
+    id: &MessageId,
+    state: u8,
+) -> Result<(), StoreError> {
+    seen.insert(id.0.as_slice(), state)?;
+    tx.open_table(SEEN_AT)?
+        .insert((now_ms(), id.0.as_slice()), ())?;
+    Ok(())
+}
+
+/// Within `tx`: forget the ids of up to `limit` `seen_at` entries older
+/// than `cutoff_ms` (Unix ms), except those still held. Returns how many
+/// entries were taken (fewer than `limit`: no older one is left) and how
+/// many ids were forgotten.
+///
+/// An id can have several `seen_at` entries (held, then released or
+/// rejected); the first is when the relay had our ack, and the relay's
+/// retention counts from there, so the first one to pass the cutoff
+/// forgets the id. A held id outlives its entry; releasing or rejecting it
+/// later adds a new one.
+fn prune_seen_in(
+    tx: &WriteTransaction,
+    cutoff_ms: u64,
+    limit: usize,
+) -> Result<(usize, u64), StoreError> {
+    let mut at = tx.open_table(SEEN_AT)?;
+    let old: Vec<(u64, Vec<u8>)> = at
+        .range::<(u64, &[u8])>(..(cutoff_ms, &[][..]))?
+        .take(limit)
+        .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_vec())))
+        .collect::<Result<_, _>>()?;
+    if old.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut seen = tx.open_table(SEEN)?;
+    let held = tx.open_table(HELD)?;
+    let mut forgotten = 0;
+    for (when, id) in &old {
+        at.remove((*when, id.as_slice()))?;
+        if held.get(id.as_slice())?.is_none() {
+            forgotten += u64::from(seen.remove(id.as_slice())?.is_some());
+        }
+    }
+    Ok((old.len(), forgotten))
 }
 
 fn held_record(bytes: &[u8]) -> Result<(Envelope, String, u64), StoreError> {
@@ -372,6 +525,7 @@ impl Store {
             tx.open_table(UNREAD)?;
             tx.open_table(INBOX_IDS)?;
             tx.open_table(SEEN)?;
+            tx.open_table(SEEN_AT)?;
             tx.open_table(PINS)?;
             tx.open_table(HELD)?;
             tx.open_table(REJECTED)?;
@@ -385,9 +539,38 @@ impl Store {
             tx.open_table(EVENTS)?;
             tx.open_table(VERIFIED)?;
             tx.open_table(LAST_SEEN)?;
+            // Ids that earlier versions saw have no time: they count from
+            // now, once.
+            let mut settings = tx.open_table(SETTINGS)?;
+            if settings.get(SEEN_INDEXED)?.is_none() {
+                let now = now_ms();
+                let mut at = tx.open_table(SEEN_AT)?;
+                for entry in tx.open_table(SEEN)?.iter()? {
+                    let (id, _) = entry?;
+                    at.insert((now, id.value()), ())?;
+                }
+                settings.insert(SEEN_INDEXED, "1")?;
+            }
         }
         tx.commit()?;
         Ok(Self { db })
+    }
+
+    /// Forget the ids handled before `cutoff_ms` (Unix ms; see
+    /// [`SEEN_KEEP_MS`]), except held ones, in commits of a bounded size.
+    /// Deliveries do this as they go; agentd also calls it at start.
+    /// Returns how many were forgotten.
+    pub fn prune_seen(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let tx = self.db.begin_write()?;
+            let (taken, forgotten) = prune_seen_in(&tx, cutoff_ms, PRUNE_BATCH)?;
+            if taken == 0 {
+                return Ok(total);
+            }
+            tx.commit()?;
+            total += forgotten;
+        }
     }
 
     /// Whether this message id was handled before, and how.
@@ -454,73 +637,40 @@ impl Store {
         &self,
         key: &InboxKey,
         id: &MessageId,
-        mut msg: InboxMessage,
+        msg: InboxMessage,
         signer: [u8; 32],
     ) -> Result<Delivery, StoreError> {
+        let mut done = self.deliver_many(key, vec![(*id, msg, signer)])?;
+        done.pop()
+            .ok_or_else(|| corrupt("no outcome for a delivery"))
+    }
+
+    /// [`Store::deliver`] for several messages, in order, in one commit
+    /// (one fsync for all of them): each sees what the ones before it
+    /// stored, so that numbers and duplicates within the batch are checked
+    /// as if they came one by one. One outcome per message, in order; on
+    /// `Err` none of them is stored.
+    pub fn deliver_many(
+        &self,
+        key: &InboxKey,
+        msgs: Vec<(MessageId, InboxMessage, [u8; 32])>,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let tx = self.db.begin_write()?;
-        let delivery = {
-            let mut seen = tx.open_table(SEEN)?;
-            if seen.get(id.0.as_slice())?.is_some_and(|v| v.value() == 1) {
-                return Ok(Delivery::Duplicate);
-            }
-            let mut seq_in = tx.open_table(SEQ_IN)?;
-            let state: Option<SeqState> = match seq_in.get(msg.from.as_str())? {
-                Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
-                None => None,
-            };
-            let (verdict, next) = seq::check(state.as_ref(), msg.seq, signer);
-            let alert = |reason: String| Problem {
-                id: msg.id.clone(),
-                from: msg.from.clone(),
-                reason,
-                at_ms: now_ms(),
-            };
-            match verdict {
-                Verdict::Replay { highest } => {
-                    let reason = format!(
-                        "replayed: message number {} from {} was delivered before (highest so far \
-                         {highest}); the relay sent it again",
-                        msg.seq, msg.from
-                    );
-                    push_problem(&tx, ALERTS, &alert(reason.clone()))?;
-                    record_rejection(&tx, &mut seen, id, &alert(reason))?;
-                    Delivery::Replayed
-                }
-                verdict => {
-                    msg.missing_before = verdict.missing();
-                    msg.late = verdict == Verdict::Late;
-                    msg.read = false;
-                    if let Verdict::Gap { first, last } = verdict {
-                        let reason = if first == last {
-                            format!("1 message from {} is missing (number {first})", msg.from)
-                        } else {
-                            format!(
-                                "{} messages from {} are missing (numbers {first} to {last})",
-                                last - first + 1,
-                                msg.from
-                            )
-                        };
-                        push_problem(&tx, ALERTS, &alert(reason))?;
-                    }
-                    let bytes = postcard::to_stdvec(&next).map_err(corrupt)?;
-                    seq_in.insert(msg.from.as_str(), bytes.as_slice())?;
-                    seen.insert(id.0.as_slice(), 1)?;
-                    let mut inbox = tx.open_table(INBOX)?;
-                    let record = next_key(&inbox)?;
-                    inbox.insert(record, seal_record(key, record, &msg)?.as_slice())?;
-                    tx.open_table(UNREAD)?.insert(record, 1)?;
-                    tx.open_table(INBOX_IDS)?.insert(id.0.as_slice(), record)?;
-                    tx.open_table(HELD)?.remove(id.0.as_slice())?;
-                    tx.open_table(RECEIPTS_OUT)?
-                        .insert((msg.from.as_str(), id.0.as_slice()), 1)?;
-                    note_seen(&tx, &msg.from, msg.received_ms)?;
-                    append_event(&tx, key, Event::Message(msg.clone()))?;
-                    Delivery::Stored(Box::new(msg))
-                }
-            }
-        };
-        tx.commit()?;
-        Ok(delivery)
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut changed = false;
+        // Rides on a commit that happens anyway.
+        let cutoff = now_ms().saturating_sub(SEEN_KEEP_MS);
+        changed |= prune_seen_in(&tx, cutoff, PRUNE_BATCH)?.0 > 0;
+        for (id, msg, signer) in msgs {
+            let delivery = deliver_in(&tx, key, &id, msg, signer)?;
+            changed |= delivery != Delivery::Duplicate;
+            out.push(delivery);
+        }
+        // Only duplicates: nothing to make durable.
+        if changed {
+            tx.commit()?;
+        }
+        Ok(out)
     }
 
     /// Inbox messages in the order they arrived, with their record keys, as
@@ -652,7 +802,7 @@ impl Store {
         {
             tx.open_table(HELD)?
                 .insert(env.id.0.as_slice(), bytes.as_slice())?;
-            tx.open_table(SEEN)?.insert(env.id.0.as_slice(), 2)?;
+            mark_seen(&tx, &mut tx.open_table(SEEN)?, &env.id, 2)?;
         }
         tx.commit()?;
         Ok(())
@@ -1375,5 +1525,82 @@ mod tests {
         let all = store.events_after(&key, 0, usize::MAX).unwrap();
         assert_eq!(all.len() as u64, KEEP_EVENTS);
         assert_eq!(all[0].cursor, 6);
+    }
+
+    #[test]
+    fn a_batch_of_deliveries_is_checked_in_order_and_committed_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let key = InboxKey::generate().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            let out = store
+                .deliver_many(
+                    &key,
+                    vec![
+                        (id(1), msg("bob", 1, "one"), [5; 32]),
+                        (id(2), msg("bob", 3, "three"), [5; 32]),
+                        // The same id again within the batch.
+                        (id(1), msg("bob", 1, "one"), [5; 32]),
+                        // Number 3 again under another id: a replay.
+                        (id(4), msg("bob", 3, "again"), [5; 32]),
+                    ],
+                )
+                .unwrap();
+            assert!(matches!(&out[0], Delivery::Stored(_)));
+            assert!(matches!(&out[1], Delivery::Stored(m) if m.missing_before == 1));
+            assert_eq!(out[2..], [Delivery::Duplicate, Delivery::Replayed]);
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.unread_count().unwrap(), 2);
+        assert_eq!(store.seen(&id(4)).unwrap(), Some(Seen::Rejected));
+        assert_eq!(store.receipts_due(10).unwrap().len(), 2);
+        assert_eq!(store.events_after(&key, 0, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn seen_ids_are_forgotten_after_the_window_except_held_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        store
+            .deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32])
+            .unwrap();
+        store.reject(&id(2), "eve", "bad signature").unwrap();
+        let env = Envelope {
+            version: 1,
+            id: id(3),
+            sender: "carol".into(),
+            kind: securechat_common::envelope::Kind::Direct,
+            timestamp_ms: 1,
+            slots: Vec::new(),
+            other_slots: Vec::new(),
+            nonce: [0; 12],
+            ciphertext: Vec::new(),
+            signature: Vec::new(),
+        };
+        store.hold(&env, "key changed").unwrap();
+        let handled = now_ms();
+
+        // Nothing is old enough yet.
+        assert_eq!(store.prune_seen(handled - SEEN_KEEP_MS).unwrap(), 0);
+        assert_eq!(store.seen(&id(1)).unwrap(), Some(Seen::Inbox));
+
+        // Past the window: delivered and rejected ids go, the held one stays.
+        assert_eq!(store.prune_seen(handled + 1).unwrap(), 2);
+        assert_eq!(store.seen(&id(1)).unwrap(), None);
+        assert_eq!(store.seen(&id(2)).unwrap(), None);
+        assert_eq!(store.seen(&id(3)).unwrap(), Some(Seen::Held));
+        assert_eq!(store.prune_seen(handled + 1).unwrap(), 0);
+
+        // Replays stay refused without the id: the number was delivered.
+        assert_eq!(
+            store
+                .deliver(&key, &id(1), msg("bob", 1, "hi"), [0; 32])
+                .unwrap(),
+            Delivery::Replayed
+        );
+        // The inbox itself is untouched.
+        assert_eq!(store.inbox_page(&key, all()).unwrap().len(), 1);
     }
 }

@@ -22,6 +22,12 @@ pub const MAX_RECIPIENTS: usize = 256;
 /// Most message ids one delivery receipt names.
 pub const MAX_RECEIPT_IDS: usize = 1024;
 
+/// Most messages one [`crate::protocol::Request::AckMany`] confirms. Each
+/// entry is 17 bytes on the wire, so a full batch stays far below
+/// [`MAX_FRAME_LEN`]; the bound keeps one request's transaction on the
+/// relay short, so that other users' sends are not held up behind it.
+pub const MAX_ACK_BATCH: usize = 1024;
+
 /// Largest RSA output (wrapped key or signature): a 4096-bit modulus.
 pub const MAX_RSA_OUTPUT_LEN: usize = 512;
 

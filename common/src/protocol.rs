@@ -30,6 +30,7 @@
 //!   │ ◄── LoggedIn{token,unread}             │
 //!   │ ◄═══ Push::Deliver{envelope,..} ══════ │  (uni stream)
 //!   │ Ack{id,outcome} ────────────────────► │  relay deletes the message
+//!   │ AckMany{[(id,outcome)…]} ───────────► │  … or many, in one commit
 //!   │ Send{envelope} ─────────────────────► │  committed to disk before the reply
 //!   │ ◄── Stored{id}                         │
 //! ```
@@ -140,6 +141,22 @@ pub enum Request {
         /// The last name of the previous page; `None` for the first.
         after: Option<String>,
     },
+    /// Confirm many pushed messages at once: the relay deletes them all in
+    /// one durable commit (one stream and one fsync for the lot, where
+    /// [`Request::Ack`] costs one of each per message). At most
+    /// [`crate::limits::MAX_ACK_BATCH`] entries; a larger batch is refused
+    /// whole with `BadRequest`. Ids that are not queued (acked before) are
+    /// ignored, as by `Ack`.
+    ///
+    /// Added after version 3 was fixed, as the last variant, so the tags of
+    /// the others stay: a relay that predates it answers `BadRequest`, and
+    /// the agent falls back to one `Ack` per message. The version stays 3,
+    /// since bumping it would make old and new peers refuse each other's
+    /// every frame instead.
+    AckMany {
+        /// Each message id with what the agent did with it.
+        acks: Vec<(MessageId, AckOutcome)>,
+    },
 }
 
 /// Most entries in one [`Response::Directory`] page.
@@ -201,6 +218,10 @@ impl std::fmt::Debug for Request {
             Request::Directory { after } => {
                 f.debug_struct("Directory").field("after", after).finish()
             }
+            Request::AckMany { acks } => f
+                .debug_struct("AckMany")
+                .field("acks", &acks.len())
+                .finish_non_exhaustive(),
         }
     }
 }

@@ -152,6 +152,21 @@ fn request() -> impl Strategy<Value = Request> {
             }
         }),
         Just(Request::Online),
+        prop::collection::vec((msg_id(), any::<bool>()), 0..40).prop_map(|acks| {
+            Request::AckMany {
+                acks: acks
+                    .into_iter()
+                    .map(|(id, ok)| {
+                        let outcome = if ok {
+                            AckOutcome::Stored
+                        } else {
+                            AckOutcome::Rejected
+                        };
+                        (id, outcome)
+                    })
+                    .collect(),
+            }
+        }),
     ]
 }
 

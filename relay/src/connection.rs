@@ -376,6 +376,8 @@ impl std::fmt::Display for Summary<'_> {
             Request::Ack { .. } => ("Ack", None),
             Request::Online => ("Online", None),
             Request::Time => ("Time", None),
+            Request::Directory { .. } => ("Directory", None),
+            Request::AckMany { .. } => ("AckMany", None),
             _ => ("unknown request", None),
         };
         match name {
@@ -403,7 +405,7 @@ async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
 
 /// How many request kinds this build knows ([`Request`]'s variants, whose
 /// index starts the frame body).
-const REQUEST_KINDS: u32 = 13;
+const REQUEST_KINDS: u32 = 14;
 
 /// Whether a frame that could not be decoded at least names a request kind
 /// this build knows; if not, it is most likely from a newer client. A frame
@@ -440,9 +442,9 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_is_the_last_one_known() {
-        // `Directory` is the last variant of `Request`: a new one must raise
+        // `AckMany` is the last variant of `Request`: a new one must raise
         // REQUEST_KINDS, or its malformed frames are counted as unknown.
-        let frame = codec::encode(&Request::Directory { after: None }).unwrap();
+        let frame = codec::encode(&Request::AckMany { acks: Vec::new() }).unwrap();
         assert_eq!(u32::from(frame[5]), REQUEST_KINDS - 1);
         assert!(known_request_kind(&frame));
         let mut newer = frame.to_vec();

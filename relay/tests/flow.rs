@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use securechat_client::relay::{ClientError, PushStream, RelayClient};
 use securechat_common::envelope::open;
-use securechat_common::protocol::{ErrorCode, Push, Request, Response};
+use securechat_common::limits::MAX_ACK_BATCH;
+use securechat_common::protocol::{AckOutcome, ErrorCode, Push, Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_testkit::relay::test_config;
 use securechat_testkit::{error_code, http_get, next_queued, SmtpServer, TestRelay, TestUser};
@@ -263,5 +264,65 @@ async fn publish_key_needs_a_fresh_full_login() {
         ),
         Ok(ErrorCode::UnknownUser)
     );
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ack_many_takes_a_batch_at_once_and_refuses_an_oversized_one_whole() {
+    let smtp = SmtpServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(test_config(dir.path(), Some(&smtp)))
+        .await
+        .unwrap();
+    let mut alice = TestUser::new("alice").unwrap();
+    let mut bob = TestUser::new("bob").unwrap();
+    let a = relay.connect().await.unwrap();
+    alice.register(&a, &smtp).await.unwrap();
+    bob.register(&a, &smtp).await.unwrap();
+    alice.login(&a).await.unwrap();
+    let bob_key = lookup(&a, "bob").await;
+    let sent: Vec<Envelope> = (0..4)
+        .map(|i| seal_for(&alice, "bob", &bob_key, &format!("m{i}")))
+        .collect();
+    for env in &sent {
+        send(&a, env).await;
+    }
+
+    let b = relay.connect().await.unwrap();
+    let logged = bob.login(&b).await.unwrap();
+    assert_eq!(logged.unread, 4);
+    let acks = |ids: &[MessageId]| Request::AckMany {
+        acks: ids.iter().map(|id| (*id, AckOutcome::Stored)).collect(),
+    };
+    let ids: Vec<MessageId> = sent.iter().map(|e| e.id).collect();
+
+    // One too many: refused whole, even the entries that are queued.
+    let mut oversized = vec![ids[0]; MAX_ACK_BATCH];
+    oversized.push(ids[1]);
+    let refused = b.call(&acks(&oversized)).await;
+    let Err(ClientError::Relay(e)) = refused else {
+        panic!("oversized batch: {refused:?}")
+    };
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains(&MAX_ACK_BATCH.to_string()), "{e}");
+    assert_eq!(status(&relay).await["queued_messages"], 4);
+
+    // Three at once (one of them never queued, which is ignored).
+    let batch = [ids[0], ids[2], MessageId([7; 16])];
+    assert_eq!(b.call(&acks(&batch)).await.unwrap(), Response::Ok);
+    let s = status(&relay).await;
+    assert_eq!(s["queued_messages"], 2);
+    assert_eq!(s["messages_delivered"], 2);
+
+    // On the next login, only what is left is counted and pushed.
+    b.close("again").await;
+    let b = relay.connect().await.unwrap();
+    assert_eq!(bob.login(&b).await.unwrap().unread, 2);
+    let mut pushes = b.accept_pushes().await.unwrap();
+    let mut left = vec![next_push(&mut pushes).await.id];
+    left.push(next_push(&mut pushes).await.id);
+    assert_eq!(left, [ids[1], ids[3]]);
+    assert_eq!(b.call(&acks(&left)).await.unwrap(), Response::Ok);
+    assert_eq!(status(&relay).await["queued_messages"], 0);
     relay.stop().await.unwrap();
 }

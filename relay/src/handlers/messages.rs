@@ -1,12 +1,12 @@
 //! Directory lookups and pages, the online list, and the message queue
-//! (send / ack).
+//! (send / ack / ack many).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use securechat_common::crypto::CryptoError;
 use securechat_common::envelope::Kind;
-use securechat_common::limits::validate_username;
+use securechat_common::limits::{validate_username, MAX_ACK_BATCH};
 use securechat_common::protocol::{
     AckOutcome, ErrorCode, ErrorReply, Refusal, Response, DIRECTORY_PAGE,
 };
@@ -234,5 +234,38 @@ pub(super) async fn ack(
         shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%id, ?outcome, "message acknowledged");
     }
+    Ok(Response::Ok)
+}
+
+/// Confirm many pushed messages in one durable commit: either all of them
+/// are deleted or (the store failed) none, and the agent sends them again.
+pub(super) async fn ack_many(
+    shared: &Arc<Shared>,
+    state: &ConnState,
+    acks: Vec<(MessageId, AckOutcome)>,
+) -> Reply {
+    let auth = require_auth(state)?;
+    if acks.len() > MAX_ACK_BATCH {
+        return Err(fail(
+            ErrorCode::BadRequest,
+            format!(
+                "{} acks in one request; at most {MAX_ACK_BATCH} are taken at once, \
+                 send the rest in another",
+                acks.len()
+            ),
+        ));
+    }
+    let ids: Vec<MessageId> = acks.iter().map(|(id, _)| *id).collect();
+    let now = shared.config.clock.unix_now();
+    let user = auth.username;
+    // Straight to the store rather than through the queue writer: the batch
+    // is already one transaction, and splitting it among the writer's
+    // batches would lose its all-or-nothing commit.
+    let removed = blocking(&shared.store, move |s| s.ack_many(&user, &ids, now))
+        .await
+        .map_err(|e| internal("acknowledging messages failed", e))?;
+    let count = removed.iter().filter(|&&r| r).count() as u64;
+    shared.stats.delivered.fetch_add(count, Ordering::Relaxed);
+    tracing::debug!(acks = acks.len(), removed = count, "messages acknowledged");
     Ok(Response::Ok)
 }

@@ -2,7 +2,7 @@
 //! [`Response`] or a typed [`ErrorReply`].
 //!
 //! * [`account`] — register, verify, challenge, login, resume, logout, publish key;
-//! * [`messages`] — directory lookup and pages, online list, send, ack;
+//! * [`messages`] — directory lookup and pages, online list, send, ack, ack many;
 //! * [`audit`] — counts of login and resume outcomes, and the log line a
 //!   failed login leaves for fail2ban.
 //!
@@ -75,6 +75,7 @@ pub(crate) async fn dispatch(
         }),
         Request::Send { envelope } => messages::send(shared, state, envelope).await,
         Request::Ack { id, outcome } => messages::ack(shared, state, id, outcome).await,
+        Request::AckMany { acks } => messages::ack_many(shared, state, acks).await,
         _ => Err(fail(
             ErrorCode::BadRequest,
             "this relay does not know that request",

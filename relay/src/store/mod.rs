@@ -532,6 +532,39 @@ pub trait Store: Send + Sync + 'static {
     /// until the retention time has passed.
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError>;
 
+    /// Delete many acknowledged messages or notices of `recipient`, as
+    /// [`Store::ack`] does each, in one atomic, durable commit; one flag per
+    /// id, in order (`false`: it was not queued). On `Err` none was deleted.
+    fn ack_many(
+        &self,
+        recipient: &str,
+        ids: &[MessageId],
+        now: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        // Acks never look at the limits; these only satisfy the signature.
+        let limits = QueueLimits::quota_only(Quota {
+            messages: 0,
+            bytes: 0,
+        });
+        let ops: Vec<QueueOp> = ids
+            .iter()
+            .map(|id| QueueOp::Ack {
+                recipient: recipient.to_string(),
+                id: *id,
+                now,
+            })
+            .collect();
+        self.write_queue_batch(&ops, limits)?
+            .into_iter()
+            .map(|outcome| match outcome {
+                QueueOutcome::Ack(removed) => Ok(removed),
+                other => Err(StoreError::Task(format!(
+                    "the store answered an ack with {other:?}"
+                ))),
+            })
+            .collect()
+    }
+
     /// Remove messages stored before `now - retention_secs` (with their
     /// counts in their senders' shares), dedupe entries of that age, and
     /// expired registrations, activations and sessions.

@@ -707,3 +707,34 @@ fn entries_of_an_older_relay_are_listed_but_do_not_decode() {
     // The sweep removes them like any other.
     assert_eq!(store.sweep(1000, 500).unwrap().expired_messages, 2);
 }
+
+#[test]
+fn ack_many_deletes_a_batch_in_one_commit_that_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let ids: Vec<MessageId> = (1..=3u8).map(|i| MessageId([i; 16])).collect();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        for id in &ids {
+            store.enqueue("bob", id, &envelope(*id), 10, QUOTA).unwrap();
+        }
+        // An id twice, one never queued, one of another user's name: each
+        // answered as a lone ack would be.
+        let batch = [ids[0], ids[1], ids[0], MessageId([9; 16])];
+        assert_eq!(
+            store.ack_many("bob", &batch, 20).unwrap(),
+            [true, true, false, false]
+        );
+        assert_eq!(store.ack_many("alice", &ids[2..], 20).unwrap(), [false]);
+        assert!(store.ack_many("bob", &[], 20).unwrap().is_empty());
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.queue_len("bob").unwrap(), 1);
+    let left = store.queued_after("bob", 0, 10).unwrap();
+    assert_eq!(left.iter().map(|q| q.id).collect::<Vec<_>>(), [ids[2]]);
+    // Acked ids stay known for dedupe, as with single acks.
+    let again = store
+        .enqueue("bob", &ids[0], &envelope(ids[0]), 30, QUOTA)
+        .unwrap();
+    assert_eq!(again, EnqueueOutcome::Duplicate);
+}
