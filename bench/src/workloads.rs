@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use securechat_client::relay::RelayClient;
+use securechat_common::limits::MAX_ACK_BATCH;
 use securechat_common::protocol::{AckOutcome, Push, Request, Response};
 use securechat_common::MessageId;
 use tokio::sync::Semaphore;
@@ -267,7 +268,8 @@ pub struct DrainResult {
 }
 
 /// `user` (offline, with `queued` messages waiting) connects, resumes its
-/// session, takes every message from the push stream and acks each one.
+/// session and takes every message from the push stream, acking as agentd
+/// does: what has arrived, up to `MAX_ACK_BATCH`, in one `AckMany`.
 pub async fn drain(
     target: &Target,
     id: &Identity,
@@ -278,27 +280,42 @@ pub async fn drain(
     let start = Instant::now();
     user.resume(&conn, id).await?;
     let mut pushes = conn.accept_pushes().await?;
-    let acks = Arc::new(Semaphore::new(256));
+    let in_flight = Arc::new(Semaphore::new(4));
     let mut set = JoinSet::new();
+    let mut batch = Vec::new();
     let mut got = 0;
     while got < queued {
-        let push = tokio::time::timeout(Duration::from_secs(30), pushes.next())
-            .await
-            .context("the push stream stalled for 30 s")?
-            .context("the relay ended the push stream")??;
-        let Push::Deliver { envelope, .. } = push else {
-            continue;
+        // Wait for a push only when there is nothing to ack; otherwise take
+        // what has already arrived and ack it.
+        let push = if batch.is_empty() {
+            Some(
+                tokio::time::timeout(Duration::from_secs(30), pushes.next())
+                    .await
+                    .context("the push stream stalled for 30 s")?,
+            )
+        } else {
+            tokio::select! {
+                biased;
+                p = pushes.next() => Some(p),
+                () = std::future::ready(()) => None,
+            }
         };
-        got += 1;
-        let permit = Arc::clone(&acks).acquire_owned().await?;
+        if let Some(push) = push {
+            if let Push::Deliver { envelope, .. } =
+                push.context("the relay ended the push stream")??
+            {
+                got += 1;
+                batch.push((envelope.id, AckOutcome::Stored));
+            }
+            if batch.len() < MAX_ACK_BATCH && got < queued {
+                continue;
+            }
+        }
+        let acks = std::mem::take(&mut batch);
+        let permit = Arc::clone(&in_flight).acquire_owned().await?;
         let conn = Arc::clone(&conn);
         set.spawn(async move {
-            let r = conn
-                .call(&Request::Ack {
-                    id: envelope.id,
-                    outcome: AckOutcome::Stored,
-                })
-                .await;
+            let r = conn.call(&Request::AckMany { acks }).await;
             drop(permit);
             r
         });
