@@ -596,10 +596,10 @@ impl<'txn> QueueTables<'txn> {
         if self.dedupe.get((recipient, id.0.as_slice()))?.is_some() {
             return Ok(EnqueueOutcome::Duplicate);
         }
-        let item = QueueItem::Envelope(envelope.to_vec()).encode()?;
-        let (messages, bytes) = self.held(recipient)?;
+        let item = QueueItem::encode_envelope(envelope)?;
+        let held = self.held(recipient)?;
         let size = item.len() as u64;
-        if exceeds((messages, bytes), size, limits.quota) {
+        if exceeds(held, size, limits.quota) {
             return Ok(EnqueueOutcome::QuotaExceeded);
         }
         let from_sender = match sender {
@@ -616,7 +616,7 @@ impl<'txn> QueueTables<'txn> {
             }
             None => None,
         };
-        let seq = self.append(recipient, id, &item, now)?;
+        let seq = self.append(recipient, held, id, &item, now)?;
         if let Some((sender, (held_messages, held_bytes))) = from_sender {
             self.senders.insert((recipient, seq), sender)?;
             self.sender_totals
@@ -631,16 +631,19 @@ impl<'txn> QueueTables<'txn> {
     }
 
     /// Put `item` at the end of `owner`'s queue, known by `id` for dedupe
-    /// and acks, and count it; the caller has checked the limits and the
-    /// dedupe index. Returns its queue position.
+    /// and acks, and count it on top of `held` (what [`Self::held`] said
+    /// just before: the caller has read it for the limits already, and a
+    /// second lookup per message shows in the commit's time); the caller
+    /// has checked the limits and the dedupe index. Returns its queue
+    /// position.
     fn append(
         &mut self,
         owner: &str,
+        (messages, bytes): (u64, u64),
         id: &MessageId,
         item: &[u8],
         now: u64,
     ) -> Result<u64, StoreError> {
-        let (messages, bytes) = self.held(owner)?;
         let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
         self.meta.insert("next_seq", seq + 1)?;
         self.queue.insert((owner, seq), (now, item))?;
@@ -737,7 +740,8 @@ impl<'txn> QueueTables<'txn> {
             return Ok(false);
         }
         let item = QueueItem::Expired(notice.clone()).encode()?;
-        self.append(owner, &notice.notice, &item, now)?;
+        let held = self.held(owner)?;
+        self.append(owner, held, &notice.notice, &item, now)?;
         Ok(true)
     }
 
