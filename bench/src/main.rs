@@ -129,6 +129,12 @@ enum Run {
     Idle,
 }
 
+/// A simulated user kept connected.
+struct Session {
+    user: users::User,
+    conn: Arc<securechat_client::relay::RelayClient>,
+}
+
 /// Everything measured, as `--json` prints it.
 #[derive(Debug, Default, Serialize)]
 struct Report {
@@ -236,12 +242,21 @@ async fn measure(cli: &Cli, runs: &[Run], target: &Arc<Target>) -> anyhow::Resul
     }
     let users = names.len();
     progress(cli, &format!("registering and logging in {users} users"));
-    let (sessions, login_time) = workloads::sign_up(target, &id, names).await?;
-    let mut sessions = sessions.into_iter();
-    let senders: Vec<_> = sessions.by_ref().take(n).collect();
-    let recipients: Vec<_> = sessions.by_ref().take(n).collect();
-    let drainer = sessions.next().context("the drain user")?;
-    let idlers: Vec<_> = sessions.map(|s| s.user).collect();
+    // Senders, recipients and the drain user stay connected.
+    let keep = 2 * n + 1;
+    let (signed, conns, login_time) = workloads::sign_up(target, &id, names, keep).await?;
+    let mut signed = signed.into_iter();
+    let mut conns = conns.into_iter();
+    let mut pair = || -> anyhow::Result<Session> {
+        Ok(Session {
+            user: signed.next().context("a user")?,
+            conn: conns.next().context("a connection")?,
+        })
+    };
+    let senders: Vec<Session> = (0..n).map(|_| pair()).collect::<anyhow::Result<_>>()?;
+    let recipients: Vec<Session> = (0..n).map(|_| pair()).collect::<anyhow::Result<_>>()?;
+    let drainer = pair()?;
+    let idlers: Vec<_> = signed.collect();
 
     let mut report = Report {
         relays: target.addrs.len(),

@@ -22,56 +22,58 @@ use crate::users::{Identity, Template, User};
 /// enough to keep the relay's password workers busy.
 const SETUP_CONCURRENCY: usize = 32;
 
-/// A logged-in user and its connection.
-pub struct Session {
-    /// The user.
-    pub user: User,
-    /// Its connection, logged in.
-    pub conn: Arc<RelayClient>,
-}
-
-/// Register `names` and log each in on its own connection. Returns the
-/// sessions and how long the logins (not the registrations) took.
+/// Register `names` (each on a connection of its own, closed when done),
+/// then log each in on a new connection, as agentd's first login does. The
+/// first `keep` stay connected; the others only keep their session token,
+/// so that thousands of users do not hold connections open while they wait
+/// their turn. Returns the users, the kept connections, and how long the
+/// logins (not the registrations) took.
 pub async fn sign_up(
     target: &Arc<Target>,
     id: &Arc<Identity>,
     names: Vec<String>,
-) -> anyhow::Result<(Vec<Session>, Duration)> {
-    let mut registered = Vec::with_capacity(names.len());
-    for chunk in run_bounded(names.into_iter().enumerate().map(|(i, name)| {
+    keep: usize,
+) -> anyhow::Result<(Vec<User>, Vec<Arc<RelayClient>>, Duration)> {
+    let mut registered = run_bounded(names.into_iter().enumerate().map(|(i, name)| {
         let target = Arc::clone(target);
         let id = Arc::clone(id);
         async move {
             let conn = target.connect(i).await?;
             let mut user = User::new(name);
             user.register(&conn, &target, &id).await?;
-            anyhow::Ok((i, user, conn))
+            conn.close("registered").await;
+            anyhow::Ok((i, user))
         }
     }))
-    .await?
-    {
-        registered.push(chunk);
-    }
-    registered.sort_by_key(|(i, _, _)| *i);
+    .await?;
+    registered.sort_by_key(|(i, _)| *i);
 
     let start = Instant::now();
-    let mut sessions = run_bounded(registered.into_iter().map(|(i, mut user, conn)| {
+    let mut logged_in = run_bounded(registered.into_iter().map(|(i, mut user)| {
+        let target = Arc::clone(target);
         let id = Arc::clone(id);
         async move {
+            let conn = target.connect(i).await?;
             user.login(&conn, &id).await?;
-            anyhow::Ok((
-                i,
-                Session {
-                    user,
-                    conn: Arc::new(conn),
-                },
-            ))
+            let conn = if i < keep {
+                Some(Arc::new(conn))
+            } else {
+                conn.close("logged in").await;
+                None
+            };
+            anyhow::Ok((i, user, conn))
         }
     }))
     .await?;
     let elapsed = start.elapsed();
-    sessions.sort_by_key(|(i, _)| *i);
-    Ok((sessions.into_iter().map(|(_, s)| s).collect(), elapsed))
+    logged_in.sort_by_key(|(i, _, _)| *i);
+    let mut users = Vec::with_capacity(logged_in.len());
+    let mut conns = Vec::with_capacity(keep);
+    for (_, user, conn) in logged_in {
+        users.push(user);
+        conns.extend(conn);
+    }
+    Ok((users, conns, elapsed))
 }
 
 /// Run the futures, [`SETUP_CONCURRENCY`] at a time; the first error ends it.
