@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Wall-clock latency of `chat-cli send` and `chat-cli inbox` as a user sees
 # it: the release binaries, a relay and two agentd on loopback in a temporary
-# directory, N runs of each command timed with `date +%s%N` around each one.
-# Prints the median and p90 in milliseconds. Needs only bash, python3 (the
-# TOTP code) and coreutils; no hyperfine.
+# directory, N runs of each command timed around each one (bash's
+# $EPOCHREALTIME, else `date +%s%N`, whose own two process starts then count
+# too). Prints the median and p90 in milliseconds, and the same for
+# /bin/true: the floor any command pays on this machine to be started.
+# Needs only bash, python3 (the TOTP code) and coreutils; no hyperfine.
 #
 #   scripts/latency.sh [N]          # N defaults to 200
 #   NO_BUILD=1 scripts/latency.sh   # use target/release as it is
@@ -84,15 +86,24 @@ onboard bob
 # First send pins bob's key; not part of the measurement.
 cli --home "$WORK/alice" send bob "warm up" >/dev/null
 
-# time_runs NAME COMMAND...: N runs, one duration (ns) per line in $WORK/NAME.ns
+# time_runs NAME COMMAND...: N runs, one duration (ns) per line in $WORK/NAME.ns.
+# $EPOCHREALTIME is read without a subshell, so nothing but the command is
+# inside the interval.
 time_runs() {
   local name=$1 i t0 t1; shift
   : >"$WORK/$name.ns"
   for ((i = 0; i < N; i++)); do
-    t0=$(date +%s%N)
-    "$@" >/dev/null
-    t1=$(date +%s%N)
-    echo $((t1 - t0)) >>"$WORK/$name.ns"
+    if [[ -n "${EPOCHREALTIME:-}" ]]; then
+      t0=${EPOCHREALTIME/[.,]/}
+      "$@" >/dev/null
+      t1=${EPOCHREALTIME/[.,]/}
+      echo $(((10#$t1 - 10#$t0) * 1000)) >>"$WORK/$name.ns"
+    else
+      t0=$(date +%s%N)
+      "$@" >/dev/null
+      t1=$(date +%s%N)
+      echo $((t1 - t0)) >>"$WORK/$name.ns"
+    fi
   done
 }
 
@@ -112,8 +123,10 @@ time_runs send cli --home "$WORK/alice" send bob "hi"
 # them all, the rest time an inbox with nothing new (what a user polling
 # sees), next to N+1 read messages in the store.
 time_runs inbox cli --home "$WORK/bob" inbox
+time_runs true /bin/true
 summary send
 summary inbox
+summary true
 
 if [[ -n "${KEEP:-}" ]]; then
   echo "work dir: $WORK"
