@@ -9,16 +9,20 @@
 #
 #   scripts/latency.sh [N]          # N defaults to 200
 #   NO_BUILD=1 scripts/latency.sh   # use target/release as it is
+#   BIN=/some/dir scripts/latency.sh  # relay, agentd, chat-cli from there
+#                                   # (implies NO_BUILD), e.g. to compare builds
 #   KEEP=1 scripts/latency.sh       # leave the processes up, print their pids
 #                                   # and the work dir (for strace/perf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-200}"
 
-if [[ -z "${NO_BUILD:-}" ]]; then
-  cargo build --locked --release --bins --quiet
+if [[ -z "${BIN:-}" ]]; then
+  if [[ -z "${NO_BUILD:-}" ]]; then
+    cargo build --locked --release --bins --quiet
+  fi
+  BIN="$(pwd)/target/release"
 fi
-BIN="$(pwd)/target/release"
 
 WORK="$(mktemp -d -t securechat-latency.XXXXXX)"
 PIDS=()
