@@ -641,7 +641,7 @@ impl Agent {
     /// The key to seal for `user`: the pinned one, pinned now on first use;
     /// a directory key that differs from the pin is refused.
     pub(crate) async fn recipient_key(
-        &self,
+        self: &Arc<Self>,
         client: &RelayClient,
         user: &str,
     ) -> Result<PublicKey, IpcError> {
@@ -649,7 +649,13 @@ impl Agent {
             .directory_key(client, user)
             .await
             .map_err(relay_error)?;
-        self.check_pin(user, current)
+        // The usual case, the pinned key again, is a read; a first pin or
+        // a change (which may write) goes to the blocking pool.
+        if self.store.pin(user)?.as_deref() == Some(current.as_der()) {
+            return Ok(current);
+        }
+        let user = user.to_string();
+        self.blocking(move |a| a.check_pin(&user, current)).await?
     }
 
     /// `current` (the directory's key for `user`) if it is the pinned one,

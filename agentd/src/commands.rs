@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use securechat_common::crypto::{CryptoError, Fingerprint};
-use securechat_common::envelope::{seal, seal_for, Header, Kind, SealParams, To};
+use securechat_common::envelope::{seal, seal_for, Envelope, Header, Kind, SealParams, To};
 use securechat_common::ipc::{
     BroadcastFailure, DeliveryState, DoctorInfo, FingerprintInfo, IpcError, IpcErrorKind,
     IpcRequest, IpcResponse, SentInfo, SentMessage, MAX_MARK_READ,
@@ -18,9 +18,10 @@ use securechat_common::{IdentityKey, MessageId, PublicKey};
 use zeroize::Zeroizing;
 
 use crate::agent::{err, now_ms, open_inbox, relay_error, unlock_keys, Agent, Keys, ReadyKeys};
-use crate::keystore::{self, Sealer, Session};
+use crate::keystore::{self, KeyStoreError, Sealer, Session};
 use crate::receive::{deliver, open_any, receipt};
 use crate::rotation;
+use crate::store::StoreError;
 use securechat_client::relay::{ClientError, RelayClient, ServerTrust};
 
 fn unexpected(what: &str, got: &Response) -> IpcError {
@@ -70,7 +71,7 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
         )),
         IpcRequest::Doctor => Ok(IpcResponse::Doctor(Box::new(doctor(agent).await))),
         IpcRequest::Broadcast { text } => broadcast(agent, text).await,
-        IpcRequest::MarkRead { ids } => mark_read(agent, &ids),
+        IpcRequest::MarkRead { ids } => mark_read(agent, &ids).await,
         IpcRequest::Online => {
             let (client, _) = agent.logged_in_client().await?;
             Ok(IpcResponse::Online {
@@ -96,7 +97,7 @@ pub(crate) async fn handle(agent: &Arc<Agent>, req: IpcRequest) -> Result<IpcRes
 }
 
 async fn register(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     username: String,
     email: String,
     password: Zeroizing<String>,
@@ -115,14 +116,18 @@ async fn register(
         Ok(k) => k,
         Err(e) if e.kind == IpcErrorKind::NotRegistered => {
             let key = generate(agent).await?;
-            keystore::save_key(&agent.config.paths.identity_key(), &key, None)?;
-            let keys = ReadyKeys {
-                current: Arc::new(key),
-                old: Vec::new(),
-                pending: None,
-                sealer: None,
-                inbox: open_inbox(&agent.config.paths, &agent.store, None)?,
-            };
+            let keys = on_store(agent, move |a| -> Result<ReadyKeys, KeyStoreError> {
+                let paths = &a.config.paths;
+                keystore::save_key(&paths.identity_key(), &key, None)?;
+                Ok(ReadyKeys {
+                    current: Arc::new(key),
+                    old: Vec::new(),
+                    pending: None,
+                    sealer: None,
+                    inbox: open_inbox(paths, &a.store, None)?,
+                })
+            })
+            .await?;
             agent.set_keys(Keys::Ready(keys.clone()));
             keys
         }
@@ -138,13 +143,20 @@ async fn register(
     // Remember the name before the relay hears of it: if agentd dies after
     // the relay accepted, `verify` still works after a restart. A refusal
     // puts the earlier value back.
-    let previous = agent.store.setting("pending_username")?;
-    agent.store.set_setting("pending_username", &username)?;
+    let name = username.clone();
+    let previous = on_store(agent, move |a| {
+        let previous = a.store.setting("pending_username")?;
+        a.store.set_setting("pending_username", &name)?;
+        Ok::<_, StoreError>(previous)
+    })
+    .await?;
     let answer = match client.call(&req).await {
         Err(e @ ClientError::Relay(_)) => {
-            agent
-                .store
-                .set_setting("pending_username", previous.as_deref().unwrap_or(""))?;
+            on_store(agent, move |a| {
+                a.store
+                    .set_setting("pending_username", previous.as_deref().unwrap_or(""))
+            })
+            .await?;
             return Err(relay_error(e));
         }
         other => other.map_err(relay_error)?,
@@ -159,7 +171,7 @@ async fn register(
     }
 }
 
-async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
+async fn verify(agent: &Arc<Agent>, code: Zeroizing<String>) -> Result<IpcResponse, IpcError> {
     // A finished registration leaves the setting empty: nothing is pending.
     let pending = agent.store.setting("pending_username")?;
     let Some(username) = pending.filter(|u| !u.is_empty()) else {
@@ -181,7 +193,8 @@ async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, I
             // The pending name stays until the first login: if this answer
             // is lost on its way to chat-cli, `verify` with the same code
             // asks the relay again, which repeats it until then.
-            agent.store.set_setting("username", &username)?;
+            let name = username.clone();
+            on_store(agent, move |a| a.store.set_setting("username", &name)).await?;
             Ok(IpcResponse::Verified {
                 username,
                 otpauth_uri,
@@ -193,7 +206,7 @@ async fn verify(agent: &Agent, code: Zeroizing<String>) -> Result<IpcResponse, I
 }
 
 async fn login(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     username: String,
     password: Zeroizing<String>,
     totp: Zeroizing<String>,
@@ -229,16 +242,17 @@ async fn login(
     };
     // The name first: a session file always has its account name beside it.
     // A login ends any registration: `verify` has nothing left to repeat.
-    agent
-        .store
-        .set_settings(&[("username", &username), ("pending_username", "")])?;
-    keystore::save_session(
-        &agent.config.paths.session(),
-        &Session {
-            username: username.clone(),
-            token,
-        },
-    )?;
+    let session = Session {
+        username: username.clone(),
+        token,
+    };
+    on_store(agent, move |a| -> Result<(), IpcError> {
+        a.store
+            .set_settings(&[("username", &session.username), ("pending_username", "")])?;
+        keystore::save_session(&a.config.paths.session(), &session)?;
+        Ok(())
+    })
+    .await?;
     agent.set_logged_in(true);
     Ok(IpcResponse::LoggedIn {
         username,
@@ -246,7 +260,7 @@ async fn login(
     })
 }
 
-async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
+async fn logout(agent: &Arc<Agent>) -> Result<IpcResponse, IpcError> {
     let conn = agent.conn();
     // A connection whose session the relay ended (or that had none) is
     // clean and stays up, so a `login` right after uses it. One that did
@@ -261,7 +275,10 @@ async fn logout(agent: &Agent) -> Result<IpcResponse, IpcError> {
             }
         }
     }
-    keystore::remove_session(&agent.config.paths.session())?;
+    on_store(agent, |a| {
+        keystore::remove_session(&a.config.paths.session())
+    })
+    .await?;
     agent.set_logged_in(false);
     if !clean {
         agent.set_conn(None, false);
@@ -305,7 +322,7 @@ pub(crate) fn new_message_id() -> Result<MessageId, IpcError> {
 }
 
 pub(crate) async fn send_one(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     client: &RelayClient,
     me: &str,
     to: &str,
@@ -321,7 +338,7 @@ pub(crate) async fn send_one(
 /// point after which the message may reach the relay; until then, dropping
 /// the future leaves nothing behind (no sequence number taken, nothing sent).
 pub(crate) async fn send_cancellable(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     to: &str,
     text: &str,
     id: MessageId,
@@ -331,8 +348,59 @@ pub(crate) async fn send_cancellable(
     send_as(agent, &client, &me, to, text, id, committed).await
 }
 
-async fn send_as(
+/// Run `f` on the blocking pool (see [`Agent::blocking`]): every commit
+/// and durable file write of a request (each an fsync) goes through here,
+/// so that a slow disk holds up this request, not the runtime's threads.
+pub(crate) async fn on_store<T, E, F>(agent: &Arc<Agent>, f: F) -> Result<T, IpcError>
+where
+    T: Send + 'static,
+    E: Into<IpcError> + Send + 'static,
+    F: FnOnce(&Agent) -> Result<T, E> + Send + 'static,
+{
+    agent.blocking(f).await?.map_err(Into::into)
+}
+
+/// Take the number for a message to `to`, keep it in the sent history as
+/// `sending` (one durable commit), and seal it (number and envelope): one trip to the blocking
+/// pool, since the seal needs the number and the RSA signature is as much
+/// CPU as the commit is disk. A seal that fails gives the number back and
+/// records the failure.
+fn begin_and_seal(
     agent: &Agent,
+    keys: &ReadyKeys,
+    me: &str,
+    to: &str,
+    recipient_key: &PublicKey,
+    sent: &SentMessage,
+    id: MessageId,
+) -> Result<Result<(u64, Envelope), IpcError>, StoreError> {
+    let seq = match agent.store.begin_send(&keys.inbox, sent)?.as_slice() {
+        [seq] => *seq,
+        _ => return Ok(Err(err(IpcErrorKind::Internal, "no sequence number taken"))),
+    };
+    let params = SealParams {
+        sender_key: &keys.current,
+        sender: me,
+        recipient: to,
+        recipient_key,
+        id,
+        seq,
+        timestamp_ms: sent.sent_ms,
+    };
+    match seal(&params, sent.text.as_bytes()) {
+        Ok(envelope) => Ok(Ok((seq, envelope))),
+        Err(e) => {
+            let e = err(IpcErrorKind::Crypto, e.to_string());
+            agent.store.release_seq(to, seq)?;
+            let failed = [(to, DeliveryState::Failed, Some(e.message.clone()))];
+            agent.store.update_sent(&keys.inbox, &id, &failed)?;
+            Ok(Err(e))
+        }
+    }
+}
+
+async fn send_as(
+    agent: &Arc<Agent>,
     client: &RelayClient,
     me: &str,
     to: &str,
@@ -347,43 +415,28 @@ async fn send_as(
     // a refused one can be given back.
     let lane = agent.send_lane(to);
     let _lane = lane.lock().await;
-    // From here to the relay there is no await: a cancel either comes before
-    // this (and drops the future with nothing done) or finds it committed.
+    // From here on a cancel finds the send committed and lets it finish (the
+    // IPC server keeps polling it); before this, dropping the future leaves
+    // nothing done.
     committed.store(true, Ordering::SeqCst);
-    let timestamp_ms = now_ms();
     // Kept before it leaves, with its number taken in the same commit: a
     // crash after the relay stored it must not lose it from the history.
     let sent = SentMessage::sending(
         id.to_string(),
         false,
         text.to_string(),
-        timestamp_ms,
+        now_ms(),
         &[to.to_string()],
     );
-    let seq = match agent.store.begin_send(&keys.inbox, &sent)?.as_slice() {
-        [seq] => *seq,
-        _ => return Err(err(IpcErrorKind::Internal, "no sequence number taken")),
+    let sealed = {
+        let (keys, me, to) = (keys.clone(), me.to_string(), to.to_string());
+        on_store(agent, move |a| {
+            begin_and_seal(a, &keys, &me, &to, &recipient_key, &sent, id)
+        })
+        .await?
     };
-    let params = SealParams {
-        sender_key: &keys.current,
-        sender: me,
-        recipient: to,
-        recipient_key: &recipient_key,
-        id,
-        seq,
-        timestamp_ms,
-    };
-    let sealed =
-        seal(&params, text.as_bytes()).map_err(|e| err(IpcErrorKind::Crypto, e.to_string()));
-    let answer = match sealed {
-        Ok(envelope) => client.call(&Request::Send { envelope }).await,
-        Err(e) => {
-            agent.store.release_seq(to, seq)?;
-            let failed = [(to, DeliveryState::Failed, Some(e.message.clone()))];
-            agent.store.update_sent(&keys.inbox, &id, &failed)?;
-            return Err(e);
-        }
-    };
+    let (seq, envelope) = sealed?;
+    let answer = client.call(&Request::Send { envelope }).await;
     let result = match answer {
         Ok(Response::Stored { id, duplicate }) => Ok(SentInfo {
             to: to.to_string(),
@@ -392,28 +445,37 @@ async fn send_as(
         }),
         // A refusal: the relay stored nothing, the number is free again.
         // (Without an answer it may have stored it: the number stays used.)
-        Err(e @ ClientError::Relay(_)) => {
-            agent.store.release_seq(to, seq)?;
-            Err((relay_error(e), true))
-        }
+        Err(e @ ClientError::Relay(_)) => Err((relay_error(e), true)),
         Err(e) => Err((relay_error(e), false)),
         Ok(other) => Err((unexpected("Send", &other), false)),
     };
-    let state = match &result {
-        Ok(_) => Some((DeliveryState::Queued, None)),
-        Err((e, true)) => Some((DeliveryState::Failed, Some(e.message.clone()))),
+    let (inbox, user) = (keys.inbox.clone(), to.to_string());
+    match &result {
+        // The message is on the relay's disk and in our history already:
+        // only its state is news, and that need not wait for an fsync.
+        Ok(_) => {
+            on_store(agent, move |a| {
+                let queued = [(user.as_str(), DeliveryState::Queued, None)];
+                a.store.update_sent_relaxed(&inbox, &id, &queued)
+            })
+            .await?;
+        }
+        Err((e, true)) => {
+            let detail = Some(e.message.clone());
+            on_store(agent, move |a| {
+                a.store.release_seq(&user, seq)?;
+                let failed = [(user.as_str(), DeliveryState::Failed, detail)];
+                a.store.update_sent(&inbox, &id, &failed)
+            })
+            .await?;
+        }
         // No answer: it may be stored; it stays `sending`.
-        Err((_, false)) => None,
-    };
-    if let Some((state, detail)) = state {
-        agent
-            .store
-            .update_sent(&keys.inbox, &id, &[(to, state, detail)])?;
+        Err((_, false)) => {}
     }
     result.map_err(|(e, _)| e)
 }
 
-fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
+async fn mark_read(agent: &Arc<Agent>, ids: &[String]) -> Result<IpcResponse, IpcError> {
     if ids.len() > MAX_MARK_READ {
         return Err(invalid(format!(
             "at most {MAX_MARK_READ} ids per mark_read request"
@@ -423,7 +485,7 @@ fn mark_read(agent: &Agent, ids: &[String]) -> Result<IpcResponse, IpcError> {
         .iter()
         .map(|s| MessageId::from_hex(s).ok_or_else(|| invalid(format!("not a message id: {s:?}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    agent.store.mark_read(&ids)?;
+    on_store(agent, move |a| a.store.mark_read(&ids)).await?;
     Ok(IpcResponse::Ok)
 }
 
@@ -456,27 +518,34 @@ async fn directory(client: &RelayClient) -> Result<Vec<DirectoryEntry>, IpcError
 /// [`MAX_RECIPIENTS`], its key wrapped for each, signed once, marked as a
 /// broadcast inside the signed part. Offline users get it when they come
 /// back. A user whose key changed is skipped, as a direct send would be.
-async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError> {
+async fn broadcast(agent: &Arc<Agent>, text: String) -> Result<IpcResponse, IpcError> {
     check_text(&text)?;
     let (client, me) = agent.logged_in_client().await?;
     let keys = agent.ready_keys()?;
-    let mut failed = Vec::new();
-    let mut targets: Vec<(String, PublicKey)> = Vec::new();
-    for entry in directory(&client).await? {
-        if entry.username == me || validate_username(&entry.username).is_err() {
-            continue;
+    let entries = directory(&client).await?;
+    // Pins checked (and first ones written) in one go, off the runtime.
+    let me2 = me.clone();
+    let (targets, mut failed) = on_store(agent, move |a| {
+        let mut failed = Vec::new();
+        let mut targets: Vec<(String, PublicKey)> = Vec::new();
+        for entry in entries {
+            if entry.username == me2 || validate_username(&entry.username).is_err() {
+                continue;
+            }
+            let key = PublicKey::from_der(&entry.public_key)
+                .map_err(|e| err(IpcErrorKind::Crypto, format!("{}: {e}", entry.username)))
+                .and_then(|k| a.check_pin(&entry.username, k));
+            match key {
+                Ok(k) => targets.push((entry.username, k)),
+                Err(error) => failed.push(BroadcastFailure {
+                    to: entry.username,
+                    error,
+                }),
+            }
         }
-        let key = PublicKey::from_der(&entry.public_key)
-            .map_err(|e| err(IpcErrorKind::Crypto, format!("{}: {e}", entry.username)))
-            .and_then(|k| agent.check_pin(&entry.username, k));
-        match key {
-            Ok(k) => targets.push((entry.username, k)),
-            Err(error) => failed.push(BroadcastFailure {
-                to: entry.username,
-                error,
-            }),
-        }
-    }
+        Ok::<_, StoreError>((targets, failed))
+    })
+    .await?;
     let id = new_message_id()?;
     let now = now_ms();
     let names: Vec<String> = targets.iter().map(|(user, _)| user.clone()).collect();
@@ -484,7 +553,8 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
     let all_seqs = if targets.is_empty() {
         Vec::new()
     } else {
-        agent.store.begin_send(&keys.inbox, &sent_record)?
+        let inbox = keys.inbox.clone();
+        on_store(agent, move |a| a.store.begin_send(&inbox, &sent_record)).await?
     };
     let mut sent = Vec::new();
     for (group, seqs) in targets
@@ -510,6 +580,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
         let envelope = seal_for(&header, &to, text.as_bytes())
             .map_err(|e| err(IpcErrorKind::Crypto, e.to_string()))?;
         let mut updates: Vec<(&str, DeliveryState, Option<String>)> = Vec::new();
+        let mut released: Vec<(String, u64)> = Vec::new();
         match client.call(&Request::Send { envelope }).await {
             Ok(Response::Fanout {
                 stored, refused, ..
@@ -530,7 +601,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
                     else {
                         continue;
                     };
-                    agent.store.release_seq(name, *seq)?;
+                    released.push((name.clone(), *seq));
                     let error: IpcError = relay_error(ClientError::Relay(r.error));
                     updates.push((name, DeliveryState::Failed, Some(error.message.clone())));
                     failed.push(BroadcastFailure {
@@ -545,7 +616,7 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
                 let error: IpcError = relay_error(e);
                 for ((name, _), seq) in group.iter().zip(seqs) {
                     if refused {
-                        agent.store.release_seq(name, *seq)?;
+                        released.push((name.clone(), *seq));
                         updates.push((name, DeliveryState::Failed, Some(error.message.clone())));
                     }
                     failed.push(BroadcastFailure {
@@ -555,7 +626,22 @@ async fn broadcast(agent: &Agent, text: String) -> Result<IpcResponse, IpcError>
                 }
             }
         }
-        agent.store.update_sent(&keys.inbox, &id, &updates)?;
+        let updates: Vec<(String, DeliveryState, Option<String>)> = updates
+            .into_iter()
+            .map(|(name, state, detail)| (name.to_string(), state, detail))
+            .collect();
+        let inbox = keys.inbox.clone();
+        on_store(agent, move |a| {
+            for (name, seq) in &released {
+                a.store.release_seq(name, *seq)?;
+            }
+            let updates: Vec<(&str, DeliveryState, Option<String>)> = updates
+                .iter()
+                .map(|(name, state, detail)| (name.as_str(), *state, detail.clone()))
+                .collect();
+            a.store.update_sent(&inbox, &id, &updates)
+        })
+        .await?;
     }
     Ok(IpcResponse::Broadcast { sent, failed })
 }
@@ -655,7 +741,11 @@ async fn fingerprint(agent: &Agent, user: Option<String>) -> Result<IpcResponse,
     }))
 }
 
-async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcResponse, IpcError> {
+async fn trust(
+    agent: &Arc<Agent>,
+    user: String,
+    fingerprint: String,
+) -> Result<IpcResponse, IpcError> {
     validate_username(&user).map_err(invalid)?;
     let Some(wanted) = Fingerprint::parse(&fingerprint) else {
         return Err(invalid(
@@ -681,19 +771,38 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
             ),
         ));
     }
-    agent.store.set_pin(&user, key.as_der())?;
-    agent.store.set_verified(&user)?;
     tracing::info!("trusting the key of {user}: {}", key.fingerprint());
     let keys = agent.ready_keys()?;
+    let (user2, key2) = (user.clone(), key.clone());
+    let released = on_store(agent, move |a| release_held(a, &keys, &me, &user2, &key2)).await?;
+    Ok(IpcResponse::Trusted {
+        user,
+        fingerprint: key.fingerprint().to_string(),
+        released,
+    })
+}
+
+/// Pin `key` for `user` as verified and release what was held from them
+/// (receipts applied, messages delivered); returns how many messages were
+/// released. Database work throughout, run on the blocking pool.
+fn release_held(
+    agent: &Agent,
+    keys: &ReadyKeys,
+    me: &str,
+    user: &str,
+    key: &PublicKey,
+) -> Result<u64, StoreError> {
+    agent.store.set_pin(user, key.as_der())?;
+    agent.store.set_verified(user)?;
     let mut released = 0;
-    for env in agent.store.held_from(&user)? {
-        match open_any(&env, &me, &keys, &key) {
+    for env in agent.store.held_from(user)? {
+        match open_any(&env, me, keys, key) {
             Ok(body) if env.kind == Kind::Receipt => {
-                receipt(agent, &keys, &env, &body);
+                receipt(agent, keys, &env, &body);
                 agent.store.unhold(&env.id)?;
             }
             Ok(body) => {
-                if deliver(agent, &keys, &me, &env, &body, &key, None)? == AckOutcome::Stored {
+                if deliver(agent, keys, me, &env, &body, key, None)? == AckOutcome::Stored {
                     released += 1;
                 }
             }
@@ -709,11 +818,7 @@ async fn trust(agent: &Agent, user: String, fingerprint: String) -> Result<IpcRe
             Err(e) => agent.store.reject(&env.id, &env.sender, &e.to_string())?,
         }
     }
-    Ok(IpcResponse::Trusted {
-        user,
-        fingerprint: key.fingerprint().to_string(),
-        released,
-    })
+    Ok(released)
 }
 
 fn unsettled_rotation(agent: &Agent) -> IpcError {
@@ -725,8 +830,14 @@ fn unsettled_rotation(agent: &Agent) -> IpcError {
     )
 }
 
+/// [`rotation::abandon`] on the blocking pool (it rewrites key files).
+async fn abandon(agent: &Arc<Agent>, key: &Arc<IdentityKey>) -> Result<(), IpcError> {
+    let key = Arc::clone(key);
+    on_store(agent, move |a| rotation::abandon(a, &key)).await
+}
+
 async fn rotate_key(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     password: Zeroizing<String>,
     totp: Zeroizing<String>,
 ) -> Result<IpcResponse, IpcError> {
@@ -741,7 +852,8 @@ async fn rotate_key(
     }
     let new_key = Arc::new(generate(agent).await?);
     // The new key is on disk before the relay can hear of it.
-    if !rotation::begin(agent, &new_key)? {
+    let key = Arc::clone(&new_key);
+    if !on_store(agent, move |a| rotation::begin(a, &key)).await? {
         return Err(unsettled_rotation(agent));
     }
     // A fresh full login with the old key on a separate connection, then the
@@ -749,7 +861,7 @@ async fn rotate_key(
     let side = match resolve_and_connect(&relay).await {
         Ok(side) => side,
         Err(e) => {
-            rotation::abandon(agent, &new_key)?;
+            abandon(agent, &new_key).await?;
             return Err(e);
         }
     };
@@ -757,7 +869,7 @@ async fn rotate_key(
         Ok(done) => done,
         Err(e) => {
             side.close("rotation failed").await;
-            rotation::abandon(agent, &new_key)?;
+            abandon(agent, &new_key).await?;
             return Err(relay_error(e));
         }
     };
@@ -767,7 +879,7 @@ async fn rotate_key(
         Ok(()) => {}
         // A refusal: the relay kept the old key.
         Err(e @ ClientError::Relay(_)) => {
-            rotation::abandon(agent, &new_key)?;
+            abandon(agent, &new_key).await?;
             return Err(relay_error(e));
         }
         // No answer: the relay may or may not have taken the new key. Keep
@@ -785,16 +897,18 @@ async fn rotate_key(
         }
     }
     // The new session belongs to the account, whichever key signs resumes.
-    if let Some(token) = done.token {
-        keystore::save_session(
-            &agent.config.paths.session(),
-            &Session {
+    let key = Arc::clone(&new_key);
+    on_store(agent, move |a| -> Result<_, KeyStoreError> {
+        if let Some(token) = done.token {
+            let session = Session {
                 username: me,
                 token,
-            },
-        )?;
-    }
-    rotation::finish(agent, &new_key)?;
+            };
+            keystore::save_session(&a.config.paths.session(), &session)?;
+        }
+        rotation::finish(a, &key)
+    })
+    .await?;
     agent.request_reconnect();
     Ok(IpcResponse::KeyRotated {
         old_fingerprint: keys.current.public_key().fingerprint().to_string(),
@@ -824,7 +938,7 @@ async fn unlock(
 }
 
 async fn set_passphrase(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     passphrase: Option<Zeroizing<String>>,
 ) -> Result<IpcResponse, IpcError> {
     agent.ready_keys()?;
@@ -837,19 +951,20 @@ async fn set_passphrase(
         )),
         None => None,
     };
-    let paths = &agent.config.paths;
     // All key files change together: a crash leaves all of them under the
     // old passphrase or all under the new one (see keystore).
-    let _guard = agent.rotation_guard();
-    let keys = agent.ready_keys()?;
-    if keys.pending.is_none() && paths.pending_key().exists() {
-        return Err(unsettled_rotation(agent));
-    }
-    keystore::reseal_all(paths, &keys.files(paths)?, sealer.as_deref())?;
-    agent.set_keys(Keys::Ready(ReadyKeys {
-        sealer,
-        ..keys.clone()
-    }));
+    on_store(agent, move |a| -> Result<(), IpcError> {
+        let paths = &a.config.paths;
+        let _guard = a.rotation_guard();
+        let keys = a.ready_keys()?;
+        if keys.pending.is_none() && paths.pending_key().exists() {
+            return Err(unsettled_rotation(a));
+        }
+        keystore::reseal_all(paths, &keys.files(paths)?, sealer.as_deref())?;
+        a.set_keys(Keys::Ready(ReadyKeys { sealer, ..keys }));
+        Ok(())
+    })
+    .await?;
     Ok(IpcResponse::Ok)
 }
 

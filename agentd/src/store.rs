@@ -689,21 +689,40 @@ impl Store {
             None => 0,
         };
         let mut out = Vec::new();
-        for entry in inbox.range(start..)? {
+        if filter.all {
+            for entry in inbox.range(start..)? {
+                if out.len() >= filter.limit {
+                    break;
+                }
+                let (k, v) = entry?;
+                let record = k.value();
+                let read = unread.get(record)?.is_none();
+                let mut msg = open_record(key, record, v.value())?;
+                if filter.from.is_some_and(|f| f != msg.from) {
+                    continue;
+                }
+                msg.read = read;
+                out.push((record, msg));
+            }
+            return Ok(out);
+        }
+        // The unread listing walks `inbox_unread` alone: its cost follows
+        // what is new, not everything ever received.
+        for entry in unread.range(start..)? {
             if out.len() >= filter.limit {
                 break;
             }
-            let (k, v) = entry?;
-            let record = k.value();
-            let is_unread = unread.get(record)?.is_some();
-            if !filter.all && !is_unread {
-                continue;
-            }
+            let record = entry?.0.value();
+            let Some(v) = inbox.get(record)? else {
+                return Err(corrupt(format!(
+                    "unread record {record} is not in the inbox"
+                )));
+            };
             let mut msg = open_record(key, record, v.value())?;
             if filter.from.is_some_and(|f| f != msg.from) {
                 continue;
             }
-            msg.read = !is_unread;
+            msg.read = false;
             out.push((record, msg));
         }
         Ok(out)
@@ -922,6 +941,25 @@ impl Store {
         updates: &[(&str, DeliveryState, Option<String>)],
     ) -> Result<Vec<String>, StoreError> {
         let tx = self.db.begin_write()?;
+        let changed = self.update_sent_in(&tx, key, id, updates)?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// [`Store::update_sent`] without an fsync of its own: for news that
+    /// may be lost in a crash without losing a message, such as "the relay
+    /// stored it" after a send. The record it changes was made durable by
+    /// [`Store::begin_send`], so a crash leaves it `sending` (what it shows
+    /// for any send whose answer was not recorded) and a later receipt
+    /// still moves it on. The next durable commit carries this one along.
+    pub fn update_sent_relaxed(
+        &self,
+        key: &InboxKey,
+        id: &MessageId,
+        updates: &[(&str, DeliveryState, Option<String>)],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::None);
         let changed = self.update_sent_in(&tx, key, id, updates)?;
         tx.commit()?;
         Ok(changed)
@@ -1276,6 +1314,114 @@ mod tests {
             .set_settings(&[("username", "alice"), ("pending_username", "")])
             .unwrap();
         assert_eq!(store.setting("username").unwrap().as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn the_unread_listing_is_exactly_the_unread_messages_in_order_after_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let key = InboxKey::generate().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            for n in 1..=8 {
+                let from = if n % 3 == 0 { "carol" } else { "bob" };
+                let m = msg(from, n, &format!("message {n}"));
+                store.deliver(&key, &id(n), m, [0; 32]).unwrap();
+            }
+            // Read in a scattered order, including the first and the last.
+            assert_eq!(store.mark_read(&[id(8), id(2), id(1), id(5)]).unwrap(), 4);
+        }
+        let store = Store::open(&path).unwrap();
+        let texts = |page: Vec<(u64, InboxMessage)>| -> Vec<String> {
+            page.into_iter()
+                .map(|(_, m)| {
+                    assert!(!m.read, "{} listed as unread but read", m.text);
+                    m.text
+                })
+                .collect()
+        };
+        let wanted = ["message 3", "message 4", "message 6", "message 7"];
+        assert_eq!(texts(store.inbox_page(&key, unread()).unwrap()), wanted);
+        assert_eq!(store.unread_count().unwrap(), 4);
+        // Paged two at a time, as agentd streams it: same order, nothing twice.
+        let mut after = None;
+        let mut paged = Vec::new();
+        loop {
+            let filter = InboxFilter {
+                after,
+                limit: 2,
+                ..unread()
+            };
+            let page = store.inbox_page(&key, filter).unwrap();
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            paged.extend(texts(page));
+        }
+        assert_eq!(paged, wanted);
+        let from_carol = InboxFilter {
+            from: Some("carol"),
+            ..unread()
+        };
+        assert_eq!(
+            texts(store.inbox_page(&key, from_carol).unwrap()),
+            ["message 3", "message 6"]
+        );
+        // `--all` still lists everything, with the read state from the table.
+        let everything = store.inbox_page(&key, all()).unwrap();
+        let read: Vec<bool> = everything.iter().map(|(_, m)| m.read).collect();
+        assert_eq!(read, [true, true, false, false, true, false, false, true]);
+        // A message delivered after the restart joins the end of the listing.
+        store
+            .deliver(&key, &id(9), msg("bob", 9, "message 9"), [0; 32])
+            .unwrap();
+        assert_eq!(store.mark_read(&[id(4)]).unwrap(), 1);
+        assert_eq!(
+            texts(store.inbox_page(&key, unread()).unwrap()),
+            ["message 3", "message 6", "message 7", "message 9"]
+        );
+    }
+
+    #[test]
+    fn a_relaxed_sent_update_is_kept_by_a_clean_close_and_by_the_next_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.redb");
+        let key = InboxKey::generate().unwrap();
+        let state = |store: &Store, n: u64| -> DeliveryState {
+            let history = store.history(&key, Some("bob"), 10).unwrap();
+            let found = history.into_iter().find_map(|e| match e {
+                HistoryEntry::Out(m) if m.id == id(n).to_string() => Some(m.state()),
+                _ => None,
+            });
+            found.unwrap()
+        };
+        let queued = [("bob", DeliveryState::Queued, None)];
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .begin_send(&key, &sent(id(1), &["bob"], false, 10))
+                .unwrap();
+            let changed = store.update_sent_relaxed(&key, &id(1), &queued).unwrap();
+            assert_eq!(changed, ["bob"]);
+            assert_eq!(state(&store, 1), DeliveryState::Queued);
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(state(&store, 1), DeliveryState::Queued);
+        // Followed by a durable commit, it is part of that commit's state.
+        store
+            .begin_send(&key, &sent(id(2), &["bob"], false, 20))
+            .unwrap();
+        store.update_sent_relaxed(&key, &id(2), &queued).unwrap();
+        store.mark_read(&[]).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(state(&store, 2), DeliveryState::Queued);
+        // Progress only, as with the durable update: a receipt wins.
+        assert_eq!(store.record_receipt(&key, "bob", &[id(2)]).unwrap(), 1);
+        assert!(store
+            .update_sent_relaxed(&key, &id(2), &queued)
+            .unwrap()
+            .is_empty());
+        assert_eq!(state(&store, 2), DeliveryState::Delivered);
     }
 
     #[test]

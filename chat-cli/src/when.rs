@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
-/// The zone chosen for this run.
+/// The zone chosen for this run, and the zone itself once a time is shown.
+static CHOSEN: OnceLock<Zone> = OnceLock::new();
 static ZONE: OnceLock<TimeZone> = OnceLock::new();
 
 /// Which zone times are shown in.
@@ -25,16 +26,34 @@ pub enum Zone {
 }
 
 /// Show every time of this run in `zone`. Only the first call counts.
+/// The local zone is looked up only when the first time is shown: most
+/// commands (`send`, an empty `inbox`) show none and should not pay for it.
 pub fn use_zone(zone: Zone) {
-    let tz = match zone {
-        Zone::Utc => TimeZone::UTC,
-        Zone::Local => TimeZone::try_system().unwrap_or(TimeZone::UTC),
-    };
-    let _ = ZONE.set(tz);
+    let _ = CHOSEN.set(zone);
 }
 
 fn zone() -> TimeZone {
-    ZONE.get().cloned().unwrap_or(TimeZone::UTC)
+    ZONE.get_or_init(|| match CHOSEN.get() {
+        Some(Zone::Local) => local_zone(),
+        Some(Zone::Utc) | None => TimeZone::UTC,
+    })
+    .clone()
+}
+
+/// The machine's zone. Without `TZ`, `/etc/localtime` is read directly:
+/// jiff's own lookup lists the whole zoneinfo tree first (dozens of
+/// directories, milliseconds on every run) to learn a name we never print.
+fn local_zone() -> TimeZone {
+    // Any `TZ`, even an empty one, is left to jiff's rules.
+    if std::env::var_os("TZ").is_none() {
+        if let Ok(tz) = std::fs::read("/etc/localtime")
+            .map_err(|_| ())
+            .and_then(|data| TimeZone::tzif("Local", &data).map_err(|_| ()))
+        {
+            return tz;
+        }
+    }
+    TimeZone::try_system().unwrap_or(TimeZone::UTC)
 }
 
 /// `ms` as a point in time, if a calendar can show it (a peer's clock is

@@ -329,3 +329,58 @@ fn lost_register_and_verify_answers_can_be_asked_again_after_a_kill() {
     let err = erin.json_err(&["verify", &new]);
     assert_eq!(err["kind"], "no_pending_registration", "{err}");
 }
+
+/// The state `agent`'s history gives its message `text` to `with`, if the
+/// message is there at all.
+fn sent_state(agent: &Agent, with: &str, text: &str) -> Option<String> {
+    let v = agent.json(&["history", with]);
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["direction"] == "out" && e["text"] == text)
+        .map(|e| e["recipients"][0]["state"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn sends_chat_cli_was_told_were_stored_survive_a_kill_right_after() {
+    // agentd records "the relay stored it" without an fsync of its own:
+    // what a kill may lose is that state, never the message. Bob is away,
+    // so no receipt can make up for a lost state.
+    let mut w = world();
+    w.alice.send("bob", "warm up");
+    w.bob.wait_message("alice", "warm up");
+    w.bob.stop();
+    let texts: Vec<String> = (1..=5).map(|n| format!("answered {n}")).collect();
+    for text in &texts {
+        w.alice.send("bob", text);
+    }
+    w.alice.kill9();
+    w.alice.restart();
+    w.alice.wait_logged_in();
+    for text in &texts {
+        let state = sent_state(&w.alice, "bob", text);
+        assert!(
+            matches!(state.as_deref(), Some("sending" | "queued")),
+            "{text:?} after the kill: {state:?}"
+        );
+    }
+    // The relay had them: bob gets each once, and his receipts move every
+    // one of them on, whatever the kill left.
+    w.bob.restart();
+    for text in &texts {
+        w.bob.wait_message("alice", text);
+    }
+    wait_for("bob's receipts to reach alice", || {
+        texts
+            .iter()
+            .all(|t| sent_state(&w.alice, "bob", t).as_deref() == Some("delivered"))
+            .then_some(())
+    });
+    let inbox = w.bob.json(&["inbox", "--all"]);
+    assert_eq!(
+        inbox["messages"].as_array().unwrap().len(),
+        texts.len() + 1,
+        "{inbox}"
+    );
+}
