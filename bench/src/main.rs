@@ -32,7 +32,7 @@ use crate::workloads::{DrainResult, E2eResult, IdleResult, SendResult};
 /// limits raised so that none refuses the load. With --relay it loads relays
 /// that already run: give their certificate with --relay-fingerprint and the
 /// folder their verification mail goes to with --relay-outbox (a relay
-/// without --smtp-url writes it to <data-dir>/outbox/); their limits must
+/// without --smtp-url writes it to DATA_DIR/outbox/); their limits must
 /// allow the load (--sends-per-minute, --attempts-per-minute,
 /// --max-connections-per-source, --quota-messages, --sender-share-percent).
 ///
@@ -55,7 +55,7 @@ struct Cli {
     #[arg(long, value_name = "SHA256", requires = "relays")]
     relay_fingerprint: Option<String>,
 
-    /// Where the relays write verification mail (their <data-dir>/outbox).
+    /// Where the relays write verification mail (their DATA_DIR/outbox).
     /// Needed with --relay.
     #[arg(long, value_name = "DIR", requires = "relays")]
     relay_outbox: Option<PathBuf>,
