@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::target::Target;
 use crate::users::{Identity, Template};
-use crate::workloads::{DrainResult, E2eResult, IdleResult, SendResult};
+use crate::workloads::{DrainResult, E2eResult, IdleResult, SendResult, Session};
 
 /// Load a securechat relay with simulated users and measure it (beside Redis).
 ///
@@ -127,12 +127,6 @@ enum Run {
     Drain,
     /// --idle sessions held open: memory; session resumes per second.
     Idle,
-}
-
-/// A simulated user kept connected.
-struct Session {
-    user: users::User,
-    conn: Arc<securechat_client::relay::RelayClient>,
 }
 
 /// Everything measured, as `--json` prints it.
@@ -244,19 +238,11 @@ async fn measure(cli: &Cli, runs: &[Run], target: &Arc<Target>) -> anyhow::Resul
     progress(cli, &format!("registering and logging in {users} users"));
     // Senders, recipients and the drain user stay connected.
     let keep = 2 * n + 1;
-    let (signed, conns, login_time) = workloads::sign_up(target, &id, names, keep).await?;
-    let mut signed = signed.into_iter();
-    let mut conns = conns.into_iter();
-    let mut pair = || -> anyhow::Result<Session> {
-        Ok(Session {
-            user: signed.next().context("a user")?,
-            conn: conns.next().context("a connection")?,
-        })
-    };
-    let senders: Vec<Session> = (0..n).map(|_| pair()).collect::<anyhow::Result<_>>()?;
-    let recipients: Vec<Session> = (0..n).map(|_| pair()).collect::<anyhow::Result<_>>()?;
-    let drainer = pair()?;
-    let idlers: Vec<_> = signed.collect();
+    let (sessions, idlers, login_time) = workloads::sign_up(target, &id, names, keep).await?;
+    let mut sessions = sessions.into_iter();
+    let senders: Vec<Session> = sessions.by_ref().take(n).collect();
+    let recipients: Vec<Session> = sessions.by_ref().take(n).collect();
+    let drainer = sessions.next().context("the drain user")?;
 
     let mut report = Report {
         relays: target.addrs.len(),

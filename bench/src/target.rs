@@ -7,9 +7,11 @@
 //! outbox folder (`<data-dir>/outbox/`, where a relay without `--smtp-url`
 //! writes its mail).
 
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -50,7 +52,7 @@ pub struct Target {
     /// The relays' QUIC addresses; connections go round-robin.
     pub addrs: Vec<SocketAddr>,
     fingerprint: [u8; 32],
-    outbox: PathBuf,
+    outbox: Outbox,
     /// The relay process the bench started, if it did.
     own: Option<OwnRelay>,
     /// A relay process to read the resident memory of.
@@ -116,7 +118,7 @@ impl Target {
         Ok(Self {
             addrs: vec![addr],
             fingerprint,
-            outbox: dir.path().join("outbox"),
+            outbox: Outbox::new(dir.path().join("outbox")),
             own: Some(OwnRelay { child, _dir: dir }),
             pid,
         })
@@ -141,7 +143,7 @@ impl Target {
         Ok(Self {
             addrs,
             fingerprint: parse_fingerprint(fingerprint)?,
-            outbox,
+            outbox: Outbox::new(outbox),
             own: None,
             pid,
         })
@@ -157,29 +159,15 @@ impl Target {
     /// mail for up to `within`).
     pub async fn code_for(&self, username: &str, within: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + within;
-        let tag = format!("-{username}-");
         loop {
-            if let Ok(entries) = std::fs::read_dir(&self.outbox) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name();
-                    let name = name.to_string_lossy();
-                    if !(name.contains(&tag) && name.ends_with(".eml")) {
-                        continue;
-                    }
-                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                    if let Some(code) = text.lines().find_map(|l| {
-                        l.strip_prefix("Verification code: ")
-                            .map(|c| c.chars().take_while(char::is_ascii_digit).collect())
-                    }) {
-                        return Ok(code);
-                    }
-                }
+            if let Some(code) = self.outbox.code_for(username) {
+                return Ok(code);
             }
             if Instant::now() > deadline {
                 bail!(
                     "no verification mail for {username} in {} after {within:?}; give the \
                      relay's outbox with --relay-outbox (the relay must run without --smtp-url)",
-                    self.outbox.display()
+                    self.outbox.dir.display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -213,6 +201,81 @@ impl Target {
                 .is_err()
             {
                 let _ = own.child.kill().await;
+            }
+        }
+    }
+}
+
+/// The relay's outbox, read as mails arrive: each file once, however many
+/// registrations wait (with thousands of simulated users, every waiter
+/// listing and reading the folder itself made the set-up quadratic).
+struct Outbox {
+    dir: PathBuf,
+    read: Mutex<OutboxState>,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    /// Files already read.
+    seen: HashSet<std::ffi::OsString>,
+    /// Username to the code mailed to it.
+    codes: HashMap<String, String>,
+    last_scan: Option<Instant>,
+}
+
+/// How often the folder is listed at most.
+const OUTBOX_SCAN: Duration = Duration::from_millis(20);
+
+impl Outbox {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            read: Mutex::default(),
+        }
+    }
+
+    /// The code mailed to `username`, if its mail has arrived.
+    fn code_for(&self, username: &str) -> Option<String> {
+        let mut state = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        if !state.codes.contains_key(username)
+            && state.last_scan.is_none_or(|t| t.elapsed() >= OUTBOX_SCAN)
+        {
+            state.last_scan = Some(Instant::now());
+            self.scan(&mut state);
+        }
+        state.codes.get(username).cloned()
+    }
+
+    /// Read the mails not read yet. A mail is `<time>-<username>-<suffix>.eml`
+    /// (names may hold `-`, so the name is what lies between the first and
+    /// the last one).
+    fn scan(&self, state: &mut OutboxState) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            if state.seen.contains(&file) {
+                continue;
+            }
+            let name = file.to_string_lossy();
+            let Some(user) = name
+                .strip_suffix(".eml")
+                .and_then(|n| n.rsplit_once('-'))
+                .and_then(|(head, _)| head.split_once('-'))
+                .map(|(_, user)| user.to_string())
+            else {
+                continue;
+            };
+            // A mail still being written has no code line yet: read it again
+            // on the next scan.
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if let Some(code) = text.lines().find_map(|l| {
+                l.strip_prefix("Verification code: ")
+                    .map(|c| c.chars().take_while(char::is_ascii_digit).collect())
+            }) {
+                state.codes.insert(user, code);
+                state.seen.insert(file);
             }
         }
     }

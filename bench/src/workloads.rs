@@ -22,18 +22,26 @@ use crate::users::{Identity, Template, User};
 /// enough to keep the relay's password workers busy.
 const SETUP_CONCURRENCY: usize = 32;
 
+/// A logged-in user and its connection.
+pub struct Session {
+    /// The user.
+    pub user: User,
+    /// Its connection, logged in.
+    pub conn: Arc<RelayClient>,
+}
+
 /// Register `names` (each on a connection of its own, closed when done),
 /// then log each in on a new connection, as agentd's first login does. The
 /// first `keep` stay connected; the others only keep their session token,
 /// so that thousands of users do not hold connections open while they wait
-/// their turn. Returns the users, the kept connections, and how long the
-/// logins (not the registrations) took.
+/// their turn. Returns the connected sessions, the other users, and how
+/// long the logins (not the registrations) took.
 pub async fn sign_up(
     target: &Arc<Target>,
     id: &Arc<Identity>,
     names: Vec<String>,
     keep: usize,
-) -> anyhow::Result<(Vec<User>, Vec<Arc<RelayClient>>, Duration)> {
+) -> anyhow::Result<(Vec<Session>, Vec<User>, Duration)> {
     let mut registered = run_bounded(names.into_iter().enumerate().map(|(i, name)| {
         let target = Arc::clone(target);
         let id = Arc::clone(id);
@@ -67,13 +75,15 @@ pub async fn sign_up(
     .await?;
     let elapsed = start.elapsed();
     logged_in.sort_by_key(|(i, _, _)| *i);
-    let mut users = Vec::with_capacity(logged_in.len());
-    let mut conns = Vec::with_capacity(keep);
+    let mut sessions = Vec::with_capacity(keep);
+    let mut others = Vec::new();
     for (_, user, conn) in logged_in {
-        users.push(user);
-        conns.extend(conn);
+        match conn {
+            Some(conn) => sessions.push(Session { user, conn }),
+            None => others.push(user),
+        }
     }
-    Ok((users, conns, elapsed))
+    Ok((sessions, others, elapsed))
 }
 
 /// Run the futures, [`SETUP_CONCURRENCY`] at a time; the first error ends it.
