@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Envelopes are sealed before the clock starts, so the figures are the
-//! relay's (frame decode, checks, durable commit, push, ack), not RSA's.
+//! relay's (frame decode, checks, durable commit), not RSA's. Draining a
+//! queue is `--bench drain`.
 //! The registration mails go to testkit's in-process SMTP server.
 //!
 //! The relay runs on a runtime of its own (threads named `relay`, two
@@ -16,8 +17,7 @@
 //! Sections:
 //! 1. one connection, one send at a time;
 //! 2. one connection, [`IN_FLIGHT`] sends at a time (one stream each);
-//! 3. drain: the recipient takes and acks everything from 1 and 2;
-//! 4. N connections (one sender each) × K sends in flight per connection,
+//! 3. N connections (one sender each) × K sends in flight per connection,
 //!    to a recipient of their own, for [`SCENARIOS`]. `-- conns` runs
 //!    only this section. Compare with
 //!    `redis-benchmark -t lpush -d 256 -c N [-P K]` against a
@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use securechat_client::relay::RelayClient;
-use securechat_common::protocol::{AckOutcome, Push, Request, Response};
+use securechat_common::protocol::{Request, Response};
 use securechat_common::{Envelope, MessageId, PublicKey};
 use securechat_relay::store::Quota;
 use securechat_testkit::relay::test_config;
@@ -87,7 +87,7 @@ fn report(label: &str, elapsed: Duration, mut latencies: Vec<Duration>) {
     );
 }
 
-/// Message ids for section 4: unique across the whole run without asking
+/// Message ids for section 3: unique across the whole run without asking
 /// the OS for randomness per message.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -246,48 +246,6 @@ async fn main() -> anyhow::Result<()> {
         &format!("send, {IN_FLIGHT} in flight, 1 conn"),
         start.elapsed(),
         latencies,
-    );
-
-    // 3. Drain: bob logs in and takes every queued message, acking each.
-    let queued = SEQUENTIAL + CONCURRENT;
-    let start = Instant::now();
-    let logged = bob.login(&b).await?;
-    let mut pushes = b.accept_pushes().await?;
-    let b = Arc::new(b);
-    let mut acks = tokio::task::JoinSet::new();
-    let mut received = 0usize;
-    while received < queued {
-        let push = tokio::time::timeout(Duration::from_secs(60), pushes.next())
-            .await
-            .context("push stream stalled")?
-            .context("push stream ended")??;
-        let Push::Deliver { envelope: env, .. } = push else {
-            continue;
-        };
-        received += 1;
-        let b = Arc::clone(&b);
-        acks.spawn(async move {
-            b.call(&Request::Ack {
-                id: env.id,
-                outcome: AckOutcome::Stored,
-            })
-            .await
-        });
-        while acks.len() > IN_FLIGHT {
-            if let Some(done) = acks.join_next().await {
-                done??;
-            }
-        }
-    }
-    while let Some(done) = acks.join_next().await {
-        done??;
-    }
-    let elapsed = start.elapsed();
-    println!(
-        "drain (push + ack):  {received} msgs in {:.2} s = {:>6.0} msg/s  (unread at login: {})",
-        elapsed.as_secs_f64(),
-        received as f64 / elapsed.as_secs_f64(),
-        logged.unread
     );
 
     a.close("done").await;
