@@ -160,6 +160,8 @@ pub struct Agent {
     pub(crate) journal: watch::Sender<u64>,
     /// Wakes the receipt sender (a message was stored, or we logged in).
     pub(crate) receipts_due: Notify,
+    /// Wakes the presence watcher: a key was pinned (a new contact).
+    pub(crate) contacts_changed: Notify,
     pub(crate) reconnect: Notify,
     /// Serialises register/login/rotate/trust so they don't interleave.
     pub(crate) op_lock: tokio::sync::Mutex<()>,
@@ -392,6 +394,7 @@ impl Agent {
             config,
             journal: watch::Sender::new(head),
             receipts_due: Notify::new(),
+            contacts_changed: Notify::new(),
             store,
             keys: Mutex::new(keys),
             conn: watch::Sender::new(Conn::default()),
@@ -491,6 +494,19 @@ impl Agent {
 
     pub(crate) fn conn(&self) -> Conn {
         self.conn.borrow().clone()
+    }
+
+    /// Follow the relay connection as it comes, logs in and goes.
+    pub(crate) fn subscribe_conn(&self) -> watch::Receiver<Conn> {
+        self.conn.subscribe()
+    }
+
+    /// Pin `der` as `user`'s key (replacing any pin) and tell the presence
+    /// watcher that the contacts changed.
+    pub(crate) fn set_pin(&self, user: &str, der: &[u8]) -> Result<(), StoreError> {
+        self.store.set_pin(user, der)?;
+        self.contacts_changed.notify_one();
+        Ok(())
     }
 
     pub(crate) fn set_conn(&self, client: Option<Arc<RelayClient>>, logged_in: bool) {
@@ -663,7 +679,7 @@ impl Agent {
     pub(crate) fn check_pin(&self, user: &str, current: PublicKey) -> Result<PublicKey, IpcError> {
         match self.store.pin(user)? {
             None => {
-                self.store.set_pin(user, current.as_der())?;
+                self.set_pin(user, current.as_der())?;
                 tracing::info!(
                     "pinned the key of {user} on first use: {}",
                     current.fingerprint()

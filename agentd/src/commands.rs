@@ -792,7 +792,7 @@ fn release_held(
     user: &str,
     key: &PublicKey,
 ) -> Result<u64, StoreError> {
-    agent.store.set_pin(user, key.as_der())?;
+    agent.set_pin(user, key.as_der())?;
     agent.store.set_verified(user)?;
     let mut released = 0;
     for env in agent.store.held_from(user)? {

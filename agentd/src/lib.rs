@@ -15,6 +15,8 @@
 //! * `connection` — reconnect with backoff, resume the session.
 //! * `receive` — verify, open, store, then ack pushed messages.
 //! * `commands` — what each chat-cli request does.
+//! * `presence` — telling the relay whose comings and goings to push (our
+//!   contacts).
 //! * `rotation` — finishing or undoing a key rotation a crash interrupted.
 //! * [`keystore`] — identity key (optionally passphrase-encrypted), old keys, session.
 //! * [`store`] — the encrypted inbox, pins, seen ids, held and rejected
@@ -42,6 +44,7 @@ mod connection;
 pub mod files;
 mod ipc_server;
 pub mod keystore;
+mod presence;
 mod receipts;
 mod receive;
 mod rotation;
@@ -183,6 +186,7 @@ pub async fn run_with(
     let mut tasks = JoinSet::new();
     tasks.spawn(connection::run(agent.clone()));
     tasks.spawn(receipts::run(agent.clone()));
+    tasks.spawn(presence::run(agent.clone()));
     tasks.spawn(ipc_server::serve(listener, agent.clone()));
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),

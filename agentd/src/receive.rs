@@ -566,7 +566,7 @@ async fn check(
         Ok(None) => match agent.directory_key(client, &env.sender).await {
             Ok(k) => {
                 let (user, der) = (env.sender.clone(), k.as_der().to_vec());
-                match agent.blocking(move |a| a.store.set_pin(&user, &der)).await {
+                match agent.blocking(move |a| a.set_pin(&user, &der)).await {
                     Ok(Ok(())) => k,
                     Ok(Err(e)) | Err(e) => {
                         tracing::error!("store: {e}");

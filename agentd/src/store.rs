@@ -1208,6 +1208,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Our contacts (the users with a pinned key), the most recently seen
+    /// first, at most `limit`: whose presence the relay is asked to push.
+    pub fn watch_list(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let seen = tx.open_table(LAST_SEEN)?;
+        let mut users = Vec::new();
+        for entry in tx.open_table(PINS)?.iter()? {
+            let (k, _) = entry?;
+            let user = k.value().to_string();
+            let last = seen.get(user.as_str())?.map_or(0, |v| v.value());
+            users.push((std::cmp::Reverse(last), user));
+        }
+        users.sort();
+        Ok(users.into_iter().take(limit).map(|(_, u)| u).collect())
+    }
+
     /// `user`'s pinned key was checked out of band (`trust`).
     pub fn set_verified(&self, user: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
@@ -1314,6 +1330,22 @@ mod tests {
             .set_settings(&[("username", "alice"), ("pending_username", "")])
             .unwrap();
         assert_eq!(store.setting("username").unwrap().as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn the_watch_list_is_the_pinned_users_most_recently_seen_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("a.redb")).unwrap();
+        let key = InboxKey::generate().unwrap();
+        assert!(store.watch_list(10).unwrap().is_empty());
+        for user in ["bob", "carol", "dave"] {
+            store.set_pin(user, b"der").unwrap();
+        }
+        // Presence of someone not pinned makes nobody a contact.
+        store.record_presence(&key, "eve", true).unwrap();
+        store.record_presence(&key, "carol", true).unwrap();
+        assert_eq!(store.watch_list(10).unwrap(), ["carol", "bob", "dave"]);
+        assert_eq!(store.watch_list(2).unwrap(), ["carol", "bob"]);
     }
 
     #[test]

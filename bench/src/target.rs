@@ -8,14 +8,16 @@
 //! writes its mail).
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use securechat_client::relay::{parse_fingerprint, RelayClient, ServerTrust};
+use securechat_client::relay::{
+    client_endpoint, parse_fingerprint, RelayClient, ServerTrust, PINNED_SERVER_NAME,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -57,7 +59,16 @@ pub struct Target {
     own: Option<OwnRelay>,
     /// A relay process to read the resident memory of.
     pid: Option<u32>,
+    /// Client endpoints (UDP sockets) shared by the connections, made on
+    /// first use: one per connection would cost the load generator a
+    /// socket, buffers and a driver task per session, which at 10 000
+    /// sessions starved it long before the relay.
+    endpoints: Mutex<Vec<(bool, quinn::Endpoint)>>,
 }
+
+/// How many client endpoints the connections are spread over, so more than
+/// one task reads the load generator's UDP traffic.
+const CLIENT_ENDPOINTS: usize = 4;
 
 struct OwnRelay {
     child: Child,
@@ -121,6 +132,7 @@ impl Target {
             outbox: Outbox::new(dir.path().join("outbox")),
             own: Some(OwnRelay { child, _dir: dir }),
             pid,
+            endpoints: Mutex::new(Vec::new()),
         })
     }
 
@@ -146,13 +158,45 @@ impl Target {
             outbox: Outbox::new(outbox),
             own: None,
             pid,
+            endpoints: Mutex::new(Vec::new()),
         })
     }
 
     /// A new connection to relay number `i` (modulo the count).
     pub async fn connect(&self, i: usize) -> anyhow::Result<RelayClient> {
         let addr = self.addrs[i % self.addrs.len()];
-        Ok(RelayClient::connect(addr, ServerTrust::Fingerprint(self.fingerprint)).await?)
+        let endpoint = self.endpoint(i, addr.is_ipv6())?;
+        Ok(RelayClient::connect_via(
+            &endpoint,
+            addr,
+            PINNED_SERVER_NAME,
+            ServerTrust::Fingerprint(self.fingerprint),
+        )
+        .await?)
+    }
+
+    /// Connection `i`'s client endpoint for the address family.
+    fn endpoint(&self, i: usize, ipv6: bool) -> anyhow::Result<quinn::Endpoint> {
+        let mut endpoints = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let family: Vec<&quinn::Endpoint> = endpoints
+            .iter()
+            .filter(|(v6, _)| *v6 == ipv6)
+            .map(|(_, e)| e)
+            .collect();
+        if family.len() == CLIENT_ENDPOINTS {
+            return Ok(family[i % CLIENT_ENDPOINTS].clone());
+        }
+        let bind: SocketAddr = if ipv6 {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = client_endpoint(bind).context("opening a UDP socket")?;
+        endpoints.push((ipv6, endpoint.clone()));
+        Ok(endpoint)
     }
 
     /// The verification code the relay mailed to `username` (waits for the

@@ -262,8 +262,13 @@ fn a_message_that_expires_on_the_relay_is_reported_to_its_sender() {
 }
 
 #[test]
-fn users_in_the_room_hear_who_comes_and_goes() {
+fn contacts_hear_who_comes_and_goes() {
     let mut w = world();
+    // bob becomes alice's contact when she first writes to him (his key is
+    // pinned): from then on her agent asks the relay for his comings and
+    // goings.
+    w.alice.send("bob", "hello");
+    w.bob.wait_message("alice", "hello");
     let mut events = Ipc::open(&w.alice);
     events.call(&json!({"request": "events"}));
     let next_presence = |ipc: &mut Ipc| loop {

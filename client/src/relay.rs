@@ -231,6 +231,9 @@ impl std::fmt::Debug for LoggedIn {
 pub struct RelayClient {
     // Kept so the UDP socket lives as long as the connection.
     endpoint: quinn::Endpoint,
+    // Whether the endpoint is this connection's alone (then closing waits
+    // for it to go idle, so the relay hears the close).
+    owns_endpoint: bool,
     conn: quinn::Connection,
 }
 
@@ -262,57 +265,30 @@ impl RelayClient {
         server_name: &str,
         trust: ServerTrust,
     ) -> Result<Self, ClientError> {
-        let connect_err = |reason: String| ClientError::Connect { addr, reason };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        let verifier: Arc<dyn ServerCertVerifier> = match trust {
-            ServerTrust::Fingerprint(fp) => Arc::new(PinnedCert {
-                fp,
-                provider: provider.clone(),
-            }),
-            ServerTrust::CaCert(certs) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in certs {
-                    roots
-                        .add(cert)
-                        .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?;
-                }
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?
-            }
-        };
-        // Either verifier, wrapped only to keep the typed reason of a
-        // refusal (quinn reports a failed handshake as text).
-        let refused = Arc::new(Mutex::new(None));
-        let mut tls = builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(RecordRefusal {
-                inner: verifier,
-                refused: refused.clone(),
-            }))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        // Keep-alives hold NAT bindings open and let both sides notice a dead
-        // peer within the idle timeout.
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(20))
-                .map_err(|e| ClientError::Config(e.to_string()))?,
-        ));
-        config.transport_config(Arc::new(transport));
+        let endpoint = client_endpoint(bind).map_err(|e| ClientError::Connect {
+            addr,
+            reason: format!("UDP socket: {e}"),
+        })?;
+        let mut client = Self::connect_via(&endpoint, addr, server_name, trust).await?;
+        client.owns_endpoint = true;
+        Ok(client)
+    }
 
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| connect_err(format!("UDP socket: {e}")))?;
-        endpoint.set_default_client_config(config);
+    /// Connect through an existing client `endpoint` (one UDP socket), which
+    /// may carry many connections: a load generator holding thousands of
+    /// sessions would otherwise hold a socket and an endpoint driver each.
+    pub async fn connect_via(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: ServerTrust,
+    ) -> Result<Self, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        // A config per connection, so a refusal is recorded for this one.
+        let refused = Arc::new(Mutex::new(None));
+        let config = client_config(trust, refused.clone())?;
         let conn = endpoint
-            .connect(addr, server_name)
+            .connect_with(config, addr, server_name)
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| match (take_refusal(&refused), e) {
@@ -324,7 +300,11 @@ impl RelayClient {
                 }
                 (None, e) => connect_err(e.to_string()),
             })?;
-        Ok(Self { endpoint, conn })
+        Ok(Self {
+            endpoint: endpoint.clone(),
+            owns_endpoint: false,
+            conn,
+        })
     }
 
     /// The underlying QUIC connection.
@@ -480,7 +460,11 @@ impl RelayClient {
     /// see it.
     pub async fn close(&self, reason: &str) {
         self.conn.close(0u32.into(), reason.as_bytes());
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        // A shared endpoint keeps running and sends the close on its own;
+        // waiting for it to go idle would wait for every other connection.
+        if self.owns_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -516,6 +500,63 @@ impl PushStream {
     pub async fn next(&mut self) -> Option<Result<Push, ClientError>> {
         self.frames.next().await.map(|r| r.map_err(Into::into))
     }
+}
+
+/// A client endpoint (one UDP socket) bound to `bind`, for
+/// [`RelayClient::connect_via`]: port 0 picks a free one.
+pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::client(bind)
+}
+
+/// The QUIC and TLS settings of one connection: TLS 1.3 only, the relay's
+/// certificate checked as `trust` says, a refusal recorded in `refused`.
+fn client_config(
+    trust: ServerTrust,
+    refused: Arc<Mutex<Option<CertRejection>>>,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match trust {
+        ServerTrust::Fingerprint(fp) => Arc::new(PinnedCert {
+            fp,
+            provider: provider.clone(),
+        }),
+        ServerTrust::CaCert(certs) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?;
+            }
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| ClientError::Config(format!("relay CA certificate: {e}")))?
+        }
+    };
+    // Either verifier, wrapped only to keep the typed reason of a refusal
+    // (quinn reports a failed handshake as text).
+    let mut tls = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RecordRefusal {
+            inner: verifier,
+            refused,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Keep-alives hold NAT bindings open and let both sides notice a dead
+    // peer within the idle timeout.
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(20))
+            .map_err(|e| ClientError::Config(e.to_string()))?,
+    ));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 fn take_refusal(slot: &Mutex<Option<CertRejection>>) -> Option<CertRejection> {

@@ -28,6 +28,11 @@ pub const MAX_RECEIPT_IDS: usize = 1024;
 /// relay short, so that other users' sends are not held up behind it.
 pub const MAX_ACK_BATCH: usize = 1024;
 
+/// Most users one connection watches for presence
+/// ([`crate::protocol::Request::WatchPresence`]): an agent's contacts,
+/// bounded so the relay's watch lists stay proportional to its connections.
+pub const MAX_WATCH: usize = 1024;
+
 /// Largest RSA output (wrapped key or signature): a 4096-bit modulus.
 pub const MAX_RSA_OUTPUT_LEN: usize = 512;
 

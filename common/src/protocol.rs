@@ -33,6 +33,9 @@
 //!   │ AckMany{[(id,outcome)…]} ───────────► │  … or many, in one commit
 //!   │ Send{envelope} ─────────────────────► │  committed to disk before the reply
 //!   │ ◄── Stored{id}                         │
+//!   │ WatchPresence{contacts} ────────────► │  whose comings and goings to push
+//!   │ ◄── Online{those online now}           │
+//!   │ ◄═══ Push::Presence{user,online} ═════ │  for watched users only
 //! ```
 //!
 //! A reconnecting agent uses `Challenge` + [`Request::Resume`] with its session
@@ -157,6 +160,21 @@ pub enum Request {
         /// Each message id with what the agent did with it.
         acks: Vec<(MessageId, AckOutcome)>,
     },
+    /// Whose comings and goings to push on this connection
+    /// ([`Push::Presence`]): replaces the list given before, at most
+    /// [`crate::limits::MAX_WATCH`] valid usernames (else `BadRequest`, and
+    /// the old list stays). Needs a login; a new connection watches nobody.
+    /// Answered with [`Response::Online`]: those of them online now.
+    ///
+    /// An agent watches its contacts. Pushing every change to every online
+    /// user would cost the relay a write per user for each login (a
+    /// thousand users logging in, a million pushes) and tell everyone
+    /// about everyone. Added as the last variant, like `AckMany`: a relay
+    /// that predates it answers `BadRequest` (and pushes every change).
+    WatchPresence {
+        /// The usernames to watch.
+        users: Vec<String>,
+    },
 }
 
 /// Most entries in one [`Response::Directory`] page.
@@ -221,6 +239,10 @@ impl std::fmt::Debug for Request {
             Request::AckMany { acks } => f
                 .debug_struct("AckMany")
                 .field("acks", &acks.len())
+                .finish_non_exhaustive(),
+            Request::WatchPresence { users } => f
+                .debug_struct("WatchPresence")
+                .field("users", &users.len())
                 .finish_non_exhaustive(),
         }
     }
@@ -386,7 +408,8 @@ pub enum Push {
         /// Shown beside the sender's own timestamp when the two disagree.
         received_unix: u64,
     },
-    /// A user came online or went offline (sent to every online user).
+    /// A user this connection watches ([`Request::WatchPresence`]) came
+    /// online or went offline.
     Presence {
         /// Who.
         user: String,

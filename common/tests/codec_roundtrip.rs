@@ -167,6 +167,7 @@ fn request() -> impl Strategy<Value = Request> {
                     .collect(),
             }
         }),
+        prop::collection::vec(name(), 0..40).prop_map(|users| Request::WatchPresence { users }),
     ]
 }
 

@@ -151,15 +151,13 @@ impl ConnState {
         if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
             return;
         }
-        // Subscribed first: the changes from the moment this user is online.
-        let presence = shared.hub.subscribe();
-        let notify = shared.hub.register(username, self.id, self.conn.clone());
+        let live = shared.hub.register(username, self.id, self.conn.clone());
         let task = tokio::spawn(push::run(
             Arc::clone(shared),
             Arc::clone(self),
             username.to_string(),
-            notify,
-            presence,
+            live.notify,
+            live.presence,
         ));
         *slot = Some((task, username.to_string()));
     }
@@ -378,6 +376,7 @@ impl std::fmt::Display for Summary<'_> {
             Request::Time => ("Time", None),
             Request::Directory { .. } => ("Directory", None),
             Request::AckMany { .. } => ("AckMany", None),
+            Request::WatchPresence { .. } => ("WatchPresence", None),
             _ => ("unknown request", None),
         };
         match name {
@@ -405,7 +404,7 @@ async fn sleep_until(clock: &Clock, deadline: Option<Instant>) {
 
 /// How many request kinds this build knows ([`Request`]'s variants, whose
 /// index starts the frame body).
-const REQUEST_KINDS: u32 = 14;
+const REQUEST_KINDS: u32 = 15;
 
 /// Whether a frame that could not be decoded at least names a request kind
 /// this build knows; if not, it is most likely from a newer client. A frame
@@ -442,9 +441,9 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_is_the_last_one_known() {
-        // `AckMany` is the last variant of `Request`: a new one must raise
-        // REQUEST_KINDS, or its malformed frames are counted as unknown.
-        let frame = codec::encode(&Request::AckMany { acks: Vec::new() }).unwrap();
+        // `WatchPresence` is the last variant of `Request`: a new one must
+        // raise REQUEST_KINDS, or its malformed frames are counted as unknown.
+        let frame = codec::encode(&Request::WatchPresence { users: Vec::new() }).unwrap();
         assert_eq!(u32::from(frame[5]), REQUEST_KINDS - 1);
         assert!(known_request_kind(&frame));
         let mut newer = frame.to_vec();

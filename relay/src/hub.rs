@@ -1,26 +1,31 @@
 //! Who is online: one live connection per user, a wake-up per user, and
-//! the news of users coming and going.
+//! the news of users coming and going, for those who watch them.
 //!
 //! ```text
 //!  Send(for bob) ── commit ──► hub.notify("bob") ──► bob's push task reads the queue
 //!  login(bob) on conn 7 ──► hub.register ──► conn 3 (older bob) closed: "superseded"
-//!  first login(bob) / last bob gone ──► Presence{bob, online} ──► every push task
+//!  first login(bob) / last bob gone ──► Presence{bob, online} ──► push tasks watching bob
 //! ```
 //!
 //! The newest connection of a user wins: registering closes the previous
 //! one with a reason, so exactly one push task drains each queue.
 //!
-//! A [`Presence`] change is broadcast when a user who was offline registers
-//! and when the live connection of a user unregisters. A connection that
-//! supersedes another of the same user changes nothing (no leave and join),
-//! and the superseded one's unregistering is not a leave: it is no longer
-//! the live one. Changes are sent while the map is locked, so they come in
-//! the order the map changed.
+//! A [`Presence`] change is sent when a user who was offline registers and
+//! when the live connection of a user unregisters, to the live connections
+//! that watch that user ([`Hub::watch`]: an agent's contacts). A connection
+//! that supersedes another of the same user changes nothing (no leave and
+//! join), and the superseded one's unregistering is not a leave: it is no
+//! longer the live one. Changes are sent while the map is locked, so they
+//! come in the order the map changed.
+//!
+//! Only watchers hear a change, so a login costs one push per watcher, not
+//! one per online user: with everyone told of everyone, ten thousand users
+//! logging in meant a hundred million pushes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{mpsc, Notify};
 
 pub use crate::close::{SUPERSEDED_CODE, SUPERSEDED_REASON};
 
@@ -32,6 +37,10 @@ struct Entry {
     conn_id: u64,
     conn: quinn::Connection,
     notify: Arc<Notify>,
+    /// Where this connection's presence changes go (its push task).
+    presence: mpsc::Sender<Presence>,
+    /// The users this connection watches.
+    watching: Vec<String>,
 }
 
 /// A user came online or went offline.
@@ -43,20 +52,25 @@ pub struct Presence {
     pub online: bool,
 }
 
-/// The online users.
-pub struct Hub {
-    users: Mutex<HashMap<String, Entry>>,
-    presence: broadcast::Sender<Presence>,
+/// What a push task is handed when its connection goes live.
+pub struct Live {
+    /// Woken when the user's queue may have grown.
+    pub notify: Arc<Notify>,
+    /// The presence changes of the users this connection watches.
+    pub presence: mpsc::Receiver<Presence>,
 }
 
-impl Default for Hub {
-    fn default() -> Self {
-        let (presence, _) = broadcast::channel(PRESENCE_BACKLOG);
-        Self {
-            users: Mutex::default(),
-            presence,
-        }
-    }
+#[derive(Default)]
+struct Inner {
+    users: HashMap<String, Entry>,
+    /// Watched user → the live connections (by user) watching them.
+    watchers: HashMap<String, HashSet<String>>,
+}
+
+/// The online users.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -66,79 +80,142 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        crate::lock(&self.users)
-    }
-
-    /// Tell everyone who is subscribed (nobody listening is fine).
-    fn announce(&self, user: &str, online: bool) {
-        let _ = self.presence.send(Presence {
-            user: user.to_string(),
-            online,
-        });
-    }
-
-    /// The presence changes from now on. Subscribe before registering, so
-    /// that no change between the two is missed (the user's own come too).
-    pub fn subscribe(&self) -> broadcast::Receiver<Presence> {
-        self.presence.subscribe()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        crate::lock(&self.inner)
     }
 
     /// Make `conn` the user's live connection; close any older one. Returns
-    /// the wake-up the push task for this connection waits on.
-    pub fn register(&self, username: &str, conn_id: u64, conn: quinn::Connection) -> Arc<Notify> {
+    /// what the push task for this connection waits on. The new connection
+    /// watches nobody until [`Hub::watch`].
+    pub fn register(&self, username: &str, conn_id: u64, conn: quinn::Connection) -> Live {
         let notify = Arc::new(Notify::new());
-        let mut users = self.lock();
-        let old = users.insert(
+        let (tx, presence) = mpsc::channel(PRESENCE_BACKLOG);
+        let mut inner = self.lock();
+        let old = inner.users.insert(
             username.to_string(),
             Entry {
                 conn_id,
                 conn,
                 notify: Arc::clone(&notify),
+                presence: tx,
+                watching: Vec::new(),
             },
         );
-        if old.is_none() {
-            self.announce(username, true);
+        match &old {
+            Some(old) => inner.unwatch(username, &old.watching),
+            None => inner.announce(username, true),
         }
-        drop(users);
+        drop(inner);
         if let Some(old) = old.filter(|old| old.conn_id != conn_id) {
             tracing::info!(%username, old = old.conn_id, new = conn_id, "newer connection supersedes older one");
             old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
         }
-        notify
+        Live { notify, presence }
     }
 
     /// Forget the user's connection if it is still `conn_id`.
     pub fn unregister(&self, username: &str, conn_id: u64) {
-        let mut users = self.lock();
-        if users.get(username).is_some_and(|e| e.conn_id == conn_id) {
-            users.remove(username);
-            self.announce(username, false);
+        let mut inner = self.lock();
+        if inner
+            .users
+            .get(username)
+            .is_some_and(|e| e.conn_id == conn_id)
+        {
+            if let Some(gone) = inner.users.remove(username) {
+                inner.unwatch(username, &gone.watching);
+            }
+            inner.announce(username, false);
         }
+    }
+
+    /// Let the user's live connection `conn_id` hear the comings and goings
+    /// of `users` (instead of those it watched before). Returns which of
+    /// them are online now, sorted; `None` if `conn_id` is not the live one
+    /// (it was superseded, or has logged out).
+    pub fn watch(&self, username: &str, conn_id: u64, users: Vec<String>) -> Option<Vec<String>> {
+        let mut inner = self.lock();
+        let old = match inner.users.get_mut(username) {
+            Some(entry) if entry.conn_id == conn_id => std::mem::take(&mut entry.watching),
+            _ => return None,
+        };
+        inner.unwatch(username, &old);
+        let mut users: Vec<String> = users
+            .into_iter()
+            .filter(|u| u != username)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        users.sort();
+        for user in &users {
+            inner
+                .watchers
+                .entry(user.clone())
+                .or_default()
+                .insert(username.to_string());
+        }
+        let online = users
+            .iter()
+            .filter(|u| inner.users.contains_key(u.as_str()))
+            .cloned()
+            .collect();
+        if let Some(entry) = inner.users.get_mut(username) {
+            entry.watching = users;
+        }
+        Some(online)
     }
 
     /// Wake the user's push task, if online. A wake-up while the task is
     /// busy is remembered, so nothing committed is missed.
     pub fn notify(&self, username: &str) {
-        if let Some(entry) = self.lock().get(username) {
+        if let Some(entry) = self.lock().users.get(username) {
             entry.notify.notify_one();
         }
     }
 
     /// Usernames online now, sorted.
     pub fn online(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.lock().keys().cloned().collect();
+        let mut names: Vec<String> = self.lock().users.keys().cloned().collect();
         names.sort();
         names
     }
 
     /// How many users are online.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().users.len()
     }
 
     /// True when nobody is online.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Inner {
+    /// Tell the live connections watching `user` (a watcher that has
+    /// fallen [`PRESENCE_BACKLOG`] changes behind misses this one).
+    fn announce(&self, user: &str, online: bool) {
+        let Some(watchers) = self.watchers.get(user) else {
+            return;
+        };
+        for watcher in watchers {
+            if let Some(entry) = self.users.get(watcher) {
+                let _ = entry.presence.try_send(Presence {
+                    user: user.to_string(),
+                    online,
+                });
+            }
+        }
+    }
+
+    /// `watcher` no longer watches `users`.
+    fn unwatch(&mut self, watcher: &str, users: &[String]) {
+        for user in users {
+            if let Some(set) = self.watchers.get_mut(user) {
+                set.remove(watcher);
+                if set.is_empty() {
+                    self.watchers.remove(user);
+                }
+            }
+        }
     }
 }

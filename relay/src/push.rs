@@ -5,7 +5,7 @@
 //!  loop:
 //!    queue (seq > cursor) ──batches──► Push::Deliver / Push::Expired …  until it is empty
 //!    wait for: hub.notify(user) ──► back to the queue
-//!              presence change  ──► Push::Presence{user, online} (not one's own)
+//!              a watched user's presence change ──► Push::Presence{user, online}
 //!              connection closed ──► end
 //! ```
 //!
@@ -13,16 +13,15 @@
 //! not acknowledged stays queued and is pushed again on the next login.
 //! Presence changes are written between queue batches. A client that reads
 //! slowly holds up only its own stream: the presence changes it falls
-//! behind on are skipped (its agent can ask `Online`), never queued without
-//! bound.
+//! behind on are skipped (its agent can ask `Online`, or watch again),
+//! never queued without bound.
 
 use std::sync::Arc;
 
 use securechat_common::codec;
 use securechat_common::protocol::Push;
 use securechat_common::Envelope;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use crate::connection::ConnState;
 use crate::hub::Presence;
@@ -43,7 +42,7 @@ pub(crate) async fn run(
     state: Arc<ConnState>,
     username: String,
     notify: Arc<Notify>,
-    presence: broadcast::Receiver<Presence>,
+    presence: mpsc::Receiver<Presence>,
 ) {
     let send = match state.conn.open_uni().await {
         Ok(send) => send,
@@ -75,7 +74,7 @@ impl Pusher {
     async fn serve(
         &mut self,
         notify: &Notify,
-        mut presence: broadcast::Receiver<Presence>,
+        mut presence: mpsc::Receiver<Presence>,
     ) -> Result<(), Ended> {
         let mut presence_open = true;
         loop {
@@ -89,14 +88,10 @@ impl Pusher {
                 tokio::select! {
                     () = &mut woken => break,
                     change = presence.recv(), if presence_open => match change {
-                        Ok(change) => self.push_presence(change).await?,
-                        Err(RecvError::Lagged(skipped)) => tracing::debug!(
-                            conn = self.state.id,
-                            skipped,
-                            "push stream fell behind; presence changes skipped"
-                        ),
-                        // Only when the hub is gone, i.e. the relay stops.
-                        Err(RecvError::Closed) => presence_open = false,
+                        Some(change) => self.push_presence(change).await?,
+                        // The hub forgot this connection: a newer one took
+                        // over (and this one is being closed).
+                        None => presence_open = false,
                     },
                     _ = self.state.conn.closed() => return Err(Ended),
                 }
@@ -141,7 +136,7 @@ impl Pusher {
         }
     }
 
-    /// Tell this user that someone else came or went.
+    /// Tell this user that someone they watch came or went.
     async fn push_presence(&mut self, change: Presence) -> Result<(), Ended> {
         if change.user == self.username {
             return Ok(());

@@ -6,8 +6,8 @@
 //!   own slot and can open it; an unknown name is refused for its slot only;
 //!   the whole broadcast is one send for the sender's rate limit;
 //! * the directory comes in pages of `DIRECTORY_PAGE` in name order;
-//! * presence: the others hear a user come and go, but not a connection of
-//!   theirs taking over from another;
+//! * presence: those who watch a user hear them come and go (and nobody
+//!   else does), but not a connection of theirs taking over from another;
 //! * a message that waited for the whole retention time comes back to its
 //!   sender as an `Expired` notice, acknowledged like a message.
 
@@ -356,19 +356,52 @@ async fn the_directory_comes_in_pages_in_name_order() {
     relay.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn others_hear_a_user_come_and_go_but_not_a_connection_taking_over() {
-    let mut room = Room::open(&["alice", "bob", "carol"], |_| {}).await;
-    let a = room.login(0).await;
+/// Ask the relay to push the comings and goings of `users` on `client`;
+/// the answer is those of them online now.
+async fn watch(client: &RelayClient, users: &[&str]) -> Result<Vec<String>, ErrorCode> {
+    let req = Request::WatchPresence {
+        users: users.iter().map(|u| u.to_string()).collect(),
+    };
+    match client.call(&req).await {
+        Ok(Response::Online { users }) => Ok(users),
+        other => Err(error_code(other).unwrap()),
+    }
+}
 
-    // bob comes online: alice hears it.
+#[tokio::test]
+async fn watchers_hear_a_user_come_and_go_but_not_a_connection_taking_over() {
+    let mut room = Room::open(&["alice", "bob", "carol"], |_| {}).await;
+
+    // Watching needs a login.
+    let anonymous = room.relay.connect().await.unwrap();
+    assert_eq!(
+        watch(&anonymous, &["bob"]).await,
+        Err(ErrorCode::NotAuthenticated)
+    );
+
+    let a = room.login(0).await;
+    assert_eq!(watch(&a, &["bob", "carol"]).await, Ok(vec![]));
+    // A list too long, or with a name no user could have, is refused whole
+    // and the list before it stays.
+    let too_many: Vec<String> = (0..=securechat_common::limits::MAX_WATCH)
+        .map(|i| format!("user{i}"))
+        .collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    assert_eq!(watch(&a, &too_many).await, Err(ErrorCode::BadRequest));
+    assert_eq!(
+        watch(&a, &["bob", "not a name\u{1b}[2J"]).await,
+        Err(ErrorCode::BadRequest)
+    );
+
+    // bob comes online: alice, who watches him, hears it.
     let b = room.relay.connect().await.unwrap();
     let bob_token = room.users[1].login(&b).await.unwrap().token.unwrap();
     let mut alice_hears = pushes(&a).await;
     assert_eq!(next_presence(&mut alice_hears).await, ("bob".into(), true));
 
     // A second connection of bob's takes over from the first: he is online
-    // throughout, so nobody hears him leave or come.
+    // throughout, so nobody hears him leave or come. The new connection
+    // watches nobody until it says so (bob watches only alice).
     let b2 = room.relay.connect().await.unwrap();
     b2.resume("bob", &bob_token, &room.users[1].key)
         .await
@@ -379,29 +412,33 @@ async fn others_hear_a_user_come_and_go_but_not_a_connection_taking_over() {
             .unwrap(),
         securechat_relay::close::SUPERSEDED_REASON
     );
-    // alice's and bob's second connection are all that is left: the first
-    // is gone from the relay, hub and all.
-    room.wait_open_connections(2).await;
+    assert_eq!(
+        watch(&b2, &["alice", "bob"]).await,
+        Ok(vec!["alice".to_string()])
+    );
+    // alice's and bob's second connection (and the anonymous one) are all
+    // that is left: the first is gone from the relay, hub and all.
+    room.wait_open_connections(3).await;
 
-    // So the next thing alice hears is carol; bob hears her too, and
-    // nothing about himself.
+    // So the next thing alice hears is carol; bob, who does not watch
+    // carol, hears nothing of her.
     let c = room.login(2).await;
     assert_eq!(
         next_presence(&mut alice_hears).await,
         ("carol".into(), true)
     );
-    let mut bob_hears = pushes(&b2).await;
-    assert_eq!(next_presence(&mut bob_hears).await, ("carol".into(), true));
-
-    // Leaving is heard when the live connection goes.
     c.close("carol leaves").await;
     assert_eq!(
         next_presence(&mut alice_hears).await,
         ("carol".into(), false)
     );
-    assert_eq!(next_presence(&mut bob_hears).await, ("carol".into(), false));
-    b2.close("bob leaves").await;
-    assert_eq!(next_presence(&mut alice_hears).await, ("bob".into(), false));
+    // The first thing bob hears is alice leaving (his push stream shows up
+    // with its first push).
+    let (bob_heard, ()) = tokio::join!(
+        async { next_presence(&mut pushes(&b2).await).await },
+        a.close("alice leaves")
+    );
+    assert_eq!(bob_heard, ("alice".into(), false));
     room.relay.stop().await.unwrap();
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use securechat_common::crypto::CryptoError;
 use securechat_common::envelope::Kind;
-use securechat_common::limits::{validate_username, MAX_ACK_BATCH};
+use securechat_common::limits::{validate_username, MAX_ACK_BATCH, MAX_WATCH};
 use securechat_common::protocol::{
     AckOutcome, ErrorCode, ErrorReply, Refusal, Response, DIRECTORY_PAGE,
 };
@@ -77,6 +77,37 @@ pub(super) fn online(shared: &Shared, state: &ConnState) -> Reply {
     Ok(Response::Online {
         users: shared.hub.online(),
     })
+}
+
+pub(super) fn watch_presence(shared: &Shared, state: &ConnState, users: Vec<String>) -> Reply {
+    let auth = require_auth(state)?;
+    if users.len() > MAX_WATCH {
+        return Err(fail(
+            ErrorCode::BadRequest,
+            format!(
+                "a connection watches at most {MAX_WATCH} users; {} were asked for",
+                users.len()
+            ),
+        ));
+    }
+    for (i, user) in users.iter().enumerate() {
+        if let Err(e) = validate_username(user) {
+            return Err(fail(
+                ErrorCode::BadRequest,
+                format!("watch list entry {i} is not a username ({e}); nothing changed"),
+            ));
+        }
+    }
+    let online = shared
+        .hub
+        .watch(&auth.username, state.id, users)
+        .ok_or_else(|| {
+            fail(
+                ErrorCode::NotAuthenticated,
+                "this connection is no longer the live one of its user (a newer one took over)",
+            )
+        })?;
+    Ok(Response::Online { users: online })
 }
 
 pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {

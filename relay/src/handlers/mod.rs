@@ -76,6 +76,7 @@ pub(crate) async fn dispatch(
         Request::Send { envelope } => messages::send(shared, state, envelope).await,
         Request::Ack { id, outcome } => messages::ack(shared, state, id, outcome).await,
         Request::AckMany { acks } => messages::ack_many(shared, state, acks).await,
+        Request::WatchPresence { users } => messages::watch_presence(shared, state, users),
         _ => Err(fail(
             ErrorCode::BadRequest,
             "this relay does not know that request",
