@@ -19,6 +19,8 @@ use securechat_relay::store::{Account, QueueLimits, QueueOp, Quota, RedbStore, S
 /// About the size of a sealed one-recipient chat envelope.
 const ENVELOPE_LEN: usize = 700;
 const COMMITS: usize = 300;
+/// Sender and recipient pairs the sends are spread over.
+const PAIRS: u64 = 16;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -53,14 +55,16 @@ fn main() -> anyhow::Result<()> {
     report("append + fdatasync   ", 1, times);
 
     let store = RedbStore::open(&dir.path().join("relay.redb"))?;
-    store.activate(&Account {
-        username: "bob".into(),
-        email: "bob@x.test".into(),
-        password_phc: "phc".into(),
-        public_key: vec![1],
-        totp_secret: zeroize::Zeroizing::new(vec![4; 20]),
-        created_unix: 1,
-    })?;
+    for i in 0..PAIRS {
+        store.activate(&Account {
+            username: format!("bob{i}"),
+            email: format!("bob{i}@x.test"),
+            password_phc: "phc".into(),
+            public_key: vec![1],
+            totp_secret: zeroize::Zeroizing::new(vec![4; 20]),
+            created_unix: 1,
+        })?;
+    }
     let limits = QueueLimits::quota_only(Quota {
         messages: u64::MAX,
         bytes: u64::MAX,
@@ -74,9 +78,12 @@ fn main() -> anyhow::Result<()> {
                     next += 1;
                     let mut id = [0u8; 16];
                     id[8..].copy_from_slice(&next.to_be_bytes());
+                    // As the load tool's senders: each writes to its own
+                    // recipient, so a batch touches up to PAIRS queues.
+                    let pair = next % PAIRS;
                     QueueOp::Enqueue {
-                        recipient: "bob".into(),
-                        sender: "alice".into(),
+                        recipient: format!("bob{pair}"),
+                        sender: format!("alice{pair}"),
                         id: MessageId(id),
                         envelope: vec![9u8; ENVELOPE_LEN],
                         now: 1,

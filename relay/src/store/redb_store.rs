@@ -2,6 +2,7 @@
 //! change or per queue batch (redb commits are durable: fsync before
 //! `commit` returns). A transaction that changed nothing is not committed.
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 
@@ -409,9 +410,10 @@ impl Store for RedbStore {
     ) -> Result<EnqueueOutcome, StoreError> {
         let tx = self.db.begin_write()?;
         let limits = QueueLimits::quota_only(quota);
-        let outcome =
-            QueueTables::open(&tx)?.enqueue(recipient, None, id, envelope, now, limits)?;
+        let mut tables = QueueTables::open(&tx)?;
+        let outcome = tables.enqueue(recipient, None, id, envelope, now, limits)?;
         if outcome == EnqueueOutcome::Stored {
+            tables.finish()?;
             tx.commit()?;
         }
         Ok(outcome)
@@ -450,6 +452,7 @@ impl Store for RedbStore {
                 );
                 outcomes.push(outcome);
             }
+            tables.finish()?;
         }
         // A batch of duplicates and refusals changed nothing: no fsync.
         if changed {
@@ -494,8 +497,10 @@ impl Store for RedbStore {
 
     fn ack(&self, recipient: &str, id: &MessageId, now: u64) -> Result<bool, StoreError> {
         let tx = self.db.begin_write()?;
-        let removed = QueueTables::open(&tx)?.ack(recipient, id, now)?;
+        let mut tables = QueueTables::open(&tx)?;
+        let removed = tables.ack(recipient, id, now)?;
         if removed {
+            tables.finish()?;
             tx.commit()?;
         }
         Ok(removed)
@@ -522,6 +527,7 @@ impl Store for RedbStore {
             for (recipient, id) in &old {
                 tables.dedupe.remove((recipient.as_str(), id.as_slice()))?;
             }
+            tables.finish()?;
 
             stats.expired_registrations = remove_expired(&mut tx.open_table(PENDING)?, |v| {
                 Ok(!is_live_pending(v, now)?)
@@ -556,6 +562,12 @@ impl Store for RedbStore {
 
 /// The queue tables, open in one write transaction: the single-message
 /// methods and [`Store::write_queue_batch`] share these steps.
+///
+/// The counters (each queue's totals, each sender's share of it, the next
+/// queue position) are read once per transaction and written back once by
+/// [`QueueTables::finish`], which must run before the commit: a batch of
+/// 200 sends to 16 queues then makes 17 counter updates instead of 600,
+/// and B-tree updates are what a commit spends its CPU on.
 struct QueueTables<'txn> {
     accounts: redb::Table<'txn, &'static str, &'static [u8]>,
     queue: redb::Table<'txn, (&'static str, u64), (u64, &'static [u8])>,
@@ -564,6 +576,12 @@ struct QueueTables<'txn> {
     senders: redb::Table<'txn, (&'static str, u64), &'static str>,
     sender_totals: redb::Table<'txn, (&'static str, &'static str), (u64, u64)>,
     meta: redb::Table<'txn, &'static str, u64>,
+    /// Totals read or changed in this transaction: owner → (messages, bytes).
+    held: HashMap<String, (u64, u64)>,
+    /// Sender shares read or changed: (recipient, sender) → (messages, bytes).
+    shares: HashMap<(String, String), (u64, u64)>,
+    /// The next queue position, once read.
+    next_seq: Option<u64>,
 }
 
 impl<'txn> QueueTables<'txn> {
@@ -576,7 +594,82 @@ impl<'txn> QueueTables<'txn> {
             senders: tx.open_table(QUEUE_SENDERS)?,
             sender_totals: tx.open_table(SENDER_TOTALS)?,
             meta: tx.open_table(META)?,
+            held: HashMap::new(),
+            shares: HashMap::new(),
+            next_seq: None,
         })
+    }
+
+    /// Write the counters back; call before committing.
+    fn finish(mut self) -> Result<(), StoreError> {
+        for (owner, (m, b)) in std::mem::take(&mut self.held) {
+            if m == 0 {
+                self.totals.remove(owner.as_str())?;
+            } else {
+                self.totals.insert(owner.as_str(), (m, b))?;
+            }
+        }
+        for ((recipient, sender), (m, b)) in std::mem::take(&mut self.shares) {
+            let key = (recipient.as_str(), sender.as_str());
+            if m == 0 {
+                self.sender_totals.remove(key)?;
+            } else {
+                self.sender_totals.insert(key, (m, b))?;
+            }
+        }
+        if let Some(seq) = self.next_seq {
+            self.meta.insert("next_seq", seq)?;
+        }
+        Ok(())
+    }
+
+    /// `sender`'s share of `recipient`'s queue: (messages, bytes).
+    fn share(&mut self, recipient: &str, sender: &str) -> Result<(u64, u64), StoreError> {
+        let key = (recipient.to_string(), sender.to_string());
+        if let Some(v) = self.shares.get(&key) {
+            return Ok(*v);
+        }
+        let v = self
+            .sender_totals
+            .get((recipient, sender))?
+            .map(|g| g.value())
+            .unwrap_or((0, 0));
+        self.shares.insert(key, v);
+        Ok(v)
+    }
+
+    /// A message of `bytes` at `(recipient, seq)` left the queue (acked or
+    /// expired): it no longer counts against its sender's share, if it
+    /// did. Returns that sender.
+    fn forget_sender(
+        &mut self,
+        recipient: &str,
+        seq: u64,
+        bytes: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(sender) = self
+            .senders
+            .remove((recipient, seq))?
+            .map(|g| g.value().to_string())
+        else {
+            return Ok(None);
+        };
+        let (m, b) = self.share(recipient, &sender)?;
+        self.shares.insert(
+            (recipient.to_string(), sender.clone()),
+            (m.saturating_sub(1), b.saturating_sub(bytes)),
+        );
+        Ok(Some(sender))
+    }
+
+    /// One message of `bytes` left `owner`'s queue.
+    fn subtract_held(&mut self, owner: &str, bytes: u64) -> Result<(), StoreError> {
+        let (m, b) = self.held(owner)?;
+        self.held.insert(
+            owner.to_string(),
+            (m.saturating_sub(1), b.saturating_sub(bytes)),
+        );
+        Ok(())
     }
 
     fn has_account(&self, username: &str) -> Result<bool, StoreError> {
@@ -604,11 +697,7 @@ impl<'txn> QueueTables<'txn> {
         }
         let from_sender = match sender {
             Some(sender) => {
-                let held = self
-                    .sender_totals
-                    .get((recipient, sender))?
-                    .map(|g| g.value())
-                    .unwrap_or((0, 0));
+                let held = self.share(recipient, sender)?;
                 if exceeds(held, size, limits.sender_quota()) {
                     return Ok(EnqueueOutcome::SenderShareExceeded);
                 }
@@ -619,23 +708,29 @@ impl<'txn> QueueTables<'txn> {
         let seq = self.append(recipient, held, id, &item, now)?;
         if let Some((sender, (held_messages, held_bytes))) = from_sender {
             self.senders.insert((recipient, seq), sender)?;
-            self.sender_totals
-                .insert((recipient, sender), (held_messages + 1, held_bytes + size))?;
+            self.shares.insert(
+                (recipient.to_string(), sender.to_string()),
+                (held_messages + 1, held_bytes + size),
+            );
         }
         Ok(EnqueueOutcome::Stored)
     }
 
     /// What waits in `owner`'s queue: (entries, bytes).
-    fn held(&self, owner: &str) -> Result<(u64, u64), StoreError> {
-        Ok(self.totals.get(owner)?.map(|g| g.value()).unwrap_or((0, 0)))
+    fn held(&mut self, owner: &str) -> Result<(u64, u64), StoreError> {
+        if let Some(v) = self.held.get(owner) {
+            return Ok(*v);
+        }
+        let v = self.totals.get(owner)?.map(|g| g.value()).unwrap_or((0, 0));
+        self.held.insert(owner.to_string(), v);
+        Ok(v)
     }
 
     /// Put `item` at the end of `owner`'s queue, known by `id` for dedupe
     /// and acks, and count it on top of `held` (what [`Self::held`] said
-    /// just before: the caller has read it for the limits already, and a
-    /// second lookup per message shows in the commit's time); the caller
-    /// has checked the limits and the dedupe index. Returns its queue
-    /// position.
+    /// just before: the caller has read it for the limits already); the
+    /// caller has checked the limits and the dedupe index. Returns its
+    /// queue position.
     fn append(
         &mut self,
         owner: &str,
@@ -644,12 +739,15 @@ impl<'txn> QueueTables<'txn> {
         item: &[u8],
         now: u64,
     ) -> Result<u64, StoreError> {
-        let seq = self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1);
-        self.meta.insert("next_seq", seq + 1)?;
+        let seq = match self.next_seq {
+            Some(seq) => seq,
+            None => self.meta.get("next_seq")?.map(|g| g.value()).unwrap_or(1),
+        };
+        self.next_seq = Some(seq + 1);
         self.queue.insert((owner, seq), (now, item))?;
         self.dedupe.insert((owner, id.0.as_slice()), (seq, now))?;
-        self.totals
-            .insert(owner, (messages + 1, bytes + item.len() as u64))?;
+        self.held
+            .insert(owner.to_string(), (messages + 1, bytes + item.len() as u64));
         Ok(seq)
     }
 
@@ -696,14 +794,8 @@ impl<'txn> QueueTables<'txn> {
         let mut notified = std::collections::BTreeSet::new();
         for g in &gone {
             self.queue.remove((g.owner.as_str(), g.seq))?;
-            subtract_totals(&mut self.totals, &g.owner, 1, g.size)?;
-            let sender = forget_sender(
-                &mut self.senders,
-                &mut self.sender_totals,
-                &g.owner,
-                g.seq,
-                g.size,
-            )?;
+            self.subtract_held(&g.owner, g.size)?;
+            let sender = self.forget_sender(&g.owner, g.seq, g.size)?;
             let (Some(sender), Some(id)) = (sender, g.id) else {
                 continue;
             };
@@ -764,14 +856,8 @@ impl<'txn> QueueTables<'txn> {
         self.dedupe
             .insert((recipient, id.0.as_slice()), (DELIVERED, now))?;
         if let Some(size) = removed {
-            subtract_totals(&mut self.totals, recipient, 1, size)?;
-            forget_sender(
-                &mut self.senders,
-                &mut self.sender_totals,
-                recipient,
-                seq,
-                size,
-            )?;
+            self.subtract_held(recipient, size)?;
+            self.forget_sender(recipient, seq, size)?;
         }
         Ok(true)
     }
@@ -781,49 +867,6 @@ impl<'txn> QueueTables<'txn> {
 /// bytes) goes past `quota`.
 fn exceeds(held: (u64, u64), size: u64, quota: Quota) -> bool {
     held.0.saturating_add(1) > quota.messages || held.1.saturating_add(size) > quota.bytes
-}
-
-/// A message of `bytes` at `(recipient, seq)` left the queue (acked or
-/// expired): it no longer counts against its sender's share, if it did.
-/// Returns that sender.
-fn forget_sender(
-    senders: &mut redb::Table<(&str, u64), &str>,
-    sender_totals: &mut redb::Table<(&str, &str), (u64, u64)>,
-    recipient: &str,
-    seq: u64,
-    bytes: u64,
-) -> Result<Option<String>, StoreError> {
-    let Some(sender) = senders
-        .remove((recipient, seq))?
-        .map(|g| g.value().to_string())
-    else {
-        return Ok(None);
-    };
-    let key = (recipient, sender.as_str());
-    let (m, b) = sender_totals.get(key)?.map(|g| g.value()).unwrap_or((0, 0));
-    let (m, b) = (m.saturating_sub(1), b.saturating_sub(bytes));
-    if m == 0 {
-        sender_totals.remove(key)?;
-    } else {
-        sender_totals.insert(key, (m, b))?;
-    }
-    Ok(Some(sender))
-}
-
-fn subtract_totals(
-    totals: &mut redb::Table<&str, (u64, u64)>,
-    recipient: &str,
-    messages: u64,
-    bytes: u64,
-) -> Result<(), StoreError> {
-    let (m, b) = totals.get(recipient)?.map(|g| g.value()).unwrap_or((0, 0));
-    let (m, b) = (m.saturating_sub(messages), b.saturating_sub(bytes));
-    if m == 0 {
-        totals.remove(recipient)?;
-    } else {
-        totals.insert(recipient, (m, b))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
