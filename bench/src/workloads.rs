@@ -191,7 +191,6 @@ pub async fn end_to_end(
 
     let mut readers = JoinSet::new();
     for (_, _, recipient) in pairs {
-        let mut pushes = recipient.accept_pushes().await?;
         let (recipient, due, latencies, received, all_in) = (
             Arc::clone(recipient),
             due.clone(),
@@ -199,7 +198,10 @@ pub async fn end_to_end(
             received.clone(),
             all_in.clone(),
         );
+        // Accepted in the reader: the push stream reaches the client with
+        // its first push, which the sends below cause.
         readers.spawn(async move {
+            let mut pushes = recipient.accept_pushes().await?;
             while let Some(push) = pushes.next().await {
                 let Push::Deliver { envelope, .. } = push? else {
                     continue;
