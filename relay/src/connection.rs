@@ -19,159 +19,30 @@
 //! When the connection ends, in-flight requests are allowed to finish (so a
 //! `Send` being committed is committed) before the task returns.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use securechat_common::codec::{self, CodecError};
 use securechat_common::limits::MAX_FRAME_LEN;
-use securechat_common::protocol::{
-    ErrorCode, ErrorReply, Request, Response, BINDING_LEN, EXPORTER_LABEL,
-};
-use tokio::sync::Notify;
-use tokio::task::{JoinHandle, JoinSet};
+use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
+use tokio::task::JoinSet;
 
 use crate::admission::Full;
 use crate::clock::Clock;
 use crate::close;
+use crate::conn_state::ConnState;
 use crate::handlers;
 use crate::lock;
 use crate::metrics::FrameRejection;
 use crate::push;
 use crate::ratelimit::Source;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Malformed frames tolerated per connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 8;
 /// How long a client may take to send one whole request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Who is logged in on a connection.
-#[derive(Clone, Debug)]
-pub(crate) struct Auth {
-    pub(crate) username: String,
-    /// When a full (password + TOTP) login happened here; `None` after a resume.
-    pub(crate) full_login_at: Option<Instant>,
-    /// SHA-256 of the session token in use.
-    pub(crate) token_hash: [u8; 32],
-    /// When the session expires (Unix seconds): the login ends then.
-    pub(crate) session_expires_unix: u64,
-}
-
-/// Per-connection state.
-pub(crate) struct ConnState {
-    pub(crate) id: u64,
-    pub(crate) conn: quinn::Connection,
-    /// Who the peer counts as for limits (its IPv4 address or IPv6 /64).
-    pub(crate) source: Source,
-    challenge: Mutex<Option<[u8; BINDING_LEN]>>,
-    auth: Mutex<Option<Auth>>,
-    /// While nobody is logged in: when the connection is closed unless a
-    /// login or resume succeeds first.
-    login_deadline: Mutex<Option<Instant>>,
-    /// Wakes the connection task when a deadline changes.
-    deadlines_changed: Notify,
-    clock: Clock,
-    login_timeout: Duration,
-    bad_frames: AtomicU32,
-    /// The push task and the user it pushes for.
-    push_task: Mutex<Option<(JoinHandle<()>, String)>>,
-}
-
-impl ConnState {
-    /// Store a fresh challenge nonce, replacing any unused one.
-    pub(crate) fn set_challenge(&self, nonce: [u8; BINDING_LEN]) {
-        *lock(&self.challenge) = Some(nonce);
-    }
-
-    /// Take the challenge (each is good for one attempt).
-    pub(crate) fn take_challenge(&self) -> Option<[u8; BINDING_LEN]> {
-        lock(&self.challenge).take()
-    }
-
-    /// The TLS exporter value both ends compute for this connection.
-    pub(crate) fn tls_binding(&self) -> Option<[u8; BINDING_LEN]> {
-        let mut out = [0u8; BINDING_LEN];
-        self.conn
-            .export_keying_material(&mut out, EXPORTER_LABEL, b"")
-            .ok()
-            .map(|()| out)
-    }
-
-    /// Who is logged in here.
-    pub(crate) fn auth(&self) -> Option<Auth> {
-        lock(&self.auth).clone()
-    }
-
-    /// Record a login (no deadline while logged in) or its end (the
-    /// unauthenticated time starts again).
-    pub(crate) fn set_auth(&self, auth: Option<Auth>) {
-        let logged_in = auth.is_some();
-        *lock(&self.auth) = auth;
-        *lock(&self.login_deadline) = if logged_in {
-            None
-        } else {
-            Some(self.clock.now() + self.login_timeout)
-        };
-        self.deadlines_changed.notify_one();
-    }
-
-    /// Give a connection without a login its full time again (after a
-    /// successful step of registration, which takes a while).
-    pub(crate) fn restart_login_time(&self) {
-        let mut deadline = lock(&self.login_deadline);
-        if deadline.is_some() {
-            *deadline = Some(self.clock.now() + self.login_timeout);
-            self.deadlines_changed.notify_one();
-        }
-    }
-
-    /// End the login made with `token_hash` (revoked or expired): nothing
-    /// more is done as that user here, and the connection is closed with
-    /// `reason`; closing ends the push task. `false` if the connection is
-    /// logged in with another token (or not at all) by now.
-    pub(crate) fn end_login(&self, token_hash: &[u8; 32], reason: &'static [u8]) -> bool {
-        {
-            let mut auth = lock(&self.auth);
-            if auth.as_ref().is_none_or(|a| a.token_hash != *token_hash) {
-                return false;
-            }
-            *auth = None;
-        }
-        if let Some((task, _)) = lock(&self.push_task).as_ref() {
-            task.abort();
-        }
-        self.conn.close(close::SESSION_ENDED_CODE.into(), reason);
-        true
-    }
-
-    /// Start the push task unless one runs already.
-    pub(crate) fn start_push(self: &Arc<Self>, shared: &Arc<Shared>, username: &str) {
-        let mut slot = lock(&self.push_task);
-        if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
-            return;
-        }
-        let live = shared.hub.register(username, self.id, self.conn.clone());
-        let task = tokio::spawn(push::run(
-            Arc::clone(shared),
-            Arc::clone(self),
-            username.to_string(),
-            live.notify,
-            live.presence,
-        ));
-        *slot = Some((task, username.to_string()));
-    }
-
-    /// Stop the push task (logout or connection end) and go offline.
-    pub(crate) async fn stop_push(&self, shared: &Shared) {
-        let task = lock(&self.push_task).take();
-        if let Some((task, username)) = task {
-            task.abort();
-            let _ = task.await;
-            shared.hub.unregister(&username, self.id);
-        }
-    }
-}
 
 /// Serve one incoming connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
@@ -202,19 +73,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     tracing::debug!(%peer, conn = id, "connection open");
     let clock = shared.config.clock.clone();
     let login_timeout = shared.config.unauthenticated_timeout;
-    let state = Arc::new(ConnState {
+    let state = Arc::new(ConnState::new(
         id,
-        conn: conn.clone(),
+        conn.clone(),
         source,
-        challenge: Mutex::new(None),
-        auth: Mutex::new(None),
-        login_deadline: Mutex::new(Some(clock.now() + login_timeout)),
-        deadlines_changed: Notify::new(),
-        clock: clock.clone(),
+        clock.clone(),
         login_timeout,
-        bad_frames: AtomicU32::new(0),
-        push_task: Mutex::new(None),
-    });
+    ));
 
     let mut requests = JoinSet::new();
     let reason = loop {
@@ -276,7 +141,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         requests.abort_all();
         while requests.join_next().await.is_some() {}
     }
-    state.stop_push(&shared).await;
+    push::stop(&state, &shared).await;
     if let Some(auth) = state.auth() {
         shared.logins.remove(&auth.token_hash, id);
     }

@@ -22,9 +22,12 @@
 //!
 //! * [`config`] — the typed [`Config`] and its defaults.
 //! * [`server`] — [`Relay::bind`], [`Relay::run`]: accept loop and shutdown.
+//! * `shared` — the state every task shares, below all that use it.
 //! * `admission` — connection caps, in all and per source.
 //! * `connection` — one QUIC connection: request streams, login state and
 //!   its deadlines.
+//! * `conn_state` — what is known about one connection (login, challenge,
+//!   deadline, push task), shared by its task, its handlers and `logins`.
 //! * `push` — a logged-in connection's push stream: its queue, and who
 //!   comes and goes.
 //! * [`close`] — the close codes and reasons a client can be sent.
@@ -35,7 +38,7 @@
 //!   [`store::QueueWriter`] that group-commits sends and acks.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
 //! * [`hub`] — online users; the newest connection of a user wins; presence
-//!   changes for every push task.
+//!   changes for the connections watching each user.
 //! * `logins` — live logins per session token: a logout or an expiry ends
 //!   every connection using the token.
 //! * [`ratelimit`] — limits per source (an IPv4 address or IPv6 /64) and
@@ -56,6 +59,7 @@ mod admission;
 pub mod clock;
 pub use securechat_common::close;
 pub mod config;
+mod conn_state;
 mod connection;
 mod handlers;
 pub mod hub;
@@ -66,6 +70,7 @@ pub mod password_pool;
 mod push;
 pub mod ratelimit;
 pub mod server;
+mod shared;
 pub mod status;
 mod status_page;
 pub mod store;

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::connection::ConnState;
+use crate::conn_state::ConnState;
 
 /// SHA-256 of a session token → the connections logged in with it, by id.
 type ByToken = HashMap<[u8; 32], HashMap<u64, Weak<ConnState>>>;

@@ -23,9 +23,10 @@ use securechat_common::protocol::Push;
 use securechat_common::Envelope;
 use tokio::sync::{mpsc, Notify};
 
-use crate::connection::ConnState;
+use crate::conn_state::ConnState;
 use crate::hub::Presence;
-use crate::server::Shared;
+use crate::lock;
+use crate::shared::Shared;
 use crate::store::{blocking, from_bytes, QueueEntry, QueueItem, StoreError};
 
 /// Queue entries read from the store per batch.
@@ -59,6 +60,33 @@ pub(crate) async fn run(
         cursor: 0,
     };
     let _ = pusher.serve(&notify, presence).await;
+}
+
+/// Start the push task unless one runs already.
+pub(crate) fn start(state: &Arc<ConnState>, shared: &Arc<Shared>, username: &str) {
+    let mut slot = lock(&state.push_task);
+    if slot.as_ref().is_some_and(|(t, _)| !t.is_finished()) {
+        return;
+    }
+    let live = shared.hub.register(username, state.id, state.conn.clone());
+    let task = tokio::spawn(run(
+        Arc::clone(shared),
+        Arc::clone(state),
+        username.to_string(),
+        live.notify,
+        live.presence,
+    ));
+    *slot = Some((task, username.to_string()));
+}
+
+/// Stop the push task (logout or connection end) and go offline.
+pub(crate) async fn stop(state: &ConnState, shared: &Shared) {
+    let task = lock(&state.push_task).take();
+    if let Some((task, username)) = task {
+        task.abort();
+        let _ = task.await;
+        shared.hub.unregister(&username, state.id);
+    }
 }
 
 struct Pusher {

@@ -31,12 +31,12 @@ use crate::connection;
 use crate::hub::Hub;
 use crate::logins::LiveLogins;
 use crate::mail::{MailError, Mailer};
-use crate::metrics::{Histogram, RateHistory};
+use crate::metrics::{RateHistory, Stats};
 use crate::password_pool::PasswordPool;
-use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
-use crate::status::Stats;
+use crate::ratelimit::{GuessLimiter, RateLimiter};
+use crate::shared::Shared;
 use crate::store::writer::queue_writer;
-use crate::store::{blocking, QueueLimits, QueueWriter, RedbStore, Store, StoreError, WriterTask};
+use crate::store::{blocking, QueueLimits, RedbStore, Store, StoreError, WriterTask};
 use crate::tls::{TlsError, TlsIdentity};
 
 pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
@@ -86,37 +86,6 @@ pub enum RelayError {
         /// What failed.
         source: std::io::Error,
     },
-}
-
-/// State shared by every connection and background task.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) store: Arc<dyn Store>,
-    /// Sends and acks, batched into group commits.
-    pub(crate) queue: QueueWriter,
-    pub(crate) mailer: Mailer,
-    /// argon2 on threads of its own, bounded.
-    pub(crate) passwords: PasswordPool,
-    pub(crate) hub: Hub,
-    /// Connections per session token, to end them with their session.
-    pub(crate) logins: LiveLogins,
-    pub(crate) stats: Arc<Stats>,
-    /// Durable-commit latency, observed by the queue writer.
-    pub(crate) commit_latency: Arc<Histogram>,
-    /// Accepted and delivered messages per second, for the status page.
-    pub(crate) rates: RateHistory,
-    /// Open connections, in all and per source, against their caps.
-    pub(crate) admission: Arc<Admission>,
-    /// Login, resume, register and verify attempts per source.
-    pub(crate) source_limiter: RateLimiter<Source>,
-    /// Password guesses in `Login`, per (account, source) and per account.
-    pub(crate) login_guesses: GuessLimiter,
-    /// Password checks of a repeated `Register` for a pending name: kept
-    /// apart from logins, so retrying a registration never delays a login.
-    pub(crate) register_guesses: GuessLimiter,
-    /// `Send` requests per sender.
-    pub(crate) send_limiter: RateLimiter<String>,
-    pub(crate) next_conn_id: AtomicU64,
 }
 
 /// A bound relay, ready to [`run`](Relay::run).

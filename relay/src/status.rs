@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -21,94 +21,12 @@ use axum::Router;
 use serde::Serialize;
 
 use crate::metrics::{
-    ByKind, Exposition, FrameRejection, LoginOutcome, MetricType, RateSeries, ResumeOutcome,
+    Exposition, FrameRejection, LoginOutcome, MetricType, RateSeries, ResumeOutcome,
 };
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{blocking, StoreCounts};
 
-/// Counters kept since start.
-#[derive(Debug)]
-pub struct Stats {
-    started: Instant,
-    /// Envelopes accepted (committed, not duplicates).
-    pub accepted: AtomicU64,
-    /// Envelopes acknowledged by their recipient.
-    pub delivered: AtomicU64,
-    /// QUIC connections open now.
-    pub open_connections: AtomicU64,
-    /// Requests answered `Busy`: every password worker and queue place taken.
-    pub busy_refusals: AtomicU64,
-    /// Connections refused because the relay held its maximum.
-    pub refused_relay_full: AtomicU64,
-    /// Connections refused because their source held its maximum.
-    pub refused_source_full: AtomicU64,
-    /// Connections closed for not logging in within the time limit.
-    pub login_timeouts: AtomicU64,
-    /// `Send` requests refused: the sender sent too many this minute.
-    pub send_rate_refusals: AtomicU64,
-    /// `Send` requests refused: the recipient's queue was full.
-    pub quota_refusals: AtomicU64,
-    /// Live logins ended because their session was revoked or expired.
-    pub sessions_ended: AtomicU64,
-    /// `Send` requests refused: the sender held its share of the queue.
-    pub sender_share_refusals: AtomicU64,
-    /// Login, register and verify attempts refused by the per-source limit.
-    pub attempt_refusals: AtomicU64,
-    /// Password checks refused by the guessing limits (per account and
-    /// source, or per account).
-    pub guess_refusals: AtomicU64,
-    /// Connections closed for sending too many bad frames.
-    pub bad_frame_closes: AtomicU64,
-    /// Password logins by outcome.
-    pub logins: ByKind<LoginOutcome>,
-    /// Session resumes by outcome.
-    pub resumes: ByKind<ResumeOutcome>,
-    /// Request frames that could not be read, by reason.
-    pub rejected_frames: ByKind<FrameRejection>,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            accepted: AtomicU64::new(0),
-            delivered: AtomicU64::new(0),
-            open_connections: AtomicU64::new(0),
-            busy_refusals: AtomicU64::new(0),
-            refused_relay_full: AtomicU64::new(0),
-            refused_source_full: AtomicU64::new(0),
-            login_timeouts: AtomicU64::new(0),
-            send_rate_refusals: AtomicU64::new(0),
-            quota_refusals: AtomicU64::new(0),
-            sessions_ended: AtomicU64::new(0),
-            sender_share_refusals: AtomicU64::new(0),
-            attempt_refusals: AtomicU64::new(0),
-            guess_refusals: AtomicU64::new(0),
-            bad_frame_closes: AtomicU64::new(0),
-            logins: ByKind::default(),
-            resumes: ByKind::default(),
-            rejected_frames: ByKind::default(),
-        }
-    }
-}
-
-impl Stats {
-    /// Count one more open connection until the guard drops.
-    pub fn connection_guard(self: &Arc<Self>) -> ConnectionGuard {
-        self.open_connections.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard(Arc::clone(self))
-    }
-}
-
-/// Decrements the open-connection count when dropped.
-#[derive(Debug)]
-pub struct ConnectionGuard(Arc<Stats>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub use crate::metrics::{ConnectionGuard, Stats};
 
 /// The numbers on the status page, as `/status.json` serves them: every
 /// count is a top-level number, and the page shows each in the element

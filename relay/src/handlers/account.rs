@@ -40,10 +40,10 @@ use super::{
 };
 use crate::accounts::{check_totp, code_hash, code_matches, new_code, new_token, totp};
 use crate::close;
-use crate::connection::{Auth, ConnState};
+use crate::conn_state::{Auth, ConnState};
 use crate::mail::Mailer;
 use crate::ratelimit::{GuessLimiter, Refusal};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{blocking, Account, Activation, CodeAttempt, PendingRegistration, Session};
 
 fn username_taken(username: &str) -> ErrorReply {
@@ -517,7 +517,7 @@ async fn go_online(
             "the session was revoked while logging in; log in again",
         ));
     }
-    state.start_push(shared, &username);
+    crate::push::start(state, shared, &username);
     blocking(&shared.store, move |s| s.queue_len(&username))
         .await
         .map_err(|e| internal("queue count failed", e))
@@ -599,7 +599,7 @@ pub(super) async fn logout(shared: &Arc<Shared>, state: &ConnState) -> Reply {
     blocking(&shared.store, move |s| s.remove_session(&hash))
         .await
         .map_err(|e| internal("revoking the session failed", e))?;
-    state.stop_push(shared).await;
+    crate::push::stop(state, shared).await;
     state.set_auth(None);
     shared.logins.remove(&hash, state.id);
     // Every other connection with this token stops being logged in too.

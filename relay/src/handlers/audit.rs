@@ -17,9 +17,9 @@ use std::net::IpAddr;
 
 use securechat_common::protocol::{ErrorCode, ErrorReply, Response};
 
-use crate::connection::ConnState;
+use crate::conn_state::ConnState;
 use crate::metrics::{LoginOutcome, ResumeOutcome};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Longest username (in characters) written to a log line.
 const MAX_LOGGED_NAME: usize = 64;

@@ -13,8 +13,8 @@ use securechat_common::protocol::{
 use securechat_common::{Envelope, MessageId};
 
 use super::{fail, internal, require_auth, whole_secs, Reply};
-use crate::connection::ConnState;
-use crate::server::Shared;
+use crate::conn_state::ConnState;
+use crate::shared::Shared;
 use crate::store::{blocking, EnqueueOutcome};
 
 pub(super) async fn lookup(shared: &Arc<Shared>, state: &ConnState, username: String) -> Reply {

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use securechat_common::protocol::{ErrorCode, ErrorReply, Request, Response};
 
 use crate::accounts::Passwords;
-use crate::connection::{Auth, ConnState};
+use crate::conn_state::{Auth, ConnState};
 use crate::password_pool::Slot;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// A handler's result.
 pub(crate) type Reply = Result<Response, ErrorReply>;
