@@ -8,7 +8,7 @@
 //! writes its mail).
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Mutex, PoisonError};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use securechat_client::relay::{
-    client_endpoint, parse_fingerprint, RelayClient, ServerTrust, PINNED_SERVER_NAME,
+    any_local_for, client_endpoint, parse_fingerprint, RelayClient, ServerTrust, PINNED_SERVER_NAME,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -63,7 +63,8 @@ pub struct Target {
     /// first use: one per connection would cost the load generator a
     /// socket, buffers and a driver task per session, which at 10 000
     /// sessions starved it long before the relay.
-    endpoints: Mutex<Vec<(bool, quinn::Endpoint)>>,
+    /// By address family: IPv4, IPv6.
+    endpoints: Mutex<[Vec<quinn::Endpoint>; 2]>,
 }
 
 /// How many client endpoints the connections are spread over, so more than
@@ -132,7 +133,7 @@ impl Target {
             outbox: Outbox::new(dir.path().join("outbox")),
             own: Some(OwnRelay { child, _dir: dir }),
             pid,
-            endpoints: Mutex::new(Vec::new()),
+            endpoints: Mutex::default(),
         })
     }
 
@@ -158,14 +159,14 @@ impl Target {
             outbox: Outbox::new(outbox),
             own: None,
             pid,
-            endpoints: Mutex::new(Vec::new()),
+            endpoints: Mutex::default(),
         })
     }
 
     /// A new connection to relay number `i` (modulo the count).
     pub async fn connect(&self, i: usize) -> anyhow::Result<RelayClient> {
         let addr = self.addrs[i % self.addrs.len()];
-        let endpoint = self.endpoint(i, addr.is_ipv6())?;
+        let endpoint = self.endpoint(i, addr)?;
         Ok(RelayClient::connect_via(
             &endpoint,
             addr,
@@ -175,28 +176,19 @@ impl Target {
         .await?)
     }
 
-    /// Connection `i`'s client endpoint for the address family.
-    fn endpoint(&self, i: usize, ipv6: bool) -> anyhow::Result<quinn::Endpoint> {
+    /// Connection `i`'s client endpoint for reaching `peer`: one of
+    /// [`CLIENT_ENDPOINTS`] per address family, each opened on first use.
+    fn endpoint(&self, i: usize, peer: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
         let mut endpoints = self
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let family: Vec<&quinn::Endpoint> = endpoints
-            .iter()
-            .filter(|(v6, _)| *v6 == ipv6)
-            .map(|(_, e)| e)
-            .collect();
-        if family.len() == CLIENT_ENDPOINTS {
-            return Ok(family[i % CLIENT_ENDPOINTS].clone());
+        let family = &mut endpoints[usize::from(peer.is_ipv6())];
+        if family.len() < CLIENT_ENDPOINTS {
+            let endpoint = client_endpoint(any_local_for(peer)).context("opening a UDP socket")?;
+            family.push(endpoint);
         }
-        let bind: SocketAddr = if ipv6 {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint = client_endpoint(bind).context("opening a UDP socket")?;
-        endpoints.push((ipv6, endpoint.clone()));
-        Ok(endpoint)
+        Ok(family[i % family.len()].clone())
     }
 
     /// The verification code the relay mailed to `username` (waits for the

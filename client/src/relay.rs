@@ -249,12 +249,7 @@ impl RelayClient {
         server_name: &str,
         trust: ServerTrust,
     ) -> Result<Self, ClientError> {
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        Self::connect_from(bind, addr, server_name, trust).await
+        Self::connect_from(any_local_for(addr), addr, server_name, trust).await
     }
 
     /// As [`RelayClient::connect_named`], from the local address `bind` (tests
@@ -499,6 +494,16 @@ impl PushStream {
     /// The next push; `None` when the relay finished the stream.
     pub async fn next(&mut self) -> Option<Result<Push, ClientError>> {
         self.frames.next().await.map(|r| r.map_err(Into::into))
+    }
+}
+
+/// The local address to bind to reach `peer`: any interface, a free port,
+/// the peer's address family.
+pub fn any_local_for(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     }
 }
 

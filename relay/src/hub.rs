@@ -132,20 +132,21 @@ impl Hub {
     /// of `users` (instead of those it watched before). Returns which of
     /// them are online now, sorted; `None` if `conn_id` is not the live one
     /// (it was superseded, or has logged out).
-    pub fn watch(&self, username: &str, conn_id: u64, users: Vec<String>) -> Option<Vec<String>> {
+    pub fn watch(
+        &self,
+        username: &str,
+        conn_id: u64,
+        mut users: Vec<String>,
+    ) -> Option<Vec<String>> {
         let mut inner = self.lock();
         let old = match inner.users.get_mut(username) {
             Some(entry) if entry.conn_id == conn_id => std::mem::take(&mut entry.watching),
             _ => return None,
         };
         inner.unwatch(username, &old);
-        let mut users: Vec<String> = users
-            .into_iter()
-            .filter(|u| u != username)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        users.retain(|u| u != username);
         users.sort();
+        users.dedup();
         for user in &users {
             inner
                 .watchers
