@@ -15,6 +15,7 @@
 //! * [`smtp`] — a real SMTP server in-process that keeps the mail it takes.
 //! * [`relay`] — an in-process relay that can be stopped and restarted.
 //! * [`user`] — test accounts: registration with the mailed code, MFA login.
+//! * [`redis`] — a real redis-server on a free loopback port (AOF, fsync always).
 //! * [`browser`] — a real headless Chromium: open a page, evaluate
 //!   JavaScript, take a screenshot.
 //! * [`source`] — a client bound to a chosen loopback address, for
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod redis;
 pub mod relay;
 pub mod smtp;
 pub mod source;

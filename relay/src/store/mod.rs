@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  handlers ──spawn_blocking──────────────► dyn Store ──► RedbStore (<data-dir>/relay.redb)
-//!  send / ack ──► QueueWriter ─(batches)──►    │     └──► (later) a Redis backend for several relays
+//!  send / ack ──► QueueWriter ─(batches)──►    │     └──► RedisStore (--redis URL), shared by several relays
 //! ```
 //!
 //! The trait is synchronous on purpose: the embedded backend blocks on disk
@@ -30,6 +30,7 @@
 
 pub mod queue_item;
 mod redb_store;
+mod redis_store;
 pub mod writer;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use zeroize::Zeroizing;
 
 pub use queue_item::{ExpiredNotice, QueueItem};
 pub use redb_store::RedbStore;
+pub use redis_store::{Durability, RedisStore};
 pub use writer::{QueueWriter, WriterTask};
 
 /// Why a storage operation failed.
@@ -50,6 +52,9 @@ pub enum StoreError {
     /// The database reported an error (I/O, corruption, lock).
     #[error("database error: {0}")]
     Db(Box<redb::Error>),
+    /// Redis reported an error, or could not be reached.
+    #[error("redis: {0}; check that the Redis given by --redis is running and reachable")]
+    Redis(#[from] redis::RedisError),
     /// A stored record could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
@@ -577,6 +582,10 @@ pub trait Store: Send + Sync + 'static {
     /// Totals for the status page.
     fn counts(&self) -> Result<StoreCounts, StoreError>;
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
 
 /// Run a store operation on tokio's blocking pool.
 pub async fn blocking<T, F>(store: &Arc<dyn Store>, f: F) -> Result<T, StoreError>

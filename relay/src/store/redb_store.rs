@@ -871,4 +871,22 @@ fn exceeds(held: (u64, u64), size: u64, quota: Quota) -> bool {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests;
+impl RedbStore {
+    /// Per-(recipient, sender) counts, as the share check sees them.
+    pub(super) fn held_by(&self, recipient: &str, sender: &str) -> (u64, u64) {
+        let tx = self.db.begin_read().unwrap();
+        let table = tx.open_table(SENDER_TOTALS).unwrap();
+        let found = table.get((recipient, sender)).unwrap();
+        found.map(|g| g.value()).unwrap_or((0, 0))
+    }
+
+    /// Put raw bytes in `owner`'s queue at `seq`, as an older relay did.
+    pub(super) fn insert_raw(&self, owner: &str, seq: u64, stored: u64, item: &[u8]) {
+        let tx = self.db.begin_write().unwrap();
+        tx.open_table(QUEUE)
+            .unwrap()
+            .insert((owner, seq), (stored, item))
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}

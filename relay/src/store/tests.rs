@@ -1,4 +1,5 @@
-//! Tests of the redb backend on real database files.
+//! The store test suite, run against both backends: redb on real database
+//! files, and Redis on a real redis-server (one per test, AOF fsync always).
 
 use super::*;
 use zeroize::Zeroizing;
@@ -8,10 +9,169 @@ const QUOTA: Quota = Quota {
     bytes: 10_000,
 };
 
-fn open() -> (tempfile::TempDir, RedbStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(&dir.path().join("relay.redb")).unwrap();
-    (dir, store)
+/// Which backend the tests of this thread open (set by [`suite!`]'s wrappers).
+#[derive(Clone, Copy)]
+enum Backend {
+    Redb,
+    Redis,
+}
+
+thread_local! {
+    static BACKEND: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::Redb) };
+}
+
+/// A store of this thread's backend on a fresh database (a file, or a
+/// redis-server of its own), with what the tests look at behind its back.
+struct Db {
+    /// `None` only while reopening.
+    inner: Option<Inner>,
+    place: Place,
+}
+
+enum Inner {
+    Redb(RedbStore),
+    Redis(RedisStore),
+}
+
+enum Place {
+    Redb(tempfile::TempDir),
+    Redis(securechat_testkit::redis::RedisServer),
+}
+
+fn open() -> Db {
+    match BACKEND.get() {
+        Backend::Redb => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = RedbStore::open(&dir.path().join("relay.redb")).unwrap();
+            Db {
+                inner: Some(Inner::Redb(store)),
+                place: Place::Redb(dir),
+            }
+        }
+        Backend::Redis => {
+            let server = securechat_testkit::redis::RedisServer::start().unwrap();
+            let store = RedisStore::open(&server.url()).unwrap();
+            Db {
+                inner: Some(Inner::Redis(store)),
+                place: Place::Redis(server),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Db {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        match self.inner.as_ref().unwrap() {
+            Inner::Redb(store) => store,
+            Inner::Redis(store) => store,
+        }
+    }
+}
+
+impl Db {
+    /// Close the store and open it again on the same data (Redis is
+    /// restarted with SIGKILL: what comes back is what its AOF had).
+    fn reopen(&mut self) {
+        self.inner = None;
+        self.inner = Some(match &mut self.place {
+            Place::Redb(dir) => {
+                Inner::Redb(RedbStore::open(&dir.path().join("relay.redb")).unwrap())
+            }
+            Place::Redis(server) => {
+                server.restart().unwrap();
+                Inner::Redis(RedisStore::open(&server.url()).unwrap())
+            }
+        });
+    }
+
+    fn redis(&self) -> ::redis::Connection {
+        let Place::Redis(server) = &self.place else {
+            panic!("not a Redis store");
+        };
+        ::redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Per-(recipient, sender) counts, as the share check sees them.
+    fn held(&self, recipient: &str, sender: &str) -> (u64, u64) {
+        match &self.place {
+            Place::Redb(_) => match self.inner.as_ref().unwrap() {
+                Inner::Redb(store) => store.held_by(recipient, sender),
+                Inner::Redis(_) => unreachable!(),
+            },
+            Place::Redis(_) => {
+                let mut con = self.redis();
+                let get = |suffix: &str, con: &mut ::redis::Connection| -> u64 {
+                    ::redis::cmd("HGET")
+                        .arg(format!("sc:{{{recipient}}}:{suffix}"))
+                        .arg(sender)
+                        .query::<Option<u64>>(con)
+                        .unwrap()
+                        .unwrap_or(0)
+                };
+                (get("shm", &mut con), get("shb", &mut con))
+            }
+        }
+    }
+
+    /// Put raw bytes in `owner`'s queue at `seq`, as an older relay did.
+    fn insert_raw(&self, owner: &str, seq: u64, stored: u64, item: &[u8]) {
+        match &self.place {
+            Place::Redb(_) => match self.inner.as_ref().unwrap() {
+                Inner::Redb(store) => store.insert_raw(owner, seq, stored, item),
+                Inner::Redis(_) => unreachable!(),
+            },
+            Place::Redis(_) => {
+                let mut con = self.redis();
+                let k = |s: &str| format!("sc:{{{owner}}}:{s}");
+                ::redis::pipe()
+                    .cmd("ZADD")
+                    .arg(k("q"))
+                    .arg(seq)
+                    .arg(seq)
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(k("qv"))
+                    .arg(seq)
+                    .arg(item)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(k("qt"))
+                    .arg(stored)
+                    .arg(seq)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg("sc:owners")
+                    .arg(owner)
+                    .ignore()
+                    .cmd("HINCRBY")
+                    .arg(k("tot"))
+                    .arg("m")
+                    .arg(1)
+                    .ignore()
+                    .cmd("HINCRBY")
+                    .arg(k("tot"))
+                    .arg("b")
+                    .arg(item.len())
+                    .ignore()
+                    .cmd("HINCRBY")
+                    .arg("sc:totals")
+                    .arg("m")
+                    .arg(1)
+                    .ignore()
+                    .cmd("HINCRBY")
+                    .arg("sc:totals")
+                    .arg("b")
+                    .arg(item.len())
+                    .ignore()
+                    .query::<()>(&mut con)
+                    .unwrap();
+            }
+        }
+    }
 }
 
 fn envelope(id: MessageId) -> Vec<u8> {
@@ -63,9 +223,8 @@ fn account(name: &str) -> Account {
     }
 }
 
-#[test]
 fn pending_registration_holds_the_name_until_it_expires() {
-    let (_dir, store) = open();
+    let store = open();
     assert!(store.insert_pending(&pending("alice", 100), 50).unwrap());
     assert!(!store.insert_pending(&pending("alice", 200), 60).unwrap());
     assert!(store.insert_pending(&pending("alice", 300), 150).unwrap());
@@ -77,9 +236,8 @@ fn pending_registration_holds_the_name_until_it_expires() {
     assert_eq!(store.counts().unwrap().accounts, 1);
 }
 
-#[test]
 fn code_attempts_are_counted_then_locked_and_expire() {
-    let (_dir, store) = open();
+    let store = open();
     assert!(matches!(
         store.take_code_attempt("carol", 10, 2).unwrap(),
         CodeAttempt::NoPending
@@ -102,9 +260,8 @@ fn code_attempts_are_counted_then_locked_and_expire() {
     assert!(store.pending("carol").unwrap().is_none());
 }
 
-#[test]
 fn totp_steps_are_accepted_once_and_only_forward() {
-    let (_dir, store) = open();
+    let store = open();
     assert_eq!(store.last_totp_step("alice").unwrap(), None);
     assert!(store.accept_totp_step("alice", 10).unwrap());
     assert!(!store.accept_totp_step("alice", 10).unwrap());
@@ -115,13 +272,10 @@ fn totp_steps_are_accepted_once_and_only_forward() {
     assert_eq!(store.last_totp_step("alice").unwrap(), Some(11));
 }
 
-#[test]
 fn queue_dedupes_limits_acks_and_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.redb");
+    let mut store = open();
     let ids: Vec<MessageId> = (1..=4u8).map(|i| MessageId([i; 16])).collect();
     {
-        let store = RedbStore::open(&path).unwrap();
         for id in &ids[..3] {
             let out = store.enqueue("bob", id, &envelope(*id), 10, QUOTA).unwrap();
             assert_eq!(out, EnqueueOutcome::Stored);
@@ -137,7 +291,7 @@ fn queue_dedupes_limits_acks_and_survives_reopen() {
         assert_eq!(store.queue_len("bob").unwrap(), 3);
         assert_eq!(store.queue_len("alice").unwrap(), 0);
     }
-    let store = RedbStore::open(&path).unwrap();
+    store.reopen();
     let queued = store.queued_after("bob", 0, 10).unwrap();
     assert_eq!(queued.iter().map(|q| q.id).collect::<Vec<_>>(), ids[..3]);
     let rest = store.queued_after("bob", queued[0].seq, 10).unwrap();
@@ -179,14 +333,11 @@ fn ack(to: &str, id: MessageId, now: u64) -> QueueOp {
     }
 }
 
-#[test]
 fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.redb");
+    let mut store = open();
     let ids: Vec<MessageId> = (1..=6u8).map(|i| MessageId([i; 16])).collect();
     let stored = EnqueueOutcome::Stored;
     {
-        let store = RedbStore::open(&path).unwrap();
         store.activate(&account("bob")).unwrap();
         store.activate(&account("carol")).unwrap();
         // One already queued for bob before the batch.
@@ -228,7 +379,7 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
         );
     }
     // Durable: the same state after reopening.
-    let store = RedbStore::open(&path).unwrap();
+    store.reopen();
     let bob = store.queued_after("bob", 0, 10).unwrap();
     assert_eq!(
         bob.iter().map(|q| q.id).collect::<Vec<_>>(),
@@ -240,18 +391,17 @@ fn a_batch_applies_its_ops_in_order_with_mixed_outcomes() {
     let counts = store.counts().unwrap();
     assert_eq!(counts.queued_messages, 4);
     assert_eq!(counts.queued_bytes, 4 * stored_len(ids[0]));
-    // Sequence numbers keep growing across batches.
+    // Positions in a queue keep growing across batches.
     let out = store
         .write_queue_batch(&[send("carol", ids[3], 20)], QueueLimits::quota_only(QUOTA))
         .unwrap();
     assert_eq!(out, [QueueOutcome::Enqueue(stored)]);
     let carol = store.queued_after("carol", 0, 10).unwrap();
-    assert!(carol[1].seq > bob[2].seq);
+    assert!(carol[1].seq > carol[0].seq);
 }
 
-#[test]
 fn a_batch_counts_the_byte_quota_across_its_envelopes() {
-    let (_dir, store) = open();
+    let store = open();
     store.activate(&account("bob")).unwrap();
     let ids: Vec<MessageId> = (1..=3u8).map(|i| MessageId([i; 16])).collect();
     let size = stored_len(ids[0]);
@@ -270,9 +420,8 @@ fn a_batch_counts_the_byte_quota_across_its_envelopes() {
     assert_eq!(store.queue_len("bob").unwrap(), 2);
 }
 
-#[test]
 fn a_batch_that_changes_nothing_and_an_empty_batch_are_fine() {
-    let (_dir, store) = open();
+    let store = open();
     let id = MessageId([1; 16]);
     assert!(store
         .write_queue_batch(&[], QueueLimits::quota_only(QUOTA))
@@ -294,9 +443,8 @@ fn a_batch_that_changes_nothing_and_an_empty_batch_are_fine() {
     assert_eq!(store.counts().unwrap(), StoreCounts::default());
 }
 
-#[test]
 fn byte_quota_counts_envelope_sizes() {
-    let (_dir, store) = open();
+    let store = open();
     let id = MessageId([1; 16]);
     let small = Quota {
         messages: 100,
@@ -307,9 +455,8 @@ fn byte_quota_counts_envelope_sizes() {
     assert_eq!(store.counts().unwrap().queued_messages, 0);
 }
 
-#[test]
 fn sweep_removes_what_has_expired_only() {
-    let (_dir, store) = open();
+    let store = open();
     let (old, new) = (MessageId([1; 16]), MessageId([2; 16]));
     store
         .enqueue("bob", &old, &envelope(old), 100, QUOTA)
@@ -364,9 +511,8 @@ fn sweep_removes_what_has_expired_only() {
     assert_eq!(out, EnqueueOutcome::Stored);
 }
 
-#[test]
 fn sessions_and_keys() {
-    let (_dir, store) = open();
+    let store = open();
     store.activate(&account("alice")).unwrap();
     store.set_public_key("alice", &[7, 7]).unwrap();
     assert_eq!(store.account("alice").unwrap().unwrap().public_key, [7, 7]);
@@ -381,17 +527,8 @@ fn sessions_and_keys() {
     assert!(store.session(&[5; 32]).unwrap().is_none());
 }
 
-/// Per-(recipient, sender) counts, as the share check sees them.
-fn held(store: &RedbStore, recipient: &str, sender: &str) -> (u64, u64) {
-    let tx = store.db.begin_read().unwrap();
-    let table = tx.open_table(SENDER_TOTALS).unwrap();
-    let found = table.get((recipient, sender)).unwrap();
-    found.map(|g| g.value()).unwrap_or((0, 0))
-}
-
-#[test]
 fn one_sender_fills_only_its_share_of_a_queue() {
-    let (_dir, store) = open();
+    let store = open();
     store.activate(&account("bob")).unwrap();
     // A quota of 4 messages, half of it per sender.
     let limits = QueueLimits {
@@ -426,8 +563,8 @@ fn one_sender_fills_only_its_share_of_a_queue() {
             Enqueue(EnqueueOutcome::UnknownRecipient),
         ]
     );
-    assert_eq!(held(&store, "bob", "mallory"), (2, 2 * size));
-    assert_eq!(held(&store, "bob", "alice"), (1, size));
+    assert_eq!(store.held("bob", "mallory"), (2, 2 * size));
+    assert_eq!(store.held("bob", "alice"), (1, size));
 
     // An ack frees a place in its sender's share (and only there).
     let out = store
@@ -444,7 +581,7 @@ fn one_sender_fills_only_its_share_of_a_queue() {
         out,
         [Ack(true), Enqueue(Stored), Enqueue(SenderShareExceeded)]
     );
-    assert_eq!(held(&store, "bob", "mallory"), (2, 2 * size));
+    assert_eq!(store.held("bob", "mallory"), (2, 2 * size));
 
     // The whole quota still holds: alice's second fills it, and the next,
     // from someone with nothing queued, is refused for the queue.
@@ -461,16 +598,16 @@ fn one_sender_fills_only_its_share_of_a_queue() {
 
     // A message queued without a sender counts for the queue only, and its
     // ack takes nothing from anyone's share.
-    let (_dir2, other) = open();
+    let other = open();
     let id = MessageId([9; 16]);
     other
         .enqueue("bob", &id, &envelope(id), 1, limits.quota)
         .unwrap();
     assert!(other.ack("bob", &id, 2).unwrap());
-    assert_eq!(held(&other, "bob", "mallory"), (0, 0));
+    assert_eq!(other.held("bob", "mallory"), (0, 0));
 
     // Byte shares count too.
-    let (_dir3, bytes) = open();
+    let bytes = open();
     bytes.activate(&account("bob")).unwrap();
     let by_bytes = QueueLimits {
         quota: Quota {
@@ -492,9 +629,8 @@ fn one_sender_fills_only_its_share_of_a_queue() {
     assert_eq!(out[2], Enqueue(SenderShareExceeded));
 }
 
-#[test]
 fn the_sweep_gives_back_the_shares_of_expired_messages() {
-    let (_dir, store) = open();
+    let store = open();
     store.activate(&account("bob")).unwrap();
     let limits = QueueLimits {
         quota: Quota {
@@ -516,15 +652,14 @@ fn the_sweep_gives_back_the_shares_of_expired_messages() {
         [QueueOutcome::Enqueue(EnqueueOutcome::SenderShareExceeded)]
     );
     assert_eq!(store.sweep(1000, 500).unwrap().expired_messages, 1);
-    assert_eq!(held(&store, "bob", "mallory"), (0, 0));
+    assert_eq!(store.held("bob", "mallory"), (0, 0));
     let out = store
         .write_queue_batch(&[send_from("mallory", "bob", new, 1000)], limits)
         .unwrap();
     assert_eq!(out, [QueueOutcome::Enqueue(EnqueueOutcome::Stored)]);
-    assert_eq!(held(&store, "bob", "mallory").0, 1);
+    assert_eq!(store.held("bob", "mallory").0, 1);
 }
 
-#[test]
 fn shares_are_at_least_one_and_at_most_the_quota() {
     let quota = Quota {
         messages: 3,
@@ -544,9 +679,8 @@ fn shares_are_at_least_one_and_at_most_the_quota() {
     assert_eq!(share(50).bytes, u64::MAX / 2);
 }
 
-#[test]
 fn the_directory_pages_through_active_accounts_in_name_order() {
-    let (_dir, store) = open();
+    let store = open();
     assert_eq!(store.directory(None, 2).unwrap(), DirectoryPage::default());
     for name in ["dave", "alice", "carol", "bob", "erin"] {
         store.activate(&account(name)).unwrap();
@@ -581,7 +715,7 @@ fn the_directory_pages_through_active_accounts_in_name_order() {
 }
 
 /// The entries of `owner`'s queue, decoded.
-fn items(store: &RedbStore, owner: &str) -> Vec<(u64, QueueItem)> {
+fn items(store: &Db, owner: &str) -> Vec<(u64, QueueItem)> {
     store
         .entries_after(owner, 0, 100)
         .unwrap()
@@ -590,9 +724,8 @@ fn items(store: &RedbStore, owner: &str) -> Vec<(u64, QueueItem)> {
         .collect()
 }
 
-#[test]
 fn the_sweep_tells_senders_of_expired_messages_in_their_queue() {
-    let (_dir, store) = open();
+    let store = open();
     for name in ["alice", "bob", "carol"] {
         store.activate(&account(name)).unwrap();
     }
@@ -626,7 +759,7 @@ fn the_sweep_tells_senders_of_expired_messages_in_their_queue() {
     assert_eq!(stats.expiry_notices, 1);
     assert_eq!(stats.notified, ["alice"]);
     assert_eq!(store.queue_len("bob").unwrap(), 0);
-    assert_eq!(held(&store, "bob", "alice"), (0, 0));
+    assert_eq!(store.held("bob", "alice"), (0, 0));
 
     // Alice's queue holds the notice, stored now, acknowledged by its own id.
     let notice = ExpiredNotice {
@@ -646,7 +779,7 @@ fn the_sweep_tells_senders_of_expired_messages_in_their_queue() {
     );
     // It counts against nobody's share in alice's queue, and carol's
     // message from alice is untouched.
-    assert_eq!(held(&store, "alice", "alice"), (0, 0));
+    assert_eq!(store.held("alice", "alice"), (0, 0));
     assert_eq!(store.queue_len("carol").unwrap(), 1);
     assert!(
         !store.ack("alice", &lost, 1001).unwrap(),
@@ -678,9 +811,8 @@ fn the_sweep_tells_senders_of_expired_messages_in_their_queue() {
     );
 }
 
-#[test]
 fn entries_of_an_older_relay_are_listed_but_do_not_decode() {
-    let (_dir, store) = open();
+    let store = open();
     // Bare envelopes, as queued before notices existed: version 3, and
     // the version 1 of the test envelope, whose first byte is a variant
     // of QueueItem (what follows is not a whole notice).
@@ -688,16 +820,8 @@ fn entries_of_an_older_relay_are_listed_but_do_not_decode() {
     let mut current: securechat_common::Envelope = postcard::from_bytes(&envelope(id)).unwrap();
     current.version = 3;
     let current = postcard::to_stdvec(&current).unwrap();
-    {
-        let tx = store.db.begin_write().unwrap();
-        let mut queue = tx.open_table(QUEUE).unwrap();
-        queue
-            .insert(("bob", 1), (10, envelope(id).as_slice()))
-            .unwrap();
-        queue.insert(("bob", 2), (10, current.as_slice())).unwrap();
-        drop(queue);
-        tx.commit().unwrap();
-    }
+    store.insert_raw("bob", 1, 10, &envelope(id));
+    store.insert_raw("bob", 2, 10, &current);
     let entries = store.entries_after("bob", 0, 10).unwrap();
     assert_eq!(entries.len(), 2);
     for entry in &entries {
@@ -708,13 +832,10 @@ fn entries_of_an_older_relay_are_listed_but_do_not_decode() {
     assert_eq!(store.sweep(1000, 500).unwrap().expired_messages, 2);
 }
 
-#[test]
 fn ack_many_deletes_a_batch_in_one_commit_that_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.redb");
+    let mut store = open();
     let ids: Vec<MessageId> = (1..=3u8).map(|i| MessageId([i; 16])).collect();
     {
-        let store = RedbStore::open(&path).unwrap();
         for id in &ids {
             store.enqueue("bob", id, &envelope(*id), 10, QUOTA).unwrap();
         }
@@ -728,7 +849,7 @@ fn ack_many_deletes_a_batch_in_one_commit_that_survives_reopen() {
         assert_eq!(store.ack_many("alice", &ids[2..], 20).unwrap(), [false]);
         assert!(store.ack_many("bob", &[], 20).unwrap().is_empty());
     }
-    let store = RedbStore::open(&path).unwrap();
+    store.reopen();
     assert_eq!(store.queue_len("bob").unwrap(), 1);
     let left = store.queued_after("bob", 0, 10).unwrap();
     assert_eq!(left.iter().map(|q| q.id).collect::<Vec<_>>(), [ids[2]]);
@@ -738,3 +859,43 @@ fn ack_many_deletes_a_batch_in_one_commit_that_survives_reopen() {
         .unwrap();
     assert_eq!(again, EnqueueOutcome::Duplicate);
 }
+
+/// Each test above, once per backend.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(#[test]
+            fn $name() {
+                super::BACKEND.set(super::Backend::Redb);
+                super::$name();
+            })*
+        }
+        mod redis {
+            $(#[test]
+            fn $name() {
+                super::BACKEND.set(super::Backend::Redis);
+                super::$name();
+            })*
+        }
+    };
+}
+
+suite!(
+    pending_registration_holds_the_name_until_it_expires,
+    code_attempts_are_counted_then_locked_and_expire,
+    totp_steps_are_accepted_once_and_only_forward,
+    queue_dedupes_limits_acks_and_survives_reopen,
+    a_batch_applies_its_ops_in_order_with_mixed_outcomes,
+    a_batch_counts_the_byte_quota_across_its_envelopes,
+    a_batch_that_changes_nothing_and_an_empty_batch_are_fine,
+    byte_quota_counts_envelope_sizes,
+    sweep_removes_what_has_expired_only,
+    sessions_and_keys,
+    one_sender_fills_only_its_share_of_a_queue,
+    the_sweep_gives_back_the_shares_of_expired_messages,
+    shares_are_at_least_one_and_at_most_the_quota,
+    the_directory_pages_through_active_accounts_in_name_order,
+    the_sweep_tells_senders_of_expired_messages_in_their_queue,
+    entries_of_an_older_relay_are_listed_but_do_not_decode,
+    ack_many_deletes_a_batch_in_one_commit_that_survives_reopen,
+);
