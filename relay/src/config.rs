@@ -131,6 +131,12 @@ pub struct Config {
     /// The relay's time; tests pass [`Clock::adjustable`] and move it
     /// instead of waiting.
     pub clock: Clock,
+    /// Keep all state in this Redis (`redis://HOST:PORT`) instead of
+    /// `<data-dir>/relay.redb`, shared with the other relays using it.
+    pub redis: Option<String>,
+    /// Run on a Redis that does not fsync every write before answering
+    /// (acknowledged messages may be lost if it crashes).
+    pub redis_accept_data_loss: bool,
 }
 
 impl Config {
@@ -251,13 +257,17 @@ impl Config {
         let status = self
             .status_listen
             .map_or_else(|| "off".to_string(), |a| a.to_string());
+        let store = match &self.redis {
+            Some(url) => format!("redis {}", mask_password(url)),
+            None => format!("redb {}", self.data_dir.join("relay.redb").display()),
+        };
         let tls = match &self.tls {
             TlsSource::SelfSigned => "self-signed".to_string(),
             TlsSource::Files { cert, .. } => cert.display().to_string(),
         };
         vec![
             format!(
-                "settings: listen={} status_listen={status} data_dir={} tls={tls} mail={} mail_from={:?}",
+                "settings: listen={} status_listen={status} data_dir={} store={store} tls={tls} mail={} mail_from={:?}",
                 self.listen,
                 self.data_dir.display(),
                 self.mail.describe(),
@@ -324,6 +334,28 @@ impl Config {
             idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             clock: Clock::system(),
+            redis: None,
+            redis_accept_data_loss: false,
         }
+    }
+}
+
+/// `url` with the password of its `user:password@` part replaced by `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_string()
+            }
+        }
+        None => url.to_string(),
     }
 }

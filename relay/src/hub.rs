@@ -21,6 +21,12 @@
 //! Only watchers hear a change, so a login costs one push per watcher, not
 //! one per online user: with everyone told of everyone, ten thousand users
 //! logging in meant a hundred million pushes.
+//!
+//! With several relays on one Redis ([`Hub::clustered`]), the hub holds this
+//! relay's connections as before, and who is online anywhere as the
+//! `cluster` task hears it: presence changes then come from there
+//! ([`Hub::remote_join`], [`Hub::remote_leave`]), for this relay's logins
+//! too, so every relay tells its watchers the same changes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -65,12 +71,16 @@ struct Inner {
     users: HashMap<String, Entry>,
     /// Watched user → the live connections (by user) watching them.
     watchers: HashMap<String, HashSet<String>>,
+    /// With several relays: who is online on any relay.
+    global: HashSet<String>,
 }
 
 /// The online users.
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// One of several relays: presence and the online list come from Redis.
+    clustered: bool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -80,6 +90,14 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// A hub for one of several relays sharing a Redis.
+    pub fn clustered() -> Self {
+        Self {
+            inner: Mutex::default(),
+            clustered: true,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         crate::lock(&self.inner)
     }
@@ -103,6 +121,9 @@ impl Hub {
         );
         match &old {
             Some(old) => inner.unwatch(username, &old.watching),
+            None if self.clustered => {
+                inner.global.insert(username.to_string());
+            }
             None => inner.announce(username, true),
         }
         drop(inner);
@@ -113,18 +134,74 @@ impl Hub {
         Live { notify, presence }
     }
 
-    /// Forget the user's connection if it is still `conn_id`.
-    pub fn unregister(&self, username: &str, conn_id: u64) {
+    /// Forget the user's connection if it is still `conn_id`; returns
+    /// whether it was (the user went offline here).
+    pub fn unregister(&self, username: &str, conn_id: u64) -> bool {
         let mut inner = self.lock();
         if inner
             .users
             .get(username)
-            .is_some_and(|e| e.conn_id == conn_id)
+            .is_none_or(|e| e.conn_id != conn_id)
         {
-            if let Some(gone) = inner.users.remove(username) {
-                inner.unwatch(username, &gone.watching);
-            }
+            return false;
+        }
+        if let Some(gone) = inner.users.remove(username) {
+            inner.unwatch(username, &gone.watching);
+        }
+        if !self.clustered {
             inner.announce(username, false);
+        }
+        true
+    }
+
+    /// Another relay (or this one, `here`) made `username` live there. A
+    /// connection of the user here that is not the new live one is closed
+    /// as superseded. Watchers hear of it unless the user `was_online`.
+    pub fn remote_join(&self, username: &str, here: bool, was_online: bool) {
+        let mut inner = self.lock();
+        inner.global.insert(username.to_string());
+        let old = if here {
+            None
+        } else {
+            inner.users.remove(username)
+        };
+        if let Some(old) = &old {
+            inner.unwatch(username, &old.watching);
+        }
+        if !was_online {
+            inner.announce(username, true);
+        }
+        drop(inner);
+        if let Some(old) = old {
+            tracing::info!(%username, old = old.conn_id, "a login on another relay supersedes this one");
+            old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
+        }
+    }
+
+    /// `username` went offline on the relay that had the live connection.
+    pub fn remote_leave(&self, username: &str) {
+        let mut inner = self.lock();
+        if inner.users.contains_key(username) {
+            // Live here after all (a newer login): not gone.
+            return;
+        }
+        if inner.global.remove(username) {
+            inner.announce(username, false);
+        }
+    }
+
+    /// Who is online on any relay, as read from Redis afresh.
+    pub fn reset_global(&self, users: Vec<String>) {
+        let mut inner = self.lock();
+        let mut global: HashSet<String> = users.into_iter().collect();
+        global.extend(inner.users.keys().cloned());
+        inner.global = global;
+    }
+
+    /// Wake every push task here (news may have been missed).
+    pub fn notify_all(&self) {
+        for entry in self.lock().users.values() {
+            entry.notify.notify_one();
         }
     }
 
@@ -156,7 +233,7 @@ impl Hub {
         }
         let online = users
             .iter()
-            .filter(|u| inner.users.contains_key(u.as_str()))
+            .filter(|u| inner.is_online(u, self.clustered))
             .cloned()
             .collect();
         if let Some(entry) = inner.users.get_mut(username) {
@@ -173,16 +250,26 @@ impl Hub {
         }
     }
 
-    /// Usernames online now, sorted.
+    /// Usernames online now (on any relay, with several), sorted.
     pub fn online(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.lock().users.keys().cloned().collect();
+        let inner = self.lock();
+        let mut names: Vec<String> = if self.clustered {
+            inner.global.iter().cloned().collect()
+        } else {
+            inner.users.keys().cloned().collect()
+        };
         names.sort();
         names
     }
 
-    /// How many users are online.
+    /// How many users are online (on any relay, with several).
     pub fn len(&self) -> usize {
-        self.lock().users.len()
+        let inner = self.lock();
+        if self.clustered {
+            inner.global.len()
+        } else {
+            inner.users.len()
+        }
     }
 
     /// True when nobody is online.
@@ -192,6 +279,14 @@ impl Hub {
 }
 
 impl Inner {
+    fn is_online(&self, user: &str, clustered: bool) -> bool {
+        if clustered {
+            self.global.contains(user)
+        } else {
+            self.users.contains_key(user)
+        }
+    }
+
     /// Tell the live connections watching `user` (a watcher that has
     /// fallen [`PRESENCE_BACKLOG`] changes behind misses this one).
     fn announce(&self, user: &str, online: bool) {

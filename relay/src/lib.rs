@@ -57,6 +57,7 @@
 pub mod accounts;
 mod admission;
 pub mod clock;
+mod cluster;
 pub use securechat_common::close;
 pub mod config;
 mod conn_state;

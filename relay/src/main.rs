@@ -65,6 +65,23 @@ struct Cli {
     #[arg(long, value_name = "FILE", requires = "cert", global = true)]
     key: Option<PathBuf>,
 
+    /// Keep all state in this Redis instead of <data-dir>/relay.redb:
+    /// redis://HOST:PORT (redis://:PASSWORD@HOST:PORT with a password).
+    /// Several relays on one Redis serve the same users: a message for a
+    /// user on another relay is pushed there at once, and `online`, the
+    /// status counts, used TOTP codes and send limits hold across them.
+    /// Redis must run with `appendonly yes` and `appendfsync always`; the
+    /// relay checks and refuses otherwise. Move an existing relay's data
+    /// with `relay migrate`.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+
+    /// Run on a Redis that does not fsync every write (appendfsync
+    /// everysec or no AOF): a Redis crash or power loss then loses
+    /// messages the relay had acknowledged as stored.
+    #[arg(long)]
+    redis_accept_data_loss: bool,
+
     /// QUIC (UDP) address to listen on. Default: 127.0.0.1:7443 (this
     /// machine only); use 0.0.0.0:7443 or [::]:7443 to serve the network.
     #[arg(long, value_name = "ADDR")]
@@ -196,6 +213,8 @@ enum Command {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    redis: Option<String>,
+    redis_accept_data_loss: Option<bool>,
     listen: Option<SocketAddr>,
     status_listen: Option<String>,
     cert: Option<PathBuf>,
@@ -381,6 +400,9 @@ fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
         None => default_data_dir()?,
     };
     let mut config = Config::new(data_dir);
+    config.redis = cli.redis.clone().or(file.redis);
+    config.redis_accept_data_loss =
+        cli.redis_accept_data_loss || file.redis_accept_data_loss.unwrap_or(false);
     if let Some(listen) = cli.listen.or(file.listen) {
         config.listen = listen;
     }

@@ -69,6 +69,9 @@ pub(crate) fn start(state: &Arc<ConnState>, shared: &Arc<Shared>, username: &str
         return;
     }
     let live = shared.hub.register(username, state.id, state.conn.clone());
+    if let Some(cluster) = &shared.cluster {
+        cluster.login(username, state.id);
+    }
     let task = tokio::spawn(run(
         Arc::clone(shared),
         Arc::clone(state),
@@ -85,7 +88,11 @@ pub(crate) async fn stop(state: &ConnState, shared: &Shared) {
     if let Some((task, username)) = task {
         task.abort();
         let _ = task.await;
-        shared.hub.unregister(&username, state.id);
+        if shared.hub.unregister(&username, state.id) {
+            if let Some(cluster) = &shared.cluster {
+                cluster.logout(&username, state.id);
+            }
+        }
     }
 }
 

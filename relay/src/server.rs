@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{AccountError, Passwords};
 use crate::admission::Admission;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connection;
 use crate::hub::Hub;
@@ -36,7 +37,9 @@ use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter};
 use crate::shared::Shared;
 use crate::store::writer::queue_writer;
-use crate::store::{blocking, QueueLimits, RedbStore, Store, StoreError, WriterTask};
+use crate::store::{
+    blocking, Durability, QueueLimits, RedbStore, RedisStore, Store, StoreError, WriterTask,
+};
 use crate::tls::{TlsError, TlsIdentity};
 
 pub use crate::close::{SHUTDOWN_CODE, SHUTDOWN_REASON};
@@ -69,6 +72,25 @@ pub enum RelayError {
         /// What failed.
         source: StoreError,
     },
+    /// The Redis of `--redis` could not be used.
+    #[error("redis {url}: {source}")]
+    Redis {
+        /// The URL, password masked.
+        url: String,
+        /// What failed.
+        source: StoreError,
+    },
+    /// The Redis of `--redis` may lose acknowledged messages.
+    #[error(
+        "refusing to run on Redis {url}: {why}. Fix the Redis configuration, or start the \
+         relay with --redis-accept-data-loss if losing acknowledged messages is acceptable"
+    )]
+    RedisNotDurable {
+        /// The URL, password masked.
+        url: String,
+        /// What is unsafe.
+        why: String,
+    },
     /// The TLS identity could not be loaded or made.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -95,6 +117,8 @@ pub struct Relay {
     status: Option<tokio::net::TcpListener>,
     writer: WriterTask,
     fingerprint: [u8; 32],
+    /// Stops the presence tasks of a relay on Redis, last.
+    cluster_stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Relay {
@@ -114,7 +138,33 @@ impl Relay {
         let data_dir = config.data_dir.clone();
         create_private_dir(&data_dir)?;
         let db_path = data_dir.join("relay.redb");
-        let store: Arc<dyn Store> = {
+        let cluster_stop = CancellationToken::new();
+        let mut cluster = None;
+        let store: Arc<dyn Store> = if let Some(url) = config.redis.clone() {
+            let masked = crate::config::mask_password(&url);
+            let accept_loss = config.redis_accept_data_loss;
+            let opened = tokio::task::spawn_blocking(move || {
+                let store = RedisStore::open(&url)?;
+                let durability = store.check_durability()?;
+                Ok::<_, StoreError>((store, durability))
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))
+            .and_then(|r| r);
+            let (store, durability) = opened.map_err(|source| RelayError::Redis {
+                url: masked.clone(),
+                source,
+            })?;
+            if let Durability::Unsafe(why) = durability {
+                if !accept_loss {
+                    return Err(RelayError::RedisNotDurable { url: masked, why });
+                }
+                tracing::warn!(%why, "running on a Redis that may lose acknowledged messages (--redis-accept-data-loss)");
+            }
+            let client = store.client();
+            cluster = Some((client, masked));
+            Arc::new(store)
+        } else {
             let path = db_path.clone();
             let opened = tokio::task::spawn_blocking(move || RedbStore::open(&path))
                 .await
@@ -153,6 +203,15 @@ impl Relay {
             sender_share_percent: config.sender_share_percent,
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), limits);
+        let (hub, cluster) = match cluster {
+            Some((client, masked)) => {
+                let hub = Arc::new(Hub::clustered());
+                let cluster = Cluster::start(client, Arc::clone(&hub), cluster_stop.clone());
+                tracing::info!(redis = %masked, relay = ?cluster, "sharing state with the other relays on this Redis");
+                (hub, Some(cluster))
+            }
+            None => (Arc::new(Hub::default()), None),
+        };
         let commit_latency = writer.commit_latency();
         let shared = Arc::new(Shared {
             admission: Admission::new(config.max_connections, config.max_connections_per_source),
@@ -165,7 +224,8 @@ impl Relay {
             queue,
             mailer,
             passwords,
-            hub: Hub::default(),
+            hub,
+            cluster,
             logins: LiveLogins::default(),
             stats: Arc::new(Stats::default()),
             commit_latency,
@@ -178,6 +238,7 @@ impl Relay {
             status,
             writer,
             fingerprint: identity.fingerprint(),
+            cluster_stop,
         })
     }
 
@@ -239,6 +300,7 @@ impl Relay {
             endpoint,
             status,
             writer,
+            cluster_stop,
             ..
         } = self;
         let grace = shared.config.shutdown_grace;
@@ -315,6 +377,8 @@ impl Relay {
             background.abort_all();
             while background.join_next().await.is_some() {}
         }
+        // Last: the connections' logouts are on their way to Redis.
+        cluster_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         tracing::info!("relay stopped");
         Ok(())

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::admission::Admission;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::logins::LiveLogins;
@@ -30,7 +31,9 @@ pub(crate) struct Shared {
     pub(crate) mailer: Mailer,
     /// argon2 on threads of its own, bounded.
     pub(crate) passwords: PasswordPool,
-    pub(crate) hub: Hub,
+    pub(crate) hub: Arc<Hub>,
+    /// With several relays on one Redis: presence across them.
+    pub(crate) cluster: Option<Arc<Cluster>>,
     /// Connections per session token, to end them with their session.
     pub(crate) logins: LiveLogins,
     pub(crate) stats: Arc<Stats>,

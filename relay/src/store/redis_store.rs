@@ -86,6 +86,11 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// A client for the same Redis (for the presence tasks).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
+    }
+
     /// Whether Redis persists every write before answering it: its
     /// `appendonly` and `appendfsync` settings.
     pub fn check_durability(&self) -> Result<Durability, StoreError> {
