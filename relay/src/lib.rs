@@ -58,6 +58,7 @@ pub mod accounts;
 mod admission;
 pub mod clock;
 mod cluster;
+mod shared_limits;
 pub use securechat_common::close;
 pub mod config;
 mod conn_state;

@@ -203,6 +203,9 @@ impl Relay {
             sender_share_percent: config.sender_share_percent,
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), limits);
+        let shared_limits = cluster
+            .as_ref()
+            .map(|(client, _)| crate::shared_limits::SharedLimits::new(client.clone()));
         let (hub, cluster) = match cluster {
             Some((client, masked)) => {
                 let hub = Arc::new(Hub::clustered());
@@ -219,6 +222,7 @@ impl Relay {
             login_guesses: GuessLimiter::new(config.login_limits),
             register_guesses: GuessLimiter::new(config.login_limits),
             send_limiter: RateLimiter::new(config.sends_per_sender),
+            shared_limits,
             config,
             store,
             queue,

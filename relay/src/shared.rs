@@ -20,6 +20,7 @@ use crate::mail::Mailer;
 use crate::metrics::{Histogram, RateHistory, Stats};
 use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter, Source};
+use crate::shared_limits::SharedLimits;
 use crate::store::{QueueWriter, Store};
 
 /// State shared by every connection and background task.
@@ -52,5 +53,7 @@ pub(crate) struct Shared {
     pub(crate) register_guesses: GuessLimiter,
     /// `Send` requests per sender.
     pub(crate) send_limiter: RateLimiter<String>,
+    /// With several relays on one Redis: the same limits counted across them.
+    pub(crate) shared_limits: Option<SharedLimits>,
     pub(crate) next_conn_id: AtomicU64,
 }

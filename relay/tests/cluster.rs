@@ -6,6 +6,7 @@
 //! * `online`, watchers and the status counts see the users of both relays;
 //! * a login on B supersedes the same user's connection on A;
 //! * a TOTP code used through A is refused through B;
+//! * a sender's rate limit counts the sends through both relays;
 //! * a relay refuses a Redis that does not fsync every write, unless told.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use securechat_client::relay::{PushStream, RelayClient};
 use securechat_common::protocol::{ErrorCode, Push, Request, Response};
+use securechat_relay::ratelimit::Limit;
 use securechat_relay::Config;
 use securechat_testkit::redis::RedisServer;
 use securechat_testkit::relay::test_config;
@@ -30,20 +32,31 @@ struct Pair {
     _dirs: [tempfile::TempDir; 2],
 }
 
-async fn relay_on(redis: &RedisServer, dir: &tempfile::TempDir, smtp: &SmtpServer) -> TestRelay {
+async fn relay_on(
+    redis: &RedisServer,
+    dir: &tempfile::TempDir,
+    smtp: &SmtpServer,
+    tune: impl Fn(&mut Config),
+) -> TestRelay {
     let mut c: Config = test_config(dir.path(), Some(smtp));
     c.redis = Some(redis.url());
+    tune(&mut c);
     TestRelay::start(c).await.unwrap()
 }
 
 impl Pair {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Two relays whose configs `tune` changes alike.
+    async fn start_with(tune: impl Fn(&mut Config)) -> Self {
         let redis = RedisServer::start().unwrap();
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let smtp_a = SmtpServer::start().unwrap();
         let smtp_b = SmtpServer::start().unwrap();
-        let a = relay_on(&redis, &dirs[0], &smtp_a).await;
-        let b = relay_on(&redis, &dirs[1], &smtp_b).await;
+        let a = relay_on(&redis, &dirs[0], &smtp_a, &tune).await;
+        let b = relay_on(&redis, &dirs[1], &smtp_b, &tune).await;
         drop(smtp_b);
         Pair {
             _redis: redis,
@@ -248,4 +261,33 @@ async fn a_relay_refuses_a_redis_that_may_lose_acknowledged_messages() {
     c.redis_accept_data_loss = true;
     let relay = TestRelay::start(c).await.unwrap();
     relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_send_limit_counts_the_sends_through_every_relay() {
+    let pair = Pair::start_with(|c| {
+        c.sends_per_sender = Limit {
+            max: 2,
+            window: Duration::from_secs(60),
+        };
+    })
+    .await;
+    let mut alice = pair.user("alice").await;
+    let bob = pair.user("bob").await;
+    let a = pair.a.connect().await.unwrap();
+    let token = alice.login(&a).await.unwrap().token.unwrap();
+    // alice's connection on B supersedes the one on A: the send through A
+    // goes first.
+    let hi = || Request::Send {
+        envelope: alice.seal_to("bob", bob.key.public_key(), b"hi").unwrap(),
+    };
+    assert!(matches!(a.call(&hi()).await, Ok(Response::Stored { .. })));
+    let b = pair.b.connect().await.unwrap();
+    b.resume("alice", &token, &alice.key).await.unwrap();
+    assert!(matches!(b.call(&hi()).await, Ok(Response::Stored { .. })));
+    // Two sends in the minute, one through each relay: the third is refused
+    // on B, although B has seen only one.
+    assert_eq!(error_code(b.call(&hi()).await), Ok(ErrorCode::RateLimited));
+    pair.a.stop().await.unwrap();
+    pair.b.stop().await.unwrap();
 }

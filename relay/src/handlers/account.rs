@@ -61,7 +61,7 @@ pub(super) async fn register(
     password: Zeroizing<String>,
     public_key: Vec<u8>,
 ) -> Reply {
-    limit_peer(shared, state)?;
+    limit_peer(shared, state).await?;
     validate_username(&username).map_err(|m| fail(ErrorCode::InvalidUsername, m))?;
     validate_email(&email).map_err(|m| fail(ErrorCode::InvalidEmail, m))?;
     Mailer::check_address(&email).map_err(|e| fail(ErrorCode::InvalidEmail, e.to_string()))?;
@@ -93,13 +93,13 @@ pub(super) async fn register(
         Some(old) => {
             // Comparing the password is a guess like a login's, but counted
             // apart: a client retrying its registration never delays a login.
-            limit_guesses(&shared.register_guesses, shared, state, &username)?;
+            limit_guesses(Guesses::Register, shared, state, &username).await?;
             let phc = old.password_phc.clone();
             let same = check_password(shared, slot, move |p| p.verify(&phc, &password)).await?;
             if !same {
                 return Err(username_taken(&username));
             }
-            shared.register_guesses.succeeded(&username, state.source);
+            guess_succeeded(Guesses::Register, shared, state, &username).await;
             old.password_phc.clone()
         }
         None => check_password(shared, slot, move |p| p.hash(&password))
@@ -150,7 +150,7 @@ pub(super) async fn verify(
     username: String,
     code: Zeroizing<String>,
 ) -> Reply {
-    limit_peer(shared, state)?;
+    limit_peer(shared, state).await?;
     if validate_username(&username).is_err() {
         // Never a registration; not echoed (it may be anything, of any size).
         return Err(fail(
@@ -311,15 +311,61 @@ fn take_challenge(
 /// slip past the limit); the caller takes it back on success with
 /// [`GuessLimiter::succeeded`], so in effect only failures accumulate.
 /// `username` must be valid: only account names become limiter keys.
-fn limit_guesses(
-    limiter: &GuessLimiter,
+/// Which password checks a guess is counted for.
+#[derive(Clone, Copy)]
+enum Guesses {
+    Login,
+    Register,
+}
+
+impl Guesses {
+    fn limiter(self, shared: &Shared) -> &GuessLimiter {
+        match self {
+            Guesses::Login => &shared.login_guesses,
+            Guesses::Register => &shared.register_guesses,
+        }
+    }
+
+    /// The name of the shared count (several relays).
+    fn scope(self) -> &'static str {
+        match self {
+            Guesses::Login => "login",
+            Guesses::Register => "register",
+        }
+    }
+}
+
+/// The guess went well: take it back, here and on the other relays.
+async fn guess_succeeded(kind: Guesses, shared: &Shared, state: &ConnState, username: &str) {
+    kind.limiter(shared).succeeded(username, state.source);
+    if let Some(limits) = &shared.shared_limits {
+        limits
+            .guess_succeeded(kind.scope(), username, state.source)
+            .await;
+    }
+}
+
+async fn limit_guesses(
+    kind: Guesses,
     shared: &Shared,
     state: &ConnState,
     username: &str,
 ) -> Result<(), ErrorReply> {
     let now = shared.config.clock.now();
-    limiter
-        .begin(username, state.source, now)
+    let mut verdict = kind.limiter(shared).begin(username, state.source, now);
+    if let (Ok(()), Some(limits)) = (&verdict, &shared.shared_limits) {
+        let now_ms = shared.config.clock.unix_now_ms();
+        verdict = limits
+            .guess_begin(
+                kind.scope(),
+                username,
+                state.source,
+                shared.config.login_limits,
+                now_ms,
+            )
+            .await;
+    }
+    verdict
         .inspect_err(|_| {
             shared.stats.guess_refusals.fetch_add(1, Ordering::Relaxed);
         })
@@ -394,7 +440,7 @@ pub(super) async fn login(
     totp_code: Zeroizing<String>,
     signature: Vec<u8>,
 ) -> Reply {
-    limit_peer(shared, state)?;
+    limit_peer(shared, state).await?;
     // Only a valid name can be an account, a limiter key or a log field. An
     // invalid one gets the unknown user's answer after the same argon2
     // time; the per-source limit above bounds how often.
@@ -402,7 +448,7 @@ pub(super) async fn login(
     let (nonce, binding) = take_challenge(state, &username)?;
     let slot = reserve_password_check(shared)?;
     if valid {
-        limit_guesses(&shared.login_guesses, shared, state, &username)?;
+        limit_guesses(Guesses::Login, shared, state, &username).await?;
     }
 
     let name = username.clone();
@@ -467,7 +513,7 @@ pub(super) async fn login(
     blocking(&shared.store, move |s| s.put_session(&token_hash, &session))
         .await
         .map_err(|e| internal("storing the session failed", e))?;
-    shared.login_guesses.succeeded(&username, state.source);
+    guess_succeeded(Guesses::Login, shared, state, &username).await;
     let unread = go_online(
         shared,
         state,

@@ -116,23 +116,34 @@ pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
 }
 
 /// Count an attempt from the peer's source; refuse past the limit.
-pub(crate) fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
-    shared
+pub(crate) async fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
+    let mut verdict = shared
         .source_limiter
-        .try_acquire(&state.source, shared.config.clock.now())
-        .map_err(|wait| {
-            shared
-                .stats
-                .attempt_refusals
-                .fetch_add(1, Ordering::Relaxed);
-            fail(
-                ErrorCode::RateLimited,
-                format!(
-                    "too many attempts from your address; retry after {} s",
-                    whole_secs(wait)
-                ),
+        .try_acquire(&state.source, shared.config.clock.now());
+    if let (Ok(()), Some(limits)) = (&verdict, &shared.shared_limits) {
+        let now_ms = shared.config.clock.unix_now_ms();
+        verdict = limits
+            .acquire(
+                "source",
+                &state.source.to_string(),
+                shared.config.attempts_per_source,
+                now_ms,
             )
-        })
+            .await;
+    }
+    verdict.map_err(|wait| {
+        shared
+            .stats
+            .attempt_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        fail(
+            ErrorCode::RateLimited,
+            format!(
+                "too many attempts from your address; retry after {} s",
+                whole_secs(wait)
+            ),
+        )
+    })
 }
 
 /// Reserve a place among the password workers, or answer `Busy`.

@@ -1,0 +1,232 @@
+//! Rate limits that hold across several relays on one Redis: attempts per
+//! source, sends per sender, and password guessing per (account, source)
+//! and per account, counted in Redis by one script per check.
+//!
+//! Each relay still checks its own [`ratelimit`](crate::ratelimit) limiters
+//! first (no round trip for what one relay already refuses); these counts
+//! then make a client that spreads its attempts over the relays meet the
+//! same limits as on one relay.
+//!
+//! If Redis cannot be reached the check is skipped with a warning: the
+//! relay's own limits still hold, and every request that needs the store
+//! fails anyway until Redis is back.
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::ratelimit::{Limit, LoginLimits, Refusal, Source};
+
+/// ARGV: key, max, window ms, now ms, member → -1 taken, else ms to wait.
+const ACQUIRE: &str = r#"
+local key, max, window, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) >= max then
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local wait = window
+  if first[2] then wait = tonumber(first[2]) + window - now end
+  if wait < 0 then wait = 0 end
+  return wait
+end
+redis.call('ZADD', key, now, ARGV[5])
+redis.call('PEXPIRE', key, window)
+return -1
+"#;
+
+/// ARGV: pair key, account key, now ms, free failures, first delay ms, max
+/// delay ms, forget after ms, per-account max, per-account window ms,
+/// member → {0} taken, {1, ms} pair refused, {2, ms} account refused.
+const GUESS_BEGIN: &str = r#"
+local pair, acct, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local free, first, maxd, forget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local amax, awin = tonumber(ARGV[8]), tonumber(ARGV[9])
+local p = redis.call('HMGET', pair, 'f', 'l', 'b')
+local failures, blocked = 0, 0
+if p[1] then
+  failures, blocked = tonumber(p[1]), tonumber(p[3])
+  if now - tonumber(p[2]) >= forget and blocked <= now then failures, blocked = 0, 0 end
+end
+if blocked > now then return {1, blocked - now} end
+redis.call('ZREMRANGEBYSCORE', acct, '-inf', now - awin)
+if redis.call('ZCARD', acct) >= amax then
+  local f = redis.call('ZRANGE', acct, 0, 0, 'WITHSCORES')
+  local wait = awin
+  if f[2] then wait = tonumber(f[2]) + awin - now end
+  return {2, math.max(wait, 0)}
+end
+failures = failures + 1
+blocked = 0
+if failures > free then
+  local d = first * (2 ^ (failures - free - 1))
+  if d > maxd then d = maxd end
+  blocked = now + d
+end
+redis.call('HSET', pair, 'f', failures, 'l', now, 'b', blocked)
+redis.call('PEXPIRE', pair, forget + maxd)
+redis.call('ZADD', acct, now, ARGV[10])
+redis.call('PEXPIRE', acct, awin)
+return {0}
+"#;
+
+/// ARGV: pair key, account key → forget the pair, take back the attempt.
+const GUESS_SUCCEEDED: &str = r#"
+redis.call('DEL', ARGV[1])
+redis.call('ZPOPMAX', ARGV[2])
+return 1
+"#;
+
+/// The limits shared through Redis.
+pub(crate) struct SharedLimits {
+    client: redis::Client,
+    con: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    acquire: redis::Script,
+    guess_begin: redis::Script,
+    guess_succeeded: redis::Script,
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedLimits")
+    }
+}
+
+/// A unique member for a sorted set of events (two events in one
+/// millisecond must both count).
+fn member(now_ms: u64) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{now_ms}-{}-{n}", std::process::id())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SharedLimits {
+    pub(crate) fn new(client: redis::Client) -> Self {
+        Self {
+            client,
+            con: Mutex::new(None),
+            acquire: redis::Script::new(ACQUIRE),
+            guess_begin: redis::Script::new(GUESS_BEGIN),
+            guess_succeeded: redis::Script::new(GUESS_SUCCEEDED),
+        }
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let mut slot = self.con.lock().await;
+        if let Some(con) = slot.as_ref() {
+            return Ok(con.clone());
+        }
+        let con = self.client.get_multiplexed_async_connection().await?;
+        *slot = Some(con.clone());
+        Ok(con)
+    }
+
+    async fn forget_connection(&self) {
+        *self.con.lock().await = None;
+    }
+
+    /// Count one event of `kind` for `key` at `now_ms` unless `limit` is
+    /// reached across the relays; `Err` is how long until one is allowed.
+    pub(crate) async fn acquire(
+        &self,
+        kind: &str,
+        key: &str,
+        limit: Limit,
+        now_ms: u64,
+    ) -> Result<(), Duration> {
+        let result: redis::RedisResult<i64> = async {
+            let mut con = self.connection().await?;
+            self.acquire
+                .arg(format!("sc:rl:{kind}:{key}"))
+                .arg(limit.max)
+                .arg(ms(limit.window))
+                .arg(now_ms)
+                .arg(member(now_ms))
+                .invoke_async(&mut con)
+                .await
+        }
+        .await;
+        match result {
+            Ok(wait) if wait >= 0 => Err(Duration::from_millis(wait.unsigned_abs())),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, kind, "shared rate limit unavailable; this relay's own limit applies");
+                self.forget_connection().await;
+                Ok(())
+            }
+        }
+    }
+
+    fn guess_keys(scope: &str, account: &str, source: Source) -> (String, String) {
+        (
+            format!("sc:gl:{scope}:{{{account}}}:{source}"),
+            format!("sc:ga:{scope}:{{{account}}}"),
+        )
+    }
+
+    /// The shared half of [`GuessLimiter::begin`](crate::ratelimit::GuessLimiter::begin).
+    pub(crate) async fn guess_begin(
+        &self,
+        scope: &str,
+        account: &str,
+        source: Source,
+        limits: LoginLimits,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        let (pair, acct) = Self::guess_keys(scope, account, source);
+        let result: redis::RedisResult<Vec<i64>> = async {
+            let mut con = self.connection().await?;
+            self.guess_begin
+                .arg(&pair)
+                .arg(&acct)
+                .arg(now_ms)
+                .arg(limits.free_failures)
+                .arg(ms(limits.first_delay))
+                .arg(ms(limits.max_delay))
+                .arg(ms(limits.forget_after))
+                .arg(limits.per_account.max)
+                .arg(ms(limits.per_account.window))
+                .arg(member(now_ms))
+                .invoke_async(&mut con)
+                .await
+        }
+        .await;
+        let wait = |ms: Option<&i64>| Duration::from_millis(ms.map_or(0, |m| m.unsigned_abs()));
+        match result {
+            Ok(answer) => match answer.first() {
+                Some(1) => Err(Refusal::Pair {
+                    retry_after: wait(answer.get(1)),
+                }),
+                Some(2) => Err(Refusal::Account {
+                    retry_after: wait(answer.get(1)),
+                }),
+                _ => Ok(()),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "shared guess limit unavailable; this relay's own limit applies");
+                self.forget_connection().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// The shared half of [`GuessLimiter::succeeded`](crate::ratelimit::GuessLimiter::succeeded).
+    pub(crate) async fn guess_succeeded(&self, scope: &str, account: &str, source: Source) {
+        let (pair, acct) = Self::guess_keys(scope, account, source);
+        let result: redis::RedisResult<i64> = async {
+            let mut con = self.connection().await?;
+            self.guess_succeeded
+                .arg(&pair)
+                .arg(&acct)
+                .invoke_async(&mut con)
+                .await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not clear a shared guess count");
+            self.forget_connection().await;
+        }
+    }
+}
