@@ -453,11 +453,9 @@ pub(super) async fn login(
 
     let name = username.clone();
     let (account, last_step) = if valid {
-        blocking(&shared.store, move |s| {
-            Ok((s.account(&name)?, s.last_totp_step(&name)?))
-        })
-        .await
-        .map_err(|e| internal("account lookup failed", e))?
+        blocking(&shared.store, move |s| s.login_lookup(&name))
+            .await
+            .map_err(|e| internal("account lookup failed", e))?
     } else {
         (None, None)
     };
@@ -495,24 +493,23 @@ pub(super) async fn login(
     )?;
 
     // Recorded only now, so that a failed signature does not use up the
-    // code; a concurrent login that recorded it first wins.
-    let name = username.clone();
-    let fresh = blocking(&shared.store, move |s| s.accept_totp_step(&name, step))
-        .await
-        .map_err(|e| internal("recording the TOTP step failed", e))?;
-    if !fresh {
-        return Err(wrong_credentials());
-    }
-
+    // code; a concurrent login that recorded it first wins. The session is
+    // stored in the same commit.
     let (token, token_hash) = new_token().map_err(|e| internal("token generation failed", e))?;
     let expires = shared.config.clock.unix_now() + shared.config.session_ttl.as_secs();
     let session = Session {
         username: username.clone(),
         expires_unix: expires,
     };
-    blocking(&shared.store, move |s| s.put_session(&token_hash, &session))
-        .await
-        .map_err(|e| internal("storing the session failed", e))?;
+    let name = username.clone();
+    let completed = blocking(&shared.store, move |s| {
+        s.complete_login(&name, step, &token_hash, &session)
+    })
+    .await
+    .map_err(|e| internal("recording the login failed", e))?;
+    if completed.is_none() {
+        return Err(wrong_credentials());
+    }
     guess_succeeded(Guesses::Login, shared, state, &username).await;
     let unread = go_online(
         shared,
@@ -552,21 +549,22 @@ async fn go_online(
     // A logout with this token may have run since the session was checked.
     // It removes the session before it ends the live logins, so now either
     // the session is gone from the store or this login has been ended.
-    let live = blocking(&shared.store, move |s| s.session(&token_hash))
-        .await
-        .map_err(|e| internal("session lookup failed", e))?;
-    if live.is_none() {
+    let name = username.clone();
+    let live = blocking(&shared.store, move |s| {
+        s.live_session_unread(&token_hash, &name)
+    })
+    .await
+    .map_err(|e| internal("session lookup failed", e))?;
+    let Some(unread) = live else {
         shared.logins.remove(&token_hash, state.id);
         state.end_login(&token_hash, close::LOGGED_OUT_REASON);
         return Err(fail(
             ErrorCode::SessionExpired,
             "the session was revoked while logging in; log in again",
         ));
-    }
+    };
     crate::push::start(state, shared, &username);
-    blocking(&shared.store, move |s| s.queue_len(&username))
-        .await
-        .map_err(|e| internal("queue count failed", e))
+    Ok(unread)
 }
 
 pub(super) async fn resume(
@@ -594,13 +592,9 @@ pub(super) async fn resume(
     let (nonce, binding) = take_challenge(state, &username)?;
     let token_hash = sha256(&token);
     let name = username.clone();
-    let found = blocking(&shared.store, move |s| {
-        let session = s.session(&token_hash)?;
-        let account = s.account(&name)?;
-        Ok((session, account))
-    })
-    .await
-    .map_err(|e| internal("session lookup failed", e))?;
+    let found = blocking(&shared.store, move |s| s.resume_lookup(&token_hash, &name))
+        .await
+        .map_err(|e| internal("session lookup failed", e))?;
     let now = shared.config.clock.unix_now();
     let (session, account) = match found {
         (Some(session), Some(account))

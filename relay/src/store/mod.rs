@@ -387,7 +387,45 @@ pub struct SweepStats {
 
 /// The relay's durable state. All methods block; call them through
 /// [`blocking`]. Methods that write have committed when they return `Ok`.
+///
+/// The first methods are what a user does (log in, resume, come online):
+/// each is one transaction and, on Redis, one round trip, where the
+/// building blocks below them would be several.
 pub trait Store: Send + Sync + 'static {
+    /// What checking a login needs, read together: the account called
+    /// `username` and its last accepted TOTP step.
+    fn login_lookup(&self, username: &str) -> Result<(Option<Account>, Option<u64>), StoreError>;
+
+    /// Finish a full login in one commit: record `step` as the account's
+    /// last accepted TOTP step (as [`Store::accept_totp_step`] does: the
+    /// activation goes too), store `session` under `token_hash`, and count
+    /// what waits for the user. `None` (and nothing changed) if `step` is
+    /// not later than the recorded one: the code was used already.
+    fn complete_login(
+        &self,
+        username: &str,
+        step: u64,
+        token_hash: &[u8; 32],
+        session: &Session,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// What checking a resume needs, read together: the session with this
+    /// token hash and the account called `username`.
+    fn resume_lookup(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<(Option<Session>, Option<Account>), StoreError>;
+
+    /// Whether the session with this token hash still exists and, if so,
+    /// how many entries wait for `username` (read together: a logout that
+    /// removed the session is seen).
+    fn live_session_unread(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<Option<u64>, StoreError>;
+
     /// The active account called `username`.
     fn account(&self, username: &str) -> Result<Option<Account>, StoreError>;
 

@@ -166,6 +166,80 @@ fn repeat_attempt(
 }
 
 impl Store for RedbStore {
+    fn login_lookup(&self, username: &str) -> Result<(Option<Account>, Option<u64>), StoreError> {
+        let tx = self.db.begin_read()?;
+        let account = tx
+            .open_table(ACCOUNTS)?
+            .get(username)?
+            .map(|g| from_bytes(g.value()))
+            .transpose()?;
+        let step = tx.open_table(TOTP_STEPS)?.get(username)?.map(|g| g.value());
+        Ok((account, step))
+    }
+
+    fn complete_login(
+        &self,
+        username: &str,
+        step: u64,
+        token_hash: &[u8; 32],
+        session: &Session,
+    ) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let unread = {
+            let mut steps = tx.open_table(TOTP_STEPS)?;
+            let last = steps.get(username)?.map(|g| g.value());
+            if last.is_some_and(|last| step <= last) {
+                return Ok(None);
+            }
+            steps.insert(username, step)?;
+            tx.open_table(ACTIVATIONS)?.remove(username)?;
+            tx.open_table(SESSIONS)?
+                .insert(token_hash.as_slice(), to_bytes(session)?.as_slice())?;
+            let totals = tx.open_table(TOTALS)?;
+            let found = totals.get(username)?;
+            found.map(|g| g.value().0).unwrap_or(0)
+        };
+        tx.commit()?;
+        Ok(Some(unread))
+    }
+
+    fn resume_lookup(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<(Option<Session>, Option<Account>), StoreError> {
+        let tx = self.db.begin_read()?;
+        let session = tx
+            .open_table(SESSIONS)?
+            .get(token_hash.as_slice())?
+            .map(|g| from_bytes(g.value()))
+            .transpose()?;
+        let account = tx
+            .open_table(ACCOUNTS)?
+            .get(username)?
+            .map(|g| from_bytes(g.value()))
+            .transpose()?;
+        Ok((session, account))
+    }
+
+    fn live_session_unread(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        if tx
+            .open_table(SESSIONS)?
+            .get(token_hash.as_slice())?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let totals = tx.open_table(TOTALS)?;
+        let found = totals.get(username)?;
+        Ok(Some(found.map(|g| g.value().0).unwrap_or(0)))
+    }
+
     fn account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(ACCOUNTS)?;

@@ -259,7 +259,77 @@ fn refs(args: &[Vec<u8>]) -> Vec<&[u8]> {
     args.iter().map(Vec::as_slice).collect()
 }
 
+/// An empty answer means none.
+fn decode_opt<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, StoreError> {
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        from_bytes(bytes).map(Some)
+    }
+}
+
 impl Store for RedisStore {
+    fn login_lookup(&self, username: &str) -> Result<(Option<Account>, Option<u64>), StoreError> {
+        let found: Vec<Vec<u8>> = self.call(&SCRIPTS.login_lookup, &[username.as_bytes()])?;
+        let [account, step] = found.as_slice() else {
+            return Err(StoreError::Corrupt("the login lookup gave no pair".into()));
+        };
+        let step = if step.is_empty() {
+            None
+        } else {
+            Some(parse_num(step)?)
+        };
+        Ok((decode_opt(account)?, step))
+    }
+
+    fn complete_login(
+        &self,
+        username: &str,
+        step: u64,
+        token_hash: &[u8; 32],
+        session: &Session,
+    ) -> Result<Option<u64>, StoreError> {
+        let record = to_bytes(session)?;
+        let unread: i64 = self.call(
+            &SCRIPTS.complete_login,
+            &[
+                username.as_bytes(),
+                &num_arg(step),
+                hex::encode(token_hash).as_bytes(),
+                &record,
+                &num_arg(session.expires_unix),
+            ],
+        )?;
+        Ok(u64::try_from(unread).ok())
+    }
+
+    fn resume_lookup(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<(Option<Session>, Option<Account>), StoreError> {
+        let found: Vec<Vec<u8>> = self.call(
+            &SCRIPTS.resume_lookup,
+            &[hex::encode(token_hash).as_bytes(), username.as_bytes()],
+        )?;
+        let [session, account] = found.as_slice() else {
+            return Err(StoreError::Corrupt("the resume lookup gave no pair".into()));
+        };
+        Ok((decode_opt(session)?, decode_opt(account)?))
+    }
+
+    fn live_session_unread(
+        &self,
+        token_hash: &[u8; 32],
+        username: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let unread: i64 = self.call(
+            &SCRIPTS.live_session_unread,
+            &[hex::encode(token_hash).as_bytes(), username.as_bytes()],
+        )?;
+        Ok(u64::try_from(unread).ok())
+    }
+
     fn account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         let found: Option<Vec<u8>> = self.call(&SCRIPTS.account, &[username.as_bytes()])?;
         found.map(|b| from_bytes(&b)).transpose()

@@ -860,6 +860,55 @@ fn ack_many_deletes_a_batch_in_one_commit_that_survives_reopen() {
     assert_eq!(again, EnqueueOutcome::Duplicate);
 }
 
+fn a_login_and_a_resume_are_one_transaction_each() {
+    let store = open();
+    assert!(matches!(store.login_lookup("alice").unwrap(), (None, None)));
+    store.activate(&account("alice")).unwrap();
+    let (found, step) = store.login_lookup("alice").unwrap();
+    assert_eq!(found.unwrap().username, "alice");
+    assert_eq!(step, None);
+
+    let id = MessageId([1; 16]);
+    store
+        .enqueue("alice", &id, &envelope(id), 10, QUOTA)
+        .unwrap();
+    let session = Session {
+        username: "alice".into(),
+        expires_unix: 100,
+    };
+    assert_eq!(
+        store
+            .complete_login("alice", 7, &[1; 32], &session)
+            .unwrap(),
+        Some(1),
+        "the step is recorded, the session stored, the queue counted"
+    );
+    assert_eq!(store.login_lookup("alice").unwrap().1, Some(7));
+    // The same step again (through any relay) changes nothing.
+    assert_eq!(
+        store
+            .complete_login("alice", 7, &[2; 32], &session)
+            .unwrap(),
+        None
+    );
+    assert!(store.session(&[2; 32]).unwrap().is_none());
+
+    let (found_session, found_account) = store.resume_lookup(&[1; 32], "alice").unwrap();
+    assert_eq!(found_session.unwrap().expires_unix, 100);
+    assert_eq!(found_account.unwrap().username, "alice");
+    assert!(matches!(
+        store.resume_lookup(&[3; 32], "nobody").unwrap(),
+        (None, None)
+    ));
+
+    assert_eq!(
+        store.live_session_unread(&[1; 32], "alice").unwrap(),
+        Some(1)
+    );
+    store.remove_session(&[1; 32]).unwrap();
+    assert_eq!(store.live_session_unread(&[1; 32], "alice").unwrap(), None);
+}
+
 /// Each test above, once per backend.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -881,6 +930,7 @@ macro_rules! suite {
 }
 
 suite!(
+    a_login_and_a_resume_are_one_transaction_each,
     pending_registration_holds_the_name_until_it_expires,
     code_attempts_are_counted_then_locked_and_expire,
     totp_steps_are_accepted_once_and_only_forward,

@@ -282,6 +282,18 @@ mod tests {
 
     impl Store for Probe {
         forward! {
+            login_lookup(username: &str) -> (Option<crate::store::Account>, Option<u64>);
+            complete_login(
+                username: &str,
+                step: u64,
+                token_hash: &[u8; 32],
+                session: &crate::store::Session
+            ) -> Option<u64>;
+            resume_lookup(
+                token_hash: &[u8; 32],
+                username: &str
+            ) -> (Option<crate::store::Session>, Option<crate::store::Account>);
+            live_session_unread(token_hash: &[u8; 32], username: &str) -> Option<u64>;
             account(username: &str) -> Option<crate::store::Account>;
             directory(after: Option<&str>, limit: usize) -> crate::store::DirectoryPage;
             insert_pending(p: &crate::store::PendingRegistration, now: u64) -> bool;

@@ -81,6 +81,10 @@ fn script(body: &str) -> redis::Script {
 
 /// Every script, compiled once.
 pub(super) struct Scripts {
+    pub login_lookup: redis::Script,
+    pub complete_login: redis::Script,
+    pub resume_lookup: redis::Script,
+    pub live_session_unread: redis::Script,
     pub account: redis::Script,
     pub directory: redis::Script,
     pub insert_pending: redis::Script,
@@ -105,8 +109,12 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn all(&self) -> [&redis::Script; 21] {
+    pub(super) fn all(&self) -> [&redis::Script; 25] {
         [
+            &self.login_lookup,
+            &self.complete_login,
+            &self.resume_lookup,
+            &self.live_session_unread,
             &self.account,
             &self.directory,
             &self.insert_pending,
@@ -133,6 +141,41 @@ impl Scripts {
 
     pub(super) fn new() -> Self {
         Self {
+            // ARGV: name → {account or '', step or ''}
+            login_lookup: script(
+                r#"
+local u = ARGV[1]
+return {redis.call('GET', k(u, 'acct')) or '', redis.call('GET', k(u, 'totp')) or ''}
+"#,
+            ),
+            // ARGV: name, step, token hash (hex), session record, session
+            // expiry → -1 (code used), else the unread count
+            complete_login: script(
+                r#"
+local u = ARGV[1]
+local last = redis.call('GET', k(u, 'totp'))
+if last and tonumber(ARGV[2]) <= tonumber(last) then return -1 end
+redis.call('SET', k(u, 'totp'), ARGV[2])
+redis.call('DEL', k(u, 'actv'))
+redis.call('ZREM', 'sc:activations', u)
+redis.call('SET', 'sc:sess:' .. ARGV[3], ARGV[4])
+redis.call('ZADD', 'sc:sessions', ARGV[5], ARGV[3])
+return num(redis.call('HGET', k(u, 'tot'), 'm'))
+"#,
+            ),
+            // ARGV: token hash (hex), name → {session or '', account or ''}
+            resume_lookup: script(
+                r#"
+return {redis.call('GET', 'sc:sess:' .. ARGV[1]) or '', redis.call('GET', k(ARGV[2], 'acct')) or ''}
+"#,
+            ),
+            // ARGV: token hash (hex), name → -1 (no session), else the unread count
+            live_session_unread: script(
+                r#"
+if redis.call('EXISTS', 'sc:sess:' .. ARGV[1]) == 0 then return -1 end
+return num(redis.call('HGET', k(ARGV[2], 'tot'), 'm'))
+"#,
+            ),
             // ARGV: name
             account: script("return redis.call('GET', k(ARGV[1], 'acct'))"),
             // ARGV: after ('' for the start), limit → limit+1 names' accounts
