@@ -7,6 +7,7 @@
 //! manager to reconnect instead of failing at once.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use securechat_common::protocol::{ErrorCode, Request, Response};
 use securechat_common::{IdentityKey, PublicKey};
 use tokio::sync::{watch, Notify};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, RelayAddr};
 use crate::keystore::{self, InboxKey, KeyStoreError, Loaded, LockedKey, Sealer};
 use crate::store::{Store, StoreError};
 use securechat_client::relay::{CertRejection, ClientError, RelayClient};
@@ -155,6 +156,9 @@ pub struct Agent {
     pub(crate) store: Store,
     keys: Mutex<Keys>,
     conn: watch::Sender<Conn>,
+    /// Which relay of the configured list is in use, or being tried (an
+    /// index into its `addrs`; set by the connection manager).
+    relay_at: AtomicUsize,
     flags: Mutex<Flags>,
     /// The journal's newest cursor: `Events` streams wait on it.
     pub(crate) journal: watch::Sender<u64>,
@@ -231,7 +235,8 @@ pub(crate) fn relay_error(e: ClientError) -> IpcError {
                 out
             }
             ClientError::CertificateRejected { addr, rejection } => {
-                certificate_refused(&addr.to_string(), &rejection)
+                let addr = addr.to_string();
+                certificate_refused(&addr, &addr, &rejection)
             }
             ClientError::Connect { .. }
             | ClientError::Refused { .. }
@@ -246,8 +251,9 @@ pub(crate) fn relay_error(e: ClientError) -> IpcError {
 }
 
 /// What a refused relay certificate means and how to re-pin it after
-/// checking; `relay` is the relay's `HOST:PORT`.
-pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> IpcError {
+/// checking; `relay` is the `HOST:PORT` of the relay that presented it,
+/// `list` the whole `--relay` setting (the same for a single relay).
+pub(crate) fn certificate_refused(relay: &str, list: &str, rejection: &CertRejection) -> IpcError {
     let check = "check the certificate on the relay host with `relay fingerprint --data-dir DIR`";
     let (what, fix) = match rejection {
         CertRejection::PinMismatch {
@@ -266,7 +272,7 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
                 ),
                 format!(
                     "To re-pin: {check}; only if it prints sha256:{presented}, restart agentd \
-                     with `--relay {relay} --relay-fingerprint sha256:{presented}`."
+                     with `--relay {list} --relay-fingerprint sha256:{presented}`."
                 ),
             )
         }
@@ -277,7 +283,7 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
             ),
             format!(
                 "Give the CA that issued it with --relay-cert, or pin the certificate instead: \
-                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 {check}, then restart agentd with `--relay {list} --relay-fingerprint \
                  sha256:...` (the fingerprint it printed)."
             ),
         ),
@@ -296,7 +302,7 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
             ),
             format!(
                 "Use a name the certificate carries in --relay, or pin the certificate instead: \
-                 {check}, then restart agentd with `--relay {relay} --relay-fingerprint \
+                 {check}, then restart agentd with `--relay {list} --relay-fingerprint \
                  sha256:...` (the fingerprint it printed)."
             ),
         ),
@@ -307,15 +313,26 @@ pub(crate) fn certificate_refused(relay: &str, rejection: &CertRejection) -> Ipc
             ),
             format!(
                 "Have the relay's certificate fixed, or pin it instead: {check}, then restart \
-                 agentd with `--relay {relay} --relay-fingerprint sha256:...` (the fingerprint \
+                 agentd with `--relay {list} --relay-fingerprint sha256:...` (the fingerprint \
                  it printed)."
             ),
         ),
     };
+    // One pin (or CA) covers every relay of a list: re-pinning for one
+    // that alone changed would lock out the others.
+    let shared = if list == relay {
+        String::new()
+    } else {
+        format!(
+            " Every relay of {list} must present that certificate (or one from the same CA): \
+             if only {relay} changed, give it the others' certificate (relay --cert/--key) \
+             instead of re-pinning."
+        )
+    };
     err(
         IpcErrorKind::CertificateRejected,
         format!(
-            "{what}\n{fix} (As a service: set the new SECURECHAT_RELAY_FINGERPRINT in \
+            "{what}\n{fix}{shared} (As a service: set the new SECURECHAT_RELAY_FINGERPRINT in \
              ~/.config/securechat/agentd.env, then `systemctl --user restart \
              securechat-agentd`.) Until then agentd retries only slowly."
         ),
@@ -398,6 +415,7 @@ impl Agent {
             store,
             keys: Mutex::new(keys),
             conn: watch::Sender::new(Conn::default()),
+            relay_at: AtomicUsize::new(0),
             flags: Mutex::new(Flags::default()),
             reconnect: Notify::new(),
             op_lock: tokio::sync::Mutex::new(()),
@@ -507,6 +525,25 @@ impl Agent {
         self.store.set_pin(user, der)?;
         self.contacts_changed.notify_one();
         Ok(())
+    }
+
+    /// The connection manager now uses (or tries) relay `at` of the list.
+    pub(crate) fn set_relay_at(&self, at: usize) {
+        self.relay_at.store(at, Ordering::Relaxed);
+    }
+
+    /// The relay in use, or being tried now; `None` without a relay.
+    pub(crate) fn relay_in_use(&self) -> Option<&RelayAddr> {
+        let addrs = &self.config.relay.as_ref()?.addrs;
+        addrs
+            .get(self.relay_at.load(Ordering::Relaxed))
+            .or(addrs.first())
+    }
+
+    /// A connection attempt failed and the next relay of the list is tried
+    /// at once: no wait to report.
+    pub(crate) fn clear_retry(&self) {
+        lock(&self.flags).retry = None;
     }
 
     pub(crate) fn set_conn(&self, client: Option<Arc<RelayClient>>, logged_in: bool) {
@@ -735,7 +772,11 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             home: self.config.paths.home.display().to_string(),
             socket: self.config.paths.socket.display().to_string(),
-            relay: self.config.relay.as_ref().map(|r| r.display.clone()),
+            relay: self.relay_in_use().map(|r| r.display.clone()),
+            relays: match &self.config.relay {
+                Some(r) if r.addrs.len() > 1 => r.addrs.iter().map(|a| a.display.clone()).collect(),
+                _ => Vec::new(),
+            },
             connection,
             username: self.username(),
             login_needed: flags.login_needed,

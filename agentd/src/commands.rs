@@ -17,7 +17,9 @@ use securechat_common::protocol::{AckOutcome, DirectoryEntry, Request, Response}
 use securechat_common::{IdentityKey, MessageId, PublicKey};
 use zeroize::Zeroizing;
 
-use crate::agent::{err, now_ms, open_inbox, relay_error, unlock_keys, Agent, Keys, ReadyKeys};
+use crate::agent::{
+    certificate_refused, err, now_ms, open_inbox, relay_error, unlock_keys, Agent, Keys, ReadyKeys,
+};
 use crate::keystore::{self, KeyStoreError, Sealer, Session};
 use crate::receive::{deliver, open_any, receipt};
 use crate::rotation;
@@ -658,7 +660,7 @@ async fn doctor(agent: &Agent) -> DoctorInfo {
         ServerTrust::CaCert(_) => "ca".to_string(),
     });
     let mut info = DoctorInfo {
-        relay: relay.map(|r| r.display.clone()),
+        relay: agent.relay_in_use().map(|r| r.display.clone()),
         relay_trust,
         certificate_rejected: conn.refused.clone(),
         clock_offset_ms: None,
@@ -858,7 +860,7 @@ async fn rotate_key(
     }
     // A fresh full login with the old key on a separate connection, then the
     // new key proves possession and is published.
-    let side = match resolve_and_connect(&relay).await {
+    let side = match resolve_and_connect(agent, &relay).await {
         Ok(side) => side,
         Err(e) => {
             abandon(agent, &new_key).await?;
@@ -968,15 +970,27 @@ async fn set_passphrase(
     Ok(IpcResponse::Ok)
 }
 
-/// A fresh connection to the relay, its address looked up now.
-async fn resolve_and_connect(relay: &crate::RelaySettings) -> Result<RelayClient, IpcError> {
-    let addr = relay.resolve().await.map_err(|e| {
+/// A fresh connection to the relay in use (the relays of a list share one
+/// state, and that one answered last), its address looked up now.
+async fn resolve_and_connect(
+    agent: &Agent,
+    relay: &crate::RelaySettings,
+) -> Result<RelayClient, IpcError> {
+    let Some(at) = agent.relay_in_use() else {
+        return Err(err(IpcErrorKind::NoRelay, "no relay configured"));
+    };
+    let addr = at.resolve().await.map_err(|e| {
         err(
             IpcErrorKind::RelayUnavailable,
-            format!("cannot resolve the relay address {}: {e}", relay.display),
+            format!("cannot resolve the relay address {}: {e}", at.display),
         )
     })?;
-    RelayClient::connect_named(addr, &relay.server_name, relay.trust.clone())
+    RelayClient::connect_named(addr, &at.server_name, relay.trust.clone())
         .await
-        .map_err(relay_error)
+        .map_err(|e| match e {
+            ClientError::CertificateRejected { rejection, .. } => {
+                certificate_refused(&at.display, &relay.list(), &rejection)
+            }
+            other => relay_error(other),
+        })
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use securechat_agentd::config::parse_relay_list;
 use securechat_agentd::{AgentConfig, ConfigFile, Paths, RelaySettings};
 use securechat_client::relay::{parse_ca_pem, parse_fingerprint, ServerTrust};
 use securechat_common::KeySize;
@@ -29,6 +30,16 @@ use securechat_common::KeySize;
 /// After the relay's certificate changed (and you checked the new one on the
 /// relay host), `agentd --relay-fingerprint sha256:…` alone re-pins the saved
 /// relay.
+///
+/// Several relays that share one state (relays started with the same
+/// `--redis`), for when one goes down:
+///
+///   agentd --relay a.example.org:7443,b.example.org:7443 --relay-fingerprint sha256:3f2a…
+///
+/// agentd uses one at a time and moves on to the next when it loses it or
+/// cannot reach it; your session resumes there. The one pin (or CA) applies
+/// to every relay of the list, so they must present one certificate (copy it
+/// with the relay's --cert/--key) or certificates from one CA (--relay-cert).
 #[derive(Debug, Parser)]
 #[command(name = "agentd", version, verbatim_doc_comment)]
 struct Args {
@@ -37,12 +48,15 @@ struct Args {
     #[arg(long, env = "SECURECHAT_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// Relay address, HOST:PORT (UDP).
-    #[arg(long, env = "SECURECHAT_RELAY", value_name = "HOST:PORT")]
+    /// Relay address, HOST:PORT (UDP); or several relays that share one state
+    /// (one Redis) and one certificate or CA, HOST:PORT,HOST:PORT, tried in
+    /// turn: agentd moves to the next when one fails.
+    #[arg(long, env = "SECURECHAT_RELAY", value_name = "HOST:PORT[,…]")]
     relay: Option<String>,
 
     /// SHA-256 of the relay certificate, as printed by the relay at start or
-    /// by `relay fingerprint` (`sha256:` prefix, spaces and colons allowed).
+    /// by `relay fingerprint` (`sha256:` prefix, spaces and colons allowed);
+    /// with several relays, every one must present this certificate.
     /// Without --relay it re-pins the relay saved in agentd.toml.
     #[arg(
         long,
@@ -52,7 +66,8 @@ struct Args {
     )]
     relay_fingerprint: Option<String>,
 
-    /// PEM file with the CA certificate of a relay that has a proper certificate.
+    /// PEM file with the CA certificate of a relay that has a proper certificate
+    /// (with several relays: the CA that issued all of theirs).
     #[arg(long, value_name = "FILE")]
     relay_cert: Option<PathBuf>,
 
@@ -134,8 +149,13 @@ fn main() -> Result<()> {
     };
     let pin_given = args.relay_fingerprint.is_some() || args.relay_cert.is_some();
     let flags_given = args.relay.is_some() || pin_given;
-    if let Some(relay) = args.relay.clone() {
-        file.relay = Some(relay);
+    if let Some(relay) = &args.relay {
+        // Saved as one string in a tidy form ("a:7443,b:7443"), which reads
+        // back as the same list; a bad entry is refused before anything is
+        // saved.
+        let addrs = parse_relay_list(relay).map_err(anyhow::Error::msg)?;
+        let tidy: Vec<&str> = addrs.iter().map(|a| a.display.as_str()).collect();
+        file.relay = Some(tidy.join(","));
         file.relay_fingerprint = args.relay_fingerprint.clone();
         file.relay_cert = args.relay_cert.clone();
     } else if pin_given {
@@ -153,7 +173,10 @@ fn main() -> Result<()> {
             (None, Some(cert)) => format!("the CA in {}", cert.display()),
             (None, None) => String::new(),
         };
-        tracing::info!("re-pinning the saved relay {saved}: its certificate must now match {new}");
+        tracing::info!(
+            "re-pinning the saved relay {saved}: its certificate (each one's, for a list) must \
+             now match {new}"
+        );
         file.relay_fingerprint = args.relay_fingerprint.clone();
         file.relay_cert = args.relay_cert.clone();
     }
@@ -167,11 +190,13 @@ fn main() -> Result<()> {
     };
     let relay = match &file.relay {
         None => None,
-        Some(addr_text) => {
-            // Only the form is checked here: the name is looked up at each
+        Some(list) => {
+            // Only the form is checked here: the names are looked up at each
             // connection attempt, so a relay that does not resolve yet is
             // retried rather than fatal.
-            securechat_agentd::config::check_host_port(addr_text).map_err(anyhow::Error::msg)?;
+            let addrs = parse_relay_list(list).map_err(|e| {
+                anyhow::anyhow!("{e} (the relay setting in {})", config_path.display())
+            })?;
             let trust = match (&file.relay_fingerprint, &file.relay_cert) {
                 (Some(fp), _) => ServerTrust::Fingerprint(parse_fingerprint(fp)?),
                 (None, Some(cert)) => {
@@ -185,11 +210,7 @@ fn main() -> Result<()> {
                      --relay-cert FILE"
                 ),
             };
-            Some(RelaySettings {
-                display: addr_text.clone(),
-                server_name: securechat_agentd::config::host_of(addr_text).to_string(),
-                trust,
-            })
+            Some(RelaySettings { addrs, trust })
         }
     };
     if flags_given && !args.no_save_config {

@@ -36,6 +36,14 @@ fn help_names_the_relay_settings() {
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
+    // Several relays: the list form, and what the relays of one list share.
+    for text in [
+        "--relay a.example.org:7443,b.example.org:7443",
+        "one state",
+        "one certificate",
+    ] {
+        assert!(help.contains(text), "--help lacks {text:?}:\n{help}");
+    }
 }
 
 #[test]

@@ -190,9 +190,14 @@ fn relay(s: &StatusInfo, d: &DoctorInfo) -> Check {
         ),
         _ => {
             let why = s.last_error.as_deref().unwrap_or("no connection yet");
+            let what = if s.relays.is_empty() {
+                format!("the relay at {relay}")
+            } else {
+                format!("any of the relays {}", s.relays.join(", "))
+            };
             Check::fail(
                 "relay",
-                format!("agentd cannot reach the relay at {relay}: {why}"),
+                format!("agentd cannot reach {what}: {why}"),
                 "check that the relay runs and that UDP to its port gets through (firewall, \
                  address in agentd.toml); agentd keeps retrying by itself",
             )

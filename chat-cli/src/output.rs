@@ -96,6 +96,10 @@ fn status(s: &StatusInfo) -> String {
         "relay:       {}{retry}\n",
         s.relay.as_deref().unwrap_or("(none)")
     );
+    if !s.relays.is_empty() {
+        // The line above is the relay in use; agentd moves on in this order.
+        out += &format!("relays:      {} (tried in turn)\n", s.relays.join(", "));
+    }
     out += &format!("connection:  {conn}\n");
     out += &format!(
         "account:     {}\n",

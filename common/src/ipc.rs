@@ -560,7 +560,8 @@ pub struct EventRecord {
 /// What agentd knows for `chat-cli doctor` beyond its `Status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DoctorInfo {
-    /// The relay's address as configured, if one is.
+    /// The relay's address as configured, if one is; of several, the one
+    /// in use (or being tried now).
     pub relay: Option<String>,
     /// How the relay's certificate is trusted: `sha256:<hex>` of the pinned
     /// certificate, or `ca` for a CA certificate given with `--relay-cert`.
@@ -732,8 +733,13 @@ pub struct StatusInfo {
     pub home: String,
     /// Local socket path.
     pub socket: String,
-    /// Relay address, if configured.
+    /// Relay address, if configured; with several relays, the one in use
+    /// (or being tried now).
     pub relay: Option<String>,
+    /// Every configured relay in the order agentd tries them, when there
+    /// are several (they share one state; agentd moves on when one fails).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<String>,
     /// Connection state.
     pub connection: ConnectionState,
     /// Account name, once registered or logged in.
