@@ -137,6 +137,9 @@ pub struct Config {
     /// Run on a Redis that does not fsync every write before answering
     /// (acknowledged messages may be lost if it crashes).
     pub redis_accept_data_loss: bool,
+    /// Replicas of the Redis that must confirm each batch of messages
+    /// before it counts as stored (Redis `WAIT`); 0 waits for none.
+    pub redis_replicas: u32,
 }
 
 impl Config {
@@ -258,8 +261,12 @@ impl Config {
             .status_listen
             .map_or_else(|| "off".to_string(), |a| a.to_string());
         let store = match &self.redis {
-            Some(url) => format!("redis {}", mask_password(url)),
-            None => format!("redb {}", self.data_dir.join("relay.redb").display()),
+            Some(url) => format!(
+                "{} redis_replicas={}",
+                mask_password(url),
+                self.redis_replicas
+            ),
+            None => "redb".to_string(),
         };
         let tls = match &self.tls {
             TlsSource::SelfSigned => "self-signed".to_string(),
@@ -336,6 +343,7 @@ impl Config {
             clock: Clock::system(),
             redis: None,
             redis_accept_data_loss: false,
+            redis_replicas: 0,
         }
     }
 }

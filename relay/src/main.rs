@@ -82,6 +82,13 @@ struct Cli {
     #[arg(long)]
     redis_accept_data_loss: bool,
 
+    /// With --redis: count a message as stored only once N replicas of the
+    /// Redis have it too (Redis WAIT, in the same round trip); a send the
+    /// replicas do not confirm within 2 s fails and the sender's agent
+    /// retries. Default 0: the primary's fsync'd AOF is enough.
+    #[arg(long, value_name = "N")]
+    redis_replicas: Option<u32>,
+
     /// QUIC (UDP) address to listen on. Default: 127.0.0.1:7443 (this
     /// machine only); use 0.0.0.0:7443 or [::]:7443 to serve the network.
     #[arg(long, value_name = "ADDR")]
@@ -215,6 +222,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     redis: Option<String>,
     redis_accept_data_loss: Option<bool>,
+    redis_replicas: Option<u32>,
     listen: Option<SocketAddr>,
     status_listen: Option<String>,
     cert: Option<PathBuf>,
@@ -403,6 +411,7 @@ fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
     config.redis = cli.redis.clone().or(file.redis);
     config.redis_accept_data_loss =
         cli.redis_accept_data_loss || file.redis_accept_data_loss.unwrap_or(false);
+    config.redis_replicas = cli.redis_replicas.or(file.redis_replicas).unwrap_or(0);
     if let Some(listen) = cli.listen.or(file.listen) {
         config.listen = listen;
     }

@@ -143,8 +143,9 @@ impl Relay {
         let store: Arc<dyn Store> = if let Some(url) = config.redis.clone() {
             let masked = crate::config::mask_password(&url);
             let accept_loss = config.redis_accept_data_loss;
+            let replicas = config.redis_replicas;
             let opened = tokio::task::spawn_blocking(move || {
-                let store = RedisStore::open(&url)?;
+                let store = RedisStore::open(&url)?.with_replicas(replicas);
                 let durability = store.check_durability()?;
                 Ok::<_, StoreError>((store, durability))
             })

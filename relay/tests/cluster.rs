@@ -291,3 +291,75 @@ async fn a_send_limit_counts_the_sends_through_every_relay() {
     pair.a.stop().await.unwrap();
     pair.b.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_replicas_a_batch_counts_only_once_they_have_it() {
+    use securechat_common::MessageId;
+    use securechat_relay::store::{
+        Account, QueueLimits, QueueOp, QueueOutcome, Quota, RedisStore, Store as _, StoreError,
+    };
+    let primary = RedisServer::start().unwrap();
+    let store = RedisStore::open(&primary.url()).unwrap().with_replicas(1);
+    let account = Account {
+        username: "bob".into(),
+        email: "bob@x.test".into(),
+        password_phc: "phc".into(),
+        public_key: vec![1],
+        totp_secret: zeroize::Zeroizing::new(vec![4; 20]),
+        created_unix: 1,
+    };
+    tokio::task::block_in_place(|| store.activate(&account)).unwrap();
+    let limits = QueueLimits::quota_only(Quota {
+        messages: 10,
+        bytes: 1 << 20,
+    });
+    let send = |i: u8| QueueOp::Enqueue {
+        recipient: "bob".into(),
+        sender: "alice".into(),
+        id: MessageId([i; 16]),
+        envelope: vec![i; 10],
+        now: 1,
+    };
+    // No replica: the batch is refused as not stored, with the reason.
+    let refused = tokio::task::block_in_place(|| store.write_queue_batch(&[send(1)], limits));
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Replication {
+                wanted: 1,
+                confirmed: 0
+            })
+        ),
+        "{refused:?}"
+    );
+    // With a replica in sync, a send is stored. (The refused one is on the
+    // primary: its sender's retry is answered as a duplicate, i.e. stored.)
+    let port = primary.port().to_string();
+    let _replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]).unwrap();
+    let mut con = redis::Client::open(primary.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut con)
+                .unwrap();
+            if info.contains("state=online") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the replica is in sync within the wait");
+    let outcome = tokio::task::block_in_place(|| store.write_queue_batch(&[send(2)], limits))
+        .expect("the replica confirms");
+    assert_eq!(
+        outcome,
+        [QueueOutcome::Enqueue(
+            securechat_relay::store::EnqueueOutcome::Stored
+        )]
+    );
+}

@@ -108,7 +108,8 @@ impl RedisServer {
             if let Some(status) = child.try_wait()? {
                 bail!("redis-server on port {} exited: {status}", self.port);
             }
-            if ping(self.port) {
+            // Its own answer, not another server's that took the port first.
+            if answering_pid(self.port) == Some(child.id()) {
                 self.child = Some(child);
                 return Ok(());
             }
@@ -152,16 +153,26 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Whether a Redis answers PING on the port.
-fn ping(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
+/// The process id of the Redis answering on the port, once it has loaded
+/// its data (a loading Redis answers `-LOADING`).
+fn answering_pid(port: u16) -> Option<u32> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"PING\r\nINFO server\r\n").ok()?;
+    let mut reader = BufReader::new(s);
+    let mut pong = String::new();
+    reader.read_line(&mut pong).ok()?;
+    if pong != "+PONG\r\n" {
+        return None;
     }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    let mut header = String::new();
+    reader.read_line(&mut header).ok()?;
+    let len: usize = header.strip_prefix('$')?.trim().parse().ok()?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }

@@ -55,6 +55,18 @@ pub enum StoreError {
     /// Redis reported an error, or could not be reached.
     #[error("redis: {0}; check that the Redis given by --redis is running and reachable")]
     Redis(#[from] redis::RedisError),
+    /// Fewer Redis replicas than `--redis-replicas` confirmed a queue batch
+    /// in time: it is on the primary, but not counted as stored.
+    #[error(
+        "only {confirmed} of the {wanted} Redis replicas the relay waits for confirmed the \
+         write; check the replicas (INFO replication)"
+    )]
+    Replication {
+        /// Replicas waited for.
+        wanted: u32,
+        /// Replicas that confirmed.
+        confirmed: u32,
+    },
     /// A stored record could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),

@@ -52,7 +52,12 @@ const SWEEP_BATCH: usize = 1000;
 pub struct RedisStore {
     client: redis::Client,
     idle: Mutex<Vec<redis::Connection>>,
+    /// Replicas that must have each queue batch before it counts as stored.
+    replicas: u32,
 }
+
+/// How long a queue batch waits for its replicas (Redis `WAIT`).
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,10 +85,19 @@ impl RedisStore {
         let store = Self {
             client,
             idle: Mutex::new(Vec::new()),
+            replicas: 0,
         };
         let con = store.connect()?;
         store.put_back(con);
         Ok(store)
+    }
+
+    /// Count a queue batch as stored only once `n` replicas have it too
+    /// (Redis `WAIT n`, in the batch's round trip); a batch they do not
+    /// confirm within 2 s fails, and its senders retry.
+    pub fn with_replicas(mut self, n: u32) -> Self {
+        self.replicas = n;
+        self
     }
 
     /// A client for the same Redis (for the presence tasks).
@@ -571,7 +585,21 @@ impl Store for RedisStore {
             };
             pipe.cmd("EVALSHA").arg(script.get_hash()).arg(0).arg(args);
         }
-        let answers: Vec<i64> = self.with(|con| Ok(pipe.query(con)?))?;
+        if self.replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.replicas)
+                .arg(REPLICA_TIMEOUT.as_millis() as u64);
+        }
+        let mut answers: Vec<i64> = self.with(|con| Ok(pipe.query(con)?))?;
+        if self.replicas > 0 {
+            let confirmed = answers.pop().unwrap_or(0);
+            if confirmed < i64::from(self.replicas) {
+                return Err(StoreError::Replication {
+                    wanted: self.replicas,
+                    confirmed: u32::try_from(confirmed).unwrap_or(0),
+                });
+            }
+        }
         if answers.len() != ops.len() {
             return Err(StoreError::Corrupt(format!(
                 "{} answers to a batch of {}",
