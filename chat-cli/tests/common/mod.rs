@@ -197,6 +197,15 @@ impl Relay {
         }
     }
 
+    /// Kill without warning (SIGKILL): no connection is closed, nothing
+    /// is flushed.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            let _ = c.wait();
+        }
+    }
+
     /// Start again on the same address with the same data.
     pub fn restart(&mut self) {
         self.stop();

@@ -23,7 +23,7 @@
 mod lua;
 
 use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::Value;
 use securechat_common::protocol::DirectoryEntry;
@@ -44,6 +44,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept for reuse.
 const MAX_IDLE: usize = 32;
 
+/// A connection idle for longer is checked with a PING before use: Redis
+/// may have restarted meanwhile, and a request must not be the first to
+/// find the connection dead (it would fail for nothing).
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// Expired entries with a sender the sweep handles per round trip.
 const SWEEP_BATCH: usize = 1000;
 
@@ -51,7 +56,8 @@ const SWEEP_BATCH: usize = 1000;
 /// by one blocking call at a time.
 pub struct RedisStore {
     client: redis::Client,
-    idle: Mutex<Vec<redis::Connection>>,
+    /// Idle connections, with when each was last used.
+    idle: Mutex<Vec<(redis::Connection, Instant)>>,
     /// Replicas that must have each queue batch before it counts as stored.
     replicas: u32,
 }
@@ -153,7 +159,22 @@ impl RedisStore {
     fn put_back(&self, con: redis::Connection) {
         let mut idle = crate::lock(&self.idle);
         if idle.len() < MAX_IDLE {
-            idle.push(con);
+            idle.push((con, Instant::now()));
+        }
+    }
+
+    /// A pooled connection that works, or a new one.
+    fn take(&self) -> Result<redis::Connection, StoreError> {
+        loop {
+            let pooled = crate::lock(&self.idle).pop();
+            let Some((mut con, last_used)) = pooled else {
+                return self.connect();
+            };
+            if last_used.elapsed() < CHECK_AFTER_IDLE
+                || redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return Ok(con);
+            }
         }
     }
 
@@ -163,31 +184,46 @@ impl RedisStore {
         &self,
         f: impl FnOnce(&mut redis::Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = crate::lock(&self.idle).pop();
-        let mut con = match pooled {
-            Some(con) => con,
-            None => self.connect()?,
-        };
+        let mut con = self.take()?;
         let result = f(&mut con);
-        let broken = match &result {
-            Err(StoreError::Redis(e)) => {
-                e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
-            }
-            _ => false,
-        };
+        let broken = matches!(&result, Err(StoreError::Redis(e)) if is_broken(e));
         if !broken {
             self.put_back(con);
         }
         result
     }
 
-    /// Invoke one script with `args`.
+    /// Run `f` as [`Self::with`] does; if the connection turns out to be
+    /// broken (Redis restarted since it was last used), drop every pooled
+    /// connection and, when `f` is safe to run twice, run it once more on
+    /// a new one.
+    fn with_retry<T>(
+        &self,
+        retry: bool,
+        f: impl Fn(&mut redis::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self.with(&f) {
+            Err(StoreError::Redis(e)) if is_broken(&e) => {
+                crate::lock(&self.idle).clear();
+                if retry {
+                    self.with(&f)
+                } else {
+                    Err(StoreError::Redis(e))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Invoke one script with `args`. Scripts that only read, and the
+    /// enqueue (a second run is a duplicate), are retried on a broken
+    /// connection.
     fn call<T: redis::FromRedisValue>(
         &self,
         script: &redis::Script,
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        self.with(|con| {
+        self.with_retry(SCRIPTS.retry_safe(script), |con| {
             let mut invocation = script.prepare_invoke();
             for arg in args {
                 invocation.arg(*arg);
@@ -195,6 +231,11 @@ impl RedisStore {
             Ok(invocation.invoke(con)?)
         })
     }
+}
+
+/// Whether the error means the connection is no good any more.
+fn is_broken(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
 fn num_arg(n: u64) -> Vec<u8> {
@@ -590,7 +631,9 @@ impl Store for RedisStore {
                 .arg(self.replicas)
                 .arg(REPLICA_TIMEOUT.as_millis() as u64);
         }
-        let mut answers: Vec<i64> = self.with(|con| Ok(pipe.query(con)?))?;
+        // Safe to run twice: a stored message is then a duplicate, an acked
+        // one "not queued", which its client does not act on.
+        let mut answers: Vec<i64> = self.with_retry(true, |con| Ok(pipe.query(con)?))?;
         if self.replicas > 0 {
             let confirmed = answers.pop().unwrap_or(0);
             if confirmed < i64::from(self.replicas) {

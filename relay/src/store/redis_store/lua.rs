@@ -139,6 +139,28 @@ impl Scripts {
         ]
     }
 
+    /// Whether running `script` twice does no harm: it only reads, or it
+    /// is the enqueue (a second run finds the id and stores nothing).
+    pub(super) fn retry_safe(&self, script: &redis::Script) -> bool {
+        [
+            &self.login_lookup,
+            &self.resume_lookup,
+            &self.live_session_unread,
+            &self.account,
+            &self.directory,
+            &self.pending,
+            &self.last_totp_step,
+            &self.session,
+            &self.enqueue,
+            &self.entries_after,
+            &self.queue_len,
+            &self.sweep_scan,
+            &self.counts,
+        ]
+        .iter()
+        .any(|s| s.get_hash() == script.get_hash())
+    }
+
     pub(super) fn new() -> Self {
         Self {
             // ARGV: name → {account or '', step or ''}
