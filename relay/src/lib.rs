@@ -12,7 +12,8 @@
 //!    ALPN         │       │  ▲  ▲                ├─► password pool (argon2)│
 //!    securechat/1)│       │  │  └ logins (per    ├─► mail (SMTP / outbox)  │
 //!                 │       │  │    session token) └─► store ─► relay.redb   │
-//!                 │       │  └── push task ◄─ hub (who is online)          │
+//!                 │       │  │                 (or Redis, with --redis)   │
+//!                 │       │  └── push task ◄─ hub (who is online) ◄─ cluster│
 //!                 │       └─ rate limits, login deadline, session expiry   │
 //!                 │  status listener (HTTP): page, status.json, /metrics,  │
 //!                 │    /healthz ─► counts only                             │
@@ -34,8 +35,12 @@
 //! * `handlers` — one function per request kind.
 //! * [`accounts`] — password hashes, TOTP, emailed codes, session tokens.
 //! * [`password_pool`] — the threads that run argon2, with a bounded queue.
-//! * [`store`] — the [`store::Store`] trait, its redb backend, and the
-//!   [`store::QueueWriter`] that group-commits sends and acks.
+//! * [`store`] — the [`store::Store`] trait, its redb and Redis backends,
+//!   and the [`store::QueueWriter`] that group-commits sends and acks.
+//! * `cluster` — with several relays on one Redis (`--redis`): who is
+//!   online on which relay, and the wake-ups and presence news between them.
+//! * `shared_limits` — the rate limits counted in Redis, so they hold
+//!   across relays.
 //! * [`mail`] — verification mail over SMTP or into an outbox folder.
 //! * [`hub`] — online users; the newest connection of a user wins; presence
 //!   changes for the connections watching each user.

@@ -213,6 +213,39 @@ enum Command {
     },
     /// Print the manual page (roff; `relay man | man -l -`).
     Man,
+    /// Move a relay's whole state from its redb database into Redis.
+    ///
+    /// Copies accounts and the key directory, pending registrations,
+    /// activations, sessions, used TOTP codes and every queued message (with
+    /// its position, arrival time, sender, the per-sender shares and the
+    /// dedupe index) from DIR/relay.redb into the Redis at URL, in batches,
+    /// printing progress and a summary. Then it checks the copy: the totals
+    /// and every queue (a sample of 10000 queues past that) must read the same
+    /// from both; it fails if not. relay.redb is left as it was.
+    ///
+    /// Stop the relay first: its database is locked while it runs. The Redis
+    /// must hold no securechat data yet (keys sc:*) unless --force; nothing
+    /// in Redis is deleted. It should run with `appendonly yes` and
+    /// `appendfsync always` (a warning says if not; the relays refuse it).
+    ///
+    /// Afterwards start the relay, or several relays, with `--redis URL`
+    /// and the same --data-dir (its tls/ holds the certificate clients pin,
+    /// outbox/ the mail). Keep relay.redb until they run well on Redis.
+    Migrate {
+        /// The relay's data directory (holding relay.redb), or the .redb
+        /// file itself.
+        #[arg(long, value_name = "DIR")]
+        from_redb: PathBuf,
+        /// The Redis to fill: redis://HOST:PORT (redis://:PASSWORD@HOST:PORT
+        /// with a password), as the relays will get it with --redis.
+        #[arg(long, value_name = "URL")]
+        to_redis: String,
+        /// Write into a Redis that holds securechat data already, to repeat
+        /// a migration that stopped half-way: keys of the same names are
+        /// written again, none deleted.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// The TOML config file; every field is optional.
@@ -496,6 +529,69 @@ fn build_config(cli: &Cli, file: FileConfig) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// The database file of `relay migrate --from-redb`: DIR/relay.redb, or
+/// the file itself.
+fn redb_file(given: &Path) -> anyhow::Result<PathBuf> {
+    let path = if given.is_dir() {
+        given.join("relay.redb")
+    } else {
+        given.to_path_buf()
+    };
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "no relay database at {}: give --from-redb the relay's data directory (its \
+             --data-dir, which holds relay.redb) or the .redb file",
+            path.display()
+        )
+    })?;
+    // redb would make an empty file into a new, empty database.
+    if meta.len() == 0 {
+        bail!(
+            "{} is empty, not a relay database: check --from-redb",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `relay migrate`: the work is done by
+/// [`securechat_relay::store::migrate::migrate_redb_to_redis`].
+async fn migrate(from: &Path, url: String, force: bool) -> anyhow::Result<()> {
+    use securechat_relay::store::migrate::{migrate_redb_to_redis, Progress};
+    use securechat_relay::store::{RedbStore, RedisStore, StoreError};
+    let path = redb_file(from)?;
+    let masked = securechat_relay::config::mask_password(&url);
+    tokio::task::spawn_blocking(move || {
+        let source = RedbStore::open(&path).map_err(|e| match e {
+            StoreError::Db(db) if matches!(*db, redb::Error::DatabaseAlreadyOpen) => {
+                anyhow::anyhow!(
+                    "{} is in use by another process (a running relay?): stop the relay \
+                     first, then migrate",
+                    path.display()
+                )
+            }
+            other => anyhow::Error::new(other).context(format!("opening {}", path.display())),
+        })?;
+        let target =
+            RedisStore::open(&url).with_context(|| format!("connecting to Redis at {masked}"))?;
+        println!("relay migrate: {} → {masked}", path.display());
+        let summary = migrate_redb_to_redis(&source, &target, force, |p| match p {
+            Progress::Step(line) => println!("  {line}"),
+            Progress::Warning(line) => eprintln!("warning: {line}"),
+            _ => {}
+        })
+        .with_context(|| format!("migrating {} to {masked}", path.display()))?;
+        println!("relay migrate: done");
+        for line in summary.to_string().lines() {
+            println!("  {line}");
+        }
+        println!("next: start the relays with --redis {masked} (and the same --data-dir)");
+        Ok::<(), anyhow::Error>(())
+    })
+    .await
+    .context("the migration stopped unexpectedly")?
+}
+
 /// Resolves on SIGINT or SIGTERM. The handlers are installed before this
 /// returns, so a signal sent as soon as the start-up lines are out (before
 /// the relay first polls the future) still stops the relay cleanly.
@@ -530,6 +626,11 @@ async fn main() -> anyhow::Result<()> {
             clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
             return Ok(());
         }
+        Some(Command::Migrate {
+            from_redb,
+            to_redis,
+            force,
+        }) => return migrate(&from_redb, to_redis, force).await,
         _ => {}
     }
     let file = match &cli.config {

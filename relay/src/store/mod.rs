@@ -9,6 +9,9 @@
 //! I/O, so callers run it on tokio's blocking pool (see [`blocking`]). Every
 //! method that changes state has committed durably when it returns `Ok`.
 //!
+//! `relay migrate` moves a relay's state from the redb file into Redis
+//! ([`migrate`]).
+//!
 //! Sends and acks go through the [`QueueWriter`] ([`writer`]), which groups
 //! the requests that arrive while a commit is in progress into one
 //! [`Store::write_queue_batch`] call: one transaction, one fsync.
@@ -28,6 +31,7 @@
 //!   message or a notice that a message its owner sent expired
 //!   ([`queue_item`]).
 
+pub mod migrate;
 pub mod queue_item;
 mod redb_store;
 mod redis_store;

@@ -79,6 +79,153 @@ impl RedbStore {
     }
 }
 
+/// One stored record, as [`RedbStore::export`] hands it out: the raw
+/// values of the tables, undecoded (for `relay migrate`).
+pub(super) enum Exported<'a> {
+    /// username → postcard [`Account`].
+    Account { username: &'a str, record: &'a [u8] },
+    /// username → postcard [`PendingRegistration`].
+    Pending { username: &'a str, record: &'a [u8] },
+    /// username → postcard [`Activation`].
+    Activation { username: &'a str, record: &'a [u8] },
+    /// SHA-256(token) → postcard [`Session`].
+    Session {
+        token_hash: &'a [u8],
+        record: &'a [u8],
+    },
+    /// username → last accepted TOTP step.
+    TotpStep { username: &'a str, step: u64 },
+    /// One queue entry: postcard [`QueueItem`] stored at `stored`.
+    QueueEntry {
+        owner: &'a str,
+        seq: u64,
+        stored: u64,
+        item: &'a [u8],
+    },
+    /// A dedupe entry; `seq` 0 means delivered.
+    Dedupe {
+        recipient: &'a str,
+        id: &'a [u8],
+        seq: u64,
+        stored: u64,
+    },
+    /// What waits in one queue.
+    Totals {
+        owner: &'a str,
+        messages: u64,
+        bytes: u64,
+    },
+    /// Who sent the message at (recipient, seq).
+    Sender {
+        recipient: &'a str,
+        seq: u64,
+        sender: &'a str,
+    },
+    /// What one sender has waiting in one queue.
+    SenderTotals {
+        recipient: &'a str,
+        sender: &'a str,
+        messages: u64,
+        bytes: u64,
+    },
+}
+
+impl RedbStore {
+    /// Hand every record of every table to `visit`, table by table, from
+    /// one read transaction (one consistent snapshot). The `next_seq`
+    /// counter is left out: queue positions are in the entries.
+    pub(super) fn export(
+        &self,
+        mut visit: impl FnMut(Exported<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_read()?;
+        for entry in tx.open_table(ACCOUNTS)?.iter()? {
+            let (k, v) = entry?;
+            visit(Exported::Account {
+                username: k.value(),
+                record: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(PENDING)?.iter()? {
+            let (k, v) = entry?;
+            visit(Exported::Pending {
+                username: k.value(),
+                record: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(ACTIVATIONS)?.iter()? {
+            let (k, v) = entry?;
+            visit(Exported::Activation {
+                username: k.value(),
+                record: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(SESSIONS)?.iter()? {
+            let (k, v) = entry?;
+            visit(Exported::Session {
+                token_hash: k.value(),
+                record: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(TOTP_STEPS)?.iter()? {
+            let (k, v) = entry?;
+            visit(Exported::TotpStep {
+                username: k.value(),
+                step: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(QUEUE)?.iter()? {
+            let (k, v) = entry?;
+            let ((owner, seq), (stored, item)) = (k.value(), v.value());
+            visit(Exported::QueueEntry {
+                owner,
+                seq,
+                stored,
+                item,
+            })?;
+        }
+        for entry in tx.open_table(DEDUPE)?.iter()? {
+            let (k, v) = entry?;
+            let ((recipient, id), (seq, stored)) = (k.value(), v.value());
+            visit(Exported::Dedupe {
+                recipient,
+                id,
+                seq,
+                stored,
+            })?;
+        }
+        for entry in tx.open_table(TOTALS)?.iter()? {
+            let (k, v) = entry?;
+            let (messages, bytes) = v.value();
+            visit(Exported::Totals {
+                owner: k.value(),
+                messages,
+                bytes,
+            })?;
+        }
+        for entry in tx.open_table(QUEUE_SENDERS)?.iter()? {
+            let (k, v) = entry?;
+            let (recipient, seq) = k.value();
+            visit(Exported::Sender {
+                recipient,
+                seq,
+                sender: v.value(),
+            })?;
+        }
+        for entry in tx.open_table(SENDER_TOTALS)?.iter()? {
+            let (k, v) = entry?;
+            let ((recipient, sender), (messages, bytes)) = (k.value(), v.value());
+            visit(Exported::SenderTotals {
+                recipient,
+                sender,
+                messages,
+                bytes,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// Create `path` if missing (mode 0600 from the start, so it is never
 /// readable by others, even briefly) and set mode 0600 on it either way.
 /// redb initialises an empty file as a new database.
