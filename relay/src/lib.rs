@@ -12,8 +12,8 @@
 //!    ALPN         │       │  ▲  ▲                ├─► password pool (argon2)│
 //!    securechat/1)│       │  │  └ logins (per    ├─► mail (SMTP / outbox)  │
 //!                 │       │  │    session token) └─► store ─► relay.redb   │
-//!                 │       │  │                 (or Redis, with --redis)   │
-//!                 │       │  └── push task ◄─ hub (who is online) ◄─ cluster│
+//!                 │       │  │                 (or Redis, with --redis)    │
+//!                 │       │  └── push task ◄─ hub ◄─ cluster (Redis)       │
 //!                 │       └─ rate limits, login deadline, session expiry   │
 //!                 │  status listener (HTTP): page, status.json, /metrics,  │
 //!                 │    /healthz ─► counts only                             │
