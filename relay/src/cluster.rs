@@ -33,13 +33,16 @@ const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// Wait before reconnecting after Redis went away.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// ARGV: user, holder → the login's number. Logins are numbered in the
+/// order Redis runs them, so every relay agrees which one is the latest.
 const LOGIN: &str = r#"
+local seq = redis.call('INCR', 'sc:online_seq')
 local prev = redis.call('HGET', 'sc:online', ARGV[1])
 redis.call('HSET', 'sc:online', ARGV[1], ARGV[2])
 local was = '0'
 if prev then was = '1' end
-redis.call('PUBLISH', 'sc:presence', 'J ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. was)
-return 1
+redis.call('PUBLISH', 'sc:presence', 'J ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. was .. ' ' .. seq)
+return seq
 "#;
 
 const LOGOUT: &str = r#"
@@ -120,7 +123,13 @@ impl Cluster {
             id: id.clone(),
             events,
         });
-        tokio::spawn(bus(client.clone(), id.clone(), rx, stop.clone()));
+        tokio::spawn(bus(
+            client.clone(),
+            id.clone(),
+            Arc::clone(&hub),
+            rx,
+            stop.clone(),
+        ));
         tokio::spawn(subscriber(client, id, hub, stop));
         cluster
     }
@@ -164,6 +173,7 @@ fn now_ms() -> u64 {
 async fn bus(
     client: redis::Client,
     id: String,
+    hub: Arc<Hub>,
     mut rx: mpsc::UnboundedReceiver<Event>,
     stop: CancellationToken,
 ) {
@@ -226,8 +236,14 @@ async fn bus(
             };
             match result {
                 Ok(n) => {
-                    if event.is_none() && n > 0 {
-                        tracing::info!(users = n, "a relay went silent; its users are offline");
+                    match &event {
+                        None if n > 0 => {
+                            tracing::info!(users = n, "a relay went silent; its users are offline");
+                        }
+                        Some(Event::Login { user, conn_id }) => {
+                            hub.login_recorded(user, *conn_id, n.unsigned_abs());
+                        }
+                        _ => {}
                     }
                     break;
                 }
@@ -295,12 +311,14 @@ async fn listen(
             "sc:wake" => hub.notify(&payload),
             "sc:presence" => {
                 let mut parts = payload.split(' ');
-                match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                    (Some("J"), Some(user), Some(holder), Some(was)) => {
+                let fields: Vec<&str> = parts.by_ref().take(5).collect();
+                match fields.as_slice() {
+                    ["J", user, holder, was, seq] => {
                         let mine = holder.split(':').next() == Some(id);
-                        hub.remote_join(user, mine, was == "1");
+                        let seq = seq.parse().unwrap_or(u64::MAX);
+                        hub.remote_join(user, mine, *was == "1", seq);
                     }
-                    (Some("L"), Some(user), Some(_), None) => hub.remote_leave(user),
+                    ["L", user, _] => hub.remote_leave(user),
                     _ => tracing::warn!("an unreadable presence message on Redis; ignored"),
                 }
             }

@@ -47,6 +47,12 @@ struct Entry {
     presence: mpsc::Sender<Presence>,
     /// The users this connection watches.
     watching: Vec<String>,
+    /// With several relays: the place of this login in Redis's order of
+    /// logins, once the `cluster` task has recorded it.
+    login_seq: Option<u64>,
+    /// The latest login of the same user on another relay heard of before
+    /// `login_seq` was known: whichever is later wins.
+    remote_seq: Option<u64>,
 }
 
 /// A user came online or went offline.
@@ -117,6 +123,8 @@ impl Hub {
                 notify: Arc::clone(&notify),
                 presence: tx,
                 watching: Vec::new(),
+                login_seq: None,
+                remote_seq: None,
             },
         );
         match &old {
@@ -154,17 +162,25 @@ impl Hub {
         true
     }
 
-    /// Another relay (or this one, `here`) made `username` live there. A
-    /// connection of the user here that is not the new live one is closed
-    /// as superseded. Watchers hear of it unless the user `was_online`.
-    pub fn remote_join(&self, username: &str, here: bool, was_online: bool) {
+    /// Another relay (or this one, `here`) made `username` live there,
+    /// as Redis's login number `seq`. A connection of the user here whose
+    /// login came before it is closed as superseded (one whose login Redis
+    /// has not numbered yet is compared when it is: see
+    /// [`Hub::login_recorded`]). Watchers hear of it unless the user
+    /// `was_online`.
+    pub fn remote_join(&self, username: &str, here: bool, was_online: bool, seq: u64) {
         let mut inner = self.lock();
         inner.global.insert(username.to_string());
-        let old = if here {
-            None
-        } else {
-            inner.users.remove(username)
-        };
+        let mut old = None;
+        if !here {
+            if let Some(entry) = inner.users.get_mut(username) {
+                match entry.login_seq {
+                    Some(mine) if mine < seq => old = inner.users.remove(username),
+                    Some(_) => {}
+                    None => entry.remote_seq = entry.remote_seq.max(Some(seq)),
+                }
+            }
+        }
         if let Some(old) = &old {
             inner.unwatch(username, &old.watching);
         }
@@ -176,6 +192,30 @@ impl Hub {
             tracing::info!(%username, old = old.conn_id, "a login on another relay supersedes this one");
             old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
         }
+    }
+
+    /// Redis numbered the login of `username` on this relay's connection
+    /// `conn_id` as `seq`. If a later login of the user on another relay
+    /// was heard of meanwhile, this connection is superseded now.
+    pub fn login_recorded(&self, username: &str, conn_id: u64, seq: u64) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.users.get_mut(username) else {
+            return;
+        };
+        if entry.conn_id != conn_id {
+            return;
+        }
+        entry.login_seq = Some(seq);
+        if entry.remote_seq.is_none_or(|remote| remote <= seq) {
+            return;
+        }
+        let Some(old) = inner.users.remove(username) else {
+            return;
+        };
+        inner.unwatch(username, &old.watching);
+        drop(inner);
+        tracing::info!(%username, old = old.conn_id, "a later login on another relay supersedes this one");
+        old.conn.close(SUPERSEDED_CODE.into(), SUPERSEDED_REASON);
     }
 
     /// `username` went offline on the relay that had the live connection.

@@ -17,19 +17,29 @@ use tokio::sync::Mutex;
 
 use crate::ratelimit::{Limit, LoginLimits, Refusal, Source};
 
-/// ARGV: key, max, window ms, now ms, member → -1 taken, else ms to wait.
+/// ARGV: key, max, window ms, now ms → -1 taken, else ms to wait.
+///
+/// A sliding window estimated from two fixed windows' counters (this one's
+/// count plus the last one's, weighted by how much of it still overlaps):
+/// two small keys per sender or source whatever the limit, where a log of
+/// every event would keep up to `max` entries for each.
 const ACQUIRE: &str = r#"
 local key, max, window, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-if redis.call('ZCARD', key) >= max then
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  local wait = window
-  if first[2] then wait = tonumber(first[2]) + window - now end
-  if wait < 0 then wait = 0 end
-  return wait
+local idx = math.floor(now / window)
+local elapsed = now - idx * window
+local cur_key = key .. ':' .. idx
+local prev = tonumber(redis.call('GET', key .. ':' .. (idx - 1)) or '0')
+local cur = tonumber(redis.call('GET', cur_key) or '0')
+if prev * (window - elapsed) / window + cur + 1 > max then
+  local wait = window - elapsed
+  if prev > 0 then
+    local enough = window * (1 - (max - cur - 1) / prev)
+    if enough > elapsed and enough < window then wait = enough - elapsed end
+  end
+  return math.ceil(wait)
 end
-redis.call('ZADD', key, now, ARGV[5])
-redis.call('PEXPIRE', key, window)
+redis.call('INCR', cur_key)
+redis.call('PEXPIRE', cur_key, window * 2)
 return -1
 "#;
 
@@ -143,7 +153,6 @@ impl SharedLimits {
                 .arg(limit.max)
                 .arg(ms(limit.window))
                 .arg(now_ms)
-                .arg(member(now_ms))
                 .invoke_async(&mut con)
                 .await
         }
