@@ -68,8 +68,10 @@ cpu_secs() { # user+system CPU seconds of a process so far
   awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat"
 }
 
+# The first relay's memory is reported (idle sessions): with two relays it
+# holds half of them.
 "$BIN/securechat-bench" "${ARGS[@]}" --relay-fingerprint "$FP" \
-  --relay-outbox "$WORK/relay/outbox" "$@"
+  --relay-outbox "$WORK/relay/outbox" --relay-pid "${PIDS[1]}" "$@"
 
 # Where the CPU went (to stderr, so --json output stays one object).
 {

@@ -606,26 +606,43 @@ impl Store for RedisStore {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let share = limits.sender_quota();
+        let mut batch = redis::cmd("EVALSHA");
+        batch
+            .arg(SCRIPTS.batch.get_hash())
+            .arg(0)
+            .arg(limits.quota.messages)
+            .arg(limits.quota.bytes)
+            .arg(share.messages)
+            .arg(share.bytes);
         for op in ops {
-            let (script, args) = match op {
+            match op {
                 QueueOp::Enqueue {
                     recipient,
                     sender,
                     id,
                     envelope,
                     now,
-                } => (
-                    &SCRIPTS.enqueue,
-                    enqueue_args(recipient, Some(sender), id, envelope, *now, limits)?,
-                ),
-                QueueOp::Ack { recipient, id, now } => (
-                    &SCRIPTS.ack,
-                    vec![recipient.as_bytes().to_vec(), id.0.to_vec(), num_arg(*now)],
-                ),
-            };
-            pipe.cmd("EVALSHA").arg(script.get_hash()).arg(0).arg(args);
+                } => {
+                    batch
+                        .arg("E")
+                        .arg(recipient.as_str())
+                        .arg(sender.as_str())
+                        .arg(id.0.as_slice())
+                        .arg(QueueItem::encode_envelope(envelope)?)
+                        .arg(*now);
+                }
+                QueueOp::Ack { recipient, id, now } => {
+                    batch
+                        .arg("A")
+                        .arg(recipient.as_str())
+                        .arg(id.0.as_slice())
+                        .arg(*now);
+                }
+            }
         }
+        let mut pipe = redis::pipe();
+        pipe.add_command(batch);
         if self.replicas > 0 {
             pipe.cmd("WAIT")
                 .arg(self.replicas)
@@ -633,9 +650,19 @@ impl Store for RedisStore {
         }
         // Safe to run twice: a stored message is then a duplicate, an acked
         // one "not queued", which its client does not act on.
-        let mut answers: Vec<i64> = self.with_retry(true, |con| Ok(pipe.query(con)?))?;
+        let answers: Vec<Value> = self.with_retry(true, |con| Ok(pipe.query(con)?))?;
+        let mut answers = answers.into_iter();
+        let outcomes: Vec<i64> = match answers.next() {
+            Some(v) => redis::from_redis_value(v)
+                .map_err(|e| StoreError::Corrupt(format!("a batch's answer: {e}")))?,
+            None => Vec::new(),
+        };
         if self.replicas > 0 {
-            let confirmed = answers.pop().unwrap_or(0);
+            let confirmed: i64 = match answers.next() {
+                Some(v) => redis::from_redis_value(v)
+                    .map_err(|e| StoreError::Corrupt(format!("WAIT's answer: {e}")))?,
+                None => 0,
+            };
             if confirmed < i64::from(self.replicas) {
                 return Err(StoreError::Replication {
                     wanted: self.replicas,
@@ -643,6 +670,7 @@ impl Store for RedisStore {
                 });
             }
         }
+        let answers = outcomes;
         if answers.len() != ops.len() {
             return Err(StoreError::Corrupt(format!(
                 "{} answers to a batch of {}",

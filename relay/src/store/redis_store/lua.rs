@@ -44,6 +44,32 @@ local function append(o, id, item, now)
   return seq
 end
 
+-- a: recipient, sender ('' for none), id, item, now, quota messages, quota
+-- bytes, share messages, share bytes, '1' to require an account → 0 stored,
+-- 1 duplicate, 2 quota, 3 share, 4 unknown recipient. A stored message
+-- wakes the recipient's push task on whichever relay holds the connection.
+local function enqueue(a)
+  local r, s, id, item, now = a[1], a[2], a[3], a[4], tonumber(a[5])
+  if a[10] == '1' and redis.call('EXISTS', k(r, 'acct')) == 0 then return 4 end
+  if redis.call('HEXISTS', k(r, 'dd'), id) == 1 then return 1 end
+  local size = #item
+  local t = redis.call('HMGET', k(r, 'tot'), 'm', 'b')
+  if num(t[1]) + 1 > tonumber(a[6]) or num(t[2]) + size > tonumber(a[7]) then return 2 end
+  if s ~= '' then
+    local sm = num(redis.call('HGET', k(r, 'shm'), s))
+    local sb = num(redis.call('HGET', k(r, 'shb'), s))
+    if sm + 1 > tonumber(a[8]) or sb + size > tonumber(a[9]) then return 3 end
+  end
+  local seq = append(r, id, item, now)
+  if s ~= '' then
+    redis.call('HSET', k(r, 'snd'), seq, s)
+    redis.call('HINCRBY', k(r, 'shm'), s, 1)
+    redis.call('HINCRBY', k(r, 'shb'), s, size)
+  end
+  redis.call('PUBLISH', 'sc:wake', r)
+  return 0
+end
+
 -- Remove the entry at seq from o's queue with its counts; returns whether
 -- it was there.
 local function remove_entry(o, seq)
@@ -71,6 +97,17 @@ local function remove_entry(o, seq)
     end
   end
   return true
+end
+
+-- Delete an acknowledged entry of r → 1 removed, 0 not queued.
+local function ack(r, id, now)
+  local seq = redis.call('HGET', k(r, 'dd'), id)
+  if not seq or seq == '0' then return 0 end
+  remove_entry(r, seq)
+  -- Keep the id (as delivered) so a late resend is still a duplicate.
+  redis.call('HSET', k(r, 'dd'), id, '0')
+  redis.call('ZADD', k(r, 'ddt'), now, id)
+  return 1
 end
 "#;
 
@@ -101,6 +138,7 @@ pub(super) struct Scripts {
     pub remove_session: redis::Script,
     pub enqueue: redis::Script,
     pub ack: redis::Script,
+    pub batch: redis::Script,
     pub entries_after: redis::Script,
     pub queue_len: redis::Script,
     pub sweep_scan: redis::Script,
@@ -109,7 +147,7 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn all(&self) -> [&redis::Script; 25] {
+    pub(super) fn all(&self) -> [&redis::Script; 26] {
         [
             &self.login_lookup,
             &self.complete_login,
@@ -131,6 +169,7 @@ impl Scripts {
             &self.remove_session,
             &self.enqueue,
             &self.ack,
+            &self.batch,
             &self.entries_after,
             &self.queue_len,
             &self.sweep_scan,
@@ -354,40 +393,29 @@ return 1
             // require an account → 0 stored, 1 duplicate, 2 quota, 3 share,
             // 4 unknown recipient. A stored message wakes the recipient's
             // push task on whichever relay holds the connection.
-            enqueue: script(
-                r#"
-local r, s, id, item, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-if ARGV[10] == '1' and redis.call('EXISTS', k(r, 'acct')) == 0 then return 4 end
-if redis.call('HEXISTS', k(r, 'dd'), id) == 1 then return 1 end
-local size = #item
-local t = redis.call('HMGET', k(r, 'tot'), 'm', 'b')
-if num(t[1]) + 1 > tonumber(ARGV[6]) or num(t[2]) + size > tonumber(ARGV[7]) then return 2 end
-if s ~= '' then
-  local sm = num(redis.call('HGET', k(r, 'shm'), s))
-  local sb = num(redis.call('HGET', k(r, 'shb'), s))
-  if sm + 1 > tonumber(ARGV[8]) or sb + size > tonumber(ARGV[9]) then return 3 end
-end
-local seq = append(r, id, item, now)
-if s ~= '' then
-  redis.call('HSET', k(r, 'snd'), seq, s)
-  redis.call('HINCRBY', k(r, 'shm'), s, 1)
-  redis.call('HINCRBY', k(r, 'shb'), s, size)
-end
-redis.call('PUBLISH', 'sc:wake', r)
-return 0
-"#,
-            ),
+            enqueue: script("return enqueue(ARGV)"),
             // ARGV: recipient, id, now → 1 removed, 0 not queued
-            ack: script(
+            ack: script("return ack(ARGV[1], ARGV[2], ARGV[3])"),
+            // ARGV: limits (quota messages, quota bytes, share messages,
+            // share bytes), then per op 'E' recipient sender id item now, or
+            // 'A' recipient id now → one code per op, as enqueue and ack
+            // answer. One script for the whole batch: atomic, and one
+            // script call instead of one per op.
+            batch: script(
                 r#"
-local r, id = ARGV[1], ARGV[2]
-local seq = redis.call('HGET', k(r, 'dd'), id)
-if not seq or seq == '0' then return 0 end
-remove_entry(r, seq)
--- Keep the id (as delivered) so a late resend is still a duplicate.
-redis.call('HSET', k(r, 'dd'), id, '0')
-redis.call('ZADD', k(r, 'ddt'), ARGV[3], id)
-return 1
+local out = {}
+local i = 5
+while i <= #ARGV do
+  if ARGV[i] == 'E' then
+    out[#out + 1] = enqueue({ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
+      ARGV[1], ARGV[2], ARGV[3], ARGV[4], '1'})
+    i = i + 6
+  else
+    out[#out + 1] = ack(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  end
+end
+return out
 "#,
             ),
             // ARGV: owner, after, limit → {seq, stored, item, ...}
