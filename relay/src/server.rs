@@ -204,9 +204,9 @@ impl Relay {
             sender_share_percent: config.sender_share_percent,
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), limits);
-        let shared_limits = cluster
-            .as_ref()
-            .map(|(client, _)| crate::shared_limits::SharedLimits::new(client.clone()));
+        let shared_limits = cluster.as_ref().map(|(client, _)| {
+            crate::shared_limits::SharedLimits::start(client.clone(), cluster_stop.clone())
+        });
         let (hub, cluster) = match cluster {
             Some((client, masked)) => {
                 let hub = Arc::new(Hub::clustered());

@@ -54,6 +54,6 @@ pub(crate) struct Shared {
     /// `Send` requests per sender.
     pub(crate) send_limiter: RateLimiter<String>,
     /// With several relays on one Redis: the same limits counted across them.
-    pub(crate) shared_limits: Option<SharedLimits>,
+    pub(crate) shared_limits: Option<Arc<SharedLimits>>,
     pub(crate) next_conn_id: AtomicU64,
 }

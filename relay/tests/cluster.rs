@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// Two relays on one Redis, with a mail server each.
 struct Pair {
-    _redis: RedisServer,
+    redis: RedisServer,
     a: TestRelay,
     b: TestRelay,
     smtp_a: SmtpServer,
@@ -59,7 +59,7 @@ impl Pair {
         let b = relay_on(&redis, &dirs[1], &smtp_b, &tune).await;
         drop(smtp_b);
         Pair {
-            _redis: redis,
+            redis,
             a,
             b,
             smtp_a,
@@ -282,6 +282,30 @@ async fn a_send_limit_counts_the_sends_through_every_relay() {
         envelope: alice.seal_to("bob", bob.key.public_key(), b"hi").unwrap(),
     };
     assert!(matches!(a.call(&hi()).await, Ok(Response::Stored { .. })));
+    // Relay A adds its count to Redis within a moment.
+    let mut con = redis::Client::open(pair.redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("sc:rl:send:alice:*")
+                .query(&mut con)
+                .unwrap();
+            let mut counted = 0u64;
+            for key in keys {
+                let n: Option<u64> = redis::cmd("GET").arg(key).query(&mut con).unwrap();
+                counted += n.unwrap_or(0);
+            }
+            if counted >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("relay A's count reaches Redis");
     let b = pair.b.connect().await.unwrap();
     b.resume("alice", &token, &alice.key).await.unwrap();
     assert!(matches!(b.call(&hi()).await, Ok(Response::Stored { .. })));
