@@ -306,11 +306,6 @@ fn take_challenge(
     Ok((nonce, binding))
 }
 
-/// Count a password attempt by this connection's source against the
-/// account before the password is checked (so concurrent guesses cannot
-/// slip past the limit); the caller takes it back on success with
-/// [`GuessLimiter::succeeded`], so in effect only failures accumulate.
-/// `username` must be valid: only account names become limiter keys.
 /// Which password checks a guess is counted for.
 #[derive(Clone, Copy)]
 enum Guesses {
@@ -345,6 +340,12 @@ async fn guess_succeeded(kind: Guesses, shared: &Shared, state: &ConnState, user
     }
 }
 
+/// Count a password attempt by this connection's source against the
+/// account before the password is checked (so concurrent guesses cannot
+/// slip past the limit); the caller takes it back on success with
+/// [`guess_succeeded`], so in effect only failures accumulate. With
+/// several relays the attempt is also counted in Redis.
+/// `username` must be valid: only account names become limiter keys.
 async fn limit_guesses(
     kind: Guesses,
     shared: &Shared,

@@ -44,6 +44,15 @@ local function append(o, id, item, now)
   return seq
 end
 
+-- Store a pending registration of u from a: name, record, code hash,
+-- expiry, attempts.
+local function put_pending(u, a)
+  redis.call('DEL', k(u, 'pend'))
+  redis.call('HSET', k(u, 'pend'), 'r', a[2], 'c', a[3], 'e', a[4], 'a', a[5])
+  redis.call('ZADD', 'sc:pending', a[4], u)
+  return 1
+end
+
 -- a: recipient, sender ('' for none), id, item, now, quota messages, quota
 -- bytes, share messages, share bytes, '1' to require an account → 0 stored,
 -- 1 duplicate, 2 quota, 3 share, 4 unknown recipient. A stored message
@@ -260,10 +269,7 @@ local u = ARGV[1]
 if redis.call('EXISTS', k(u, 'acct')) == 1 then return 0 end
 local e = redis.call('HGET', k(u, 'pend'), 'e')
 if e and tonumber(e) > tonumber(ARGV[6]) then return 0 end
-redis.call('DEL', k(u, 'pend'))
-redis.call('HSET', k(u, 'pend'), 'r', ARGV[2], 'c', ARGV[3], 'e', ARGV[4], 'a', ARGV[5])
-redis.call('ZADD', 'sc:pending', ARGV[4], u)
-return 1
+return put_pending(u, ARGV)
 "#,
             ),
             // ARGV: name, record, code hash, expiry, attempts, replaced code hash, now
@@ -273,10 +279,7 @@ local u = ARGV[1]
 if redis.call('EXISTS', k(u, 'acct')) == 1 then return 0 end
 local p = redis.call('HMGET', k(u, 'pend'), 'c', 'e')
 if not p[1] or tonumber(p[2]) <= tonumber(ARGV[7]) or p[1] ~= ARGV[6] then return 0 end
-redis.call('DEL', k(u, 'pend'))
-redis.call('HSET', k(u, 'pend'), 'r', ARGV[2], 'c', ARGV[3], 'e', ARGV[4], 'a', ARGV[5])
-redis.call('ZADD', 'sc:pending', ARGV[4], u)
-return 1
+return put_pending(u, ARGV)
 "#,
             ),
             // ARGV: name → {} or {record, attempts}
