@@ -310,8 +310,7 @@ async fn listen(
         match msg.get_channel_name() {
             "sc:wake" => hub.notify(&payload),
             "sc:presence" => {
-                let mut parts = payload.split(' ');
-                let fields: Vec<&str> = parts.by_ref().take(5).collect();
+                let fields: Vec<&str> = payload.split(' ').take(5).collect();
                 match fields.as_slice() {
                     ["J", user, holder, was, seq] => {
                         let mine = holder.split(':').next() == Some(id);
