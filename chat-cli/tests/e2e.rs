@@ -39,15 +39,9 @@ fn demo_story_with_offline_delivery_and_file_modes() {
     );
 
     // Online list, fingerprints and human output.
-    let online = w.alice.json(&["online"]);
-    let users: Vec<&str> = online["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|u| u.as_str())
-        .collect();
+    let users = w.alice.online_users();
     assert!(
-        users.contains(&"alice") && users.contains(&"bob"),
+        users.iter().any(|u| u == "alice") && users.iter().any(|u| u == "bob"),
         "{users:?}"
     );
     let own = w.bob.json(&["fingerprint"]);

@@ -180,9 +180,21 @@ async fn bus(
     let login = redis::Script::new(LOGIN);
     let logout = redis::Script::new(LOGOUT);
     let heartbeat = redis::Script::new(HEARTBEAT_SCRIPT);
+    // Reconnects by itself once it has connected the first time.
+    let mut con = loop {
+        match client.get_connection_manager().await {
+            Ok(con) => break con,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis for presence; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    };
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut con: Option<redis::aio::MultiplexedConnection> = None;
     loop {
         let event = tokio::select! {
             // Events first: the logouts of a relay shutting down still go out.
@@ -197,19 +209,7 @@ async fn bus(
         // An event is retried until Redis takes it: a lost logout would
         // leave the user online for ever.
         loop {
-            if con.is_none() {
-                match client.get_multiplexed_async_connection().await {
-                    Ok(c) => con = Some(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot reach Redis for presence; retrying");
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(RETRY) => continue,
-                        }
-                    }
-                }
-            }
-            let Some(c) = con.as_mut() else { continue };
+            let c = &mut con;
             let result: redis::RedisResult<i64> = match &event {
                 None => {
                     heartbeat
@@ -249,7 +249,6 @@ async fn bus(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "presence update failed; retrying");
-                    con = None;
                     if event.is_none() {
                         break;
                     }

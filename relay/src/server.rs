@@ -36,6 +36,7 @@ use crate::metrics::{RateHistory, Stats};
 use crate::password_pool::PasswordPool;
 use crate::ratelimit::{GuessLimiter, RateLimiter};
 use crate::shared::Shared;
+use crate::shared_limits::SharedLimits;
 use crate::store::writer::queue_writer;
 use crate::store::{
     blocking, Durability, QueueLimits, RedbStore, RedisStore, Store, StoreError, WriterTask,
@@ -204,17 +205,20 @@ impl Relay {
             sender_share_percent: config.sender_share_percent,
         };
         let (queue, writer) = queue_writer(Arc::clone(&store), limits);
-        let shared_limits = cluster.as_ref().map(|(client, _)| {
-            crate::shared_limits::SharedLimits::start(client.clone(), cluster_stop.clone())
-        });
-        let (hub, cluster) = match cluster {
+        let (hub, cluster, shared_limits) = match cluster {
             Some((client, masked)) => {
+                let limits = SharedLimits::start(&client, cluster_stop.clone())
+                    .await
+                    .map_err(|e| RelayError::Redis {
+                        url: masked.clone(),
+                        source: e.into(),
+                    })?;
                 let hub = Arc::new(Hub::clustered());
                 let cluster = Cluster::start(client, Arc::clone(&hub), cluster_stop.clone());
                 tracing::info!(redis = %masked, relay = ?cluster, "sharing state with the other relays on this Redis");
-                (hub, Some(cluster))
+                (hub, Some(cluster), Some(limits))
             }
-            None => (Arc::new(Hub::default()), None),
+            None => (Arc::new(Hub::default()), None, None),
         };
         let commit_latency = writer.commit_latency();
         let shared = Arc::new(Shared {

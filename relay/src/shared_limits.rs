@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::ratelimit::{Limit, LoginLimits, Refusal, Source};
@@ -77,8 +76,8 @@ return 1
 
 /// The limits shared through Redis.
 pub(crate) struct SharedLimits {
-    client: redis::Client,
-    con: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Reconnects by itself after Redis went away.
+    con: redis::aio::ConnectionManager,
     /// Events counted here and not yet added in Redis: counter key → (count,
     /// the key's lifetime in ms).
     pending: std::sync::Mutex<HashMap<String, (u64, u64)>>,
@@ -107,10 +106,12 @@ fn ms(d: Duration) -> u64 {
 impl SharedLimits {
     /// The limits, with a task that adds the counted events to Redis until
     /// `stop` (and once more then).
-    pub(crate) fn start(client: redis::Client, stop: CancellationToken) -> Arc<Self> {
+    pub(crate) async fn start(
+        client: &redis::Client,
+        stop: CancellationToken,
+    ) -> redis::RedisResult<Arc<Self>> {
         let limits = Arc::new(Self {
-            client,
-            con: Mutex::new(None),
+            con: client.get_connection_manager().await?,
             pending: std::sync::Mutex::default(),
             guess_begin: redis::Script::new(GUESS_BEGIN),
             guess_succeeded: redis::Script::new(GUESS_SUCCEEDED),
@@ -130,7 +131,7 @@ impl SharedLimits {
                 }
             }
         });
-        limits
+        Ok(limits)
     }
 
     /// Add the events counted here to Redis's counters, in one pipeline.
@@ -144,33 +145,14 @@ impl SharedLimits {
             pipe.cmd("INCRBY").arg(key).arg(*count).ignore();
             pipe.cmd("PEXPIRE").arg(key).arg(*lifetime_ms).ignore();
         }
-        let result: redis::RedisResult<()> = async {
-            let mut con = self.connection().await?;
-            pipe.query_async(&mut con).await
-        }
-        .await;
+        let result: redis::RedisResult<()> = pipe.query_async(&mut self.con.clone()).await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not add this relay's counts to the shared limits; they are counted again");
-            self.forget_connection().await;
             let mut again = crate::lock(&self.pending);
             for (key, (count, lifetime_ms)) in pending {
                 again.entry(key).or_insert((0, lifetime_ms)).0 += count;
             }
         }
-    }
-
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        let mut slot = self.con.lock().await;
-        if let Some(con) = slot.as_ref() {
-            return Ok(con.clone());
-        }
-        let con = self.client.get_multiplexed_async_connection().await?;
-        *slot = Some(con.clone());
-        Ok(con)
-    }
-
-    async fn forget_connection(&self) {
-        *self.con.lock().await = None;
     }
 
     /// Count one event of `kind` for `key` at `now_ms` unless `limit` is
@@ -191,11 +173,10 @@ impl SharedLimits {
             format!("{base}:{idx}"),
         );
         let result: redis::RedisResult<(Option<u64>, Option<u64>)> = async {
-            let mut con = self.connection().await?;
             redis::cmd("MGET")
                 .arg(&prev_key)
                 .arg(&cur_key)
-                .query_async(&mut con)
+                .query_async(&mut self.con.clone())
                 .await
         }
         .await;
@@ -203,7 +184,6 @@ impl SharedLimits {
             Ok((prev, cur)) => (prev.unwrap_or(0), cur.unwrap_or(0)),
             Err(e) => {
                 tracing::warn!(error = %e, kind, "shared rate limit unavailable; this relay's own limit applies");
-                self.forget_connection().await;
                 return Ok(());
             }
         };
@@ -249,7 +229,6 @@ impl SharedLimits {
     ) -> Result<(), Refusal> {
         let (pair, acct) = Self::guess_keys(scope, account, source);
         let result: redis::RedisResult<Vec<i64>> = async {
-            let mut con = self.connection().await?;
             self.guess_begin
                 .arg(&pair)
                 .arg(&acct)
@@ -261,7 +240,7 @@ impl SharedLimits {
                 .arg(limits.per_account.max)
                 .arg(ms(limits.per_account.window))
                 .arg(member(now_ms))
-                .invoke_async(&mut con)
+                .invoke_async(&mut self.con.clone())
                 .await
         }
         .await;
@@ -278,7 +257,6 @@ impl SharedLimits {
             },
             Err(e) => {
                 tracing::warn!(error = %e, "shared guess limit unavailable; this relay's own limit applies");
-                self.forget_connection().await;
                 Ok(())
             }
         }
@@ -288,17 +266,15 @@ impl SharedLimits {
     pub(crate) async fn guess_succeeded(&self, scope: &str, account: &str, source: Source) {
         let (pair, acct) = Self::guess_keys(scope, account, source);
         let result: redis::RedisResult<i64> = async {
-            let mut con = self.connection().await?;
             self.guess_succeeded
                 .arg(&pair)
                 .arg(&acct)
-                .invoke_async(&mut con)
+                .invoke_async(&mut self.con.clone())
                 .await
         }
         .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not clear a shared guess count");
-            self.forget_connection().await;
         }
     }
 }

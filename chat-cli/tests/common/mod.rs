@@ -492,6 +492,17 @@ impl Agent {
         self.home.join("agent.sock")
     }
 
+    /// `chat-cli online`: the users the relay says are online.
+    pub fn online_users(&self) -> Vec<String> {
+        let online = self.json(&["online"]);
+        online["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Status as JSON.
     pub fn status(&self) -> serde_json::Value {
         self.json(&["status"])

@@ -112,20 +112,7 @@ pub(super) fn watch_presence(shared: &Shared, state: &ConnState, users: Vec<Stri
 
 pub(super) async fn send(shared: &Arc<Shared>, state: &ConnState, envelope: Envelope) -> Reply {
     let auth = require_auth(state)?;
-    let sent_at = shared.config.clock.now();
-    let mut verdict = shared.send_limiter.try_acquire(&auth.username, sent_at);
-    if let (Ok(()), Some(limits)) = (&verdict, &shared.shared_limits) {
-        let now_ms = shared.config.clock.unix_now_ms();
-        verdict = limits
-            .acquire(
-                "send",
-                &auth.username,
-                shared.config.sends_per_sender,
-                now_ms,
-            )
-            .await;
-    }
-    if let Err(wait) = verdict {
+    if let Err(wait) = super::acquire(shared, &shared.send_limiter, "send", &auth.username).await {
         shared
             .stats
             .send_rate_refusals

@@ -117,33 +117,44 @@ pub(crate) fn require_auth(state: &ConnState) -> Result<Auth, ErrorReply> {
 
 /// Count an attempt from the peer's source; refuse past the limit.
 pub(crate) async fn limit_peer(shared: &Shared, state: &ConnState) -> Result<(), ErrorReply> {
-    let mut verdict = shared
-        .source_limiter
-        .try_acquire(&state.source, shared.config.clock.now());
-    if let (Ok(()), Some(limits)) = (&verdict, &shared.shared_limits) {
-        let now_ms = shared.config.clock.unix_now_ms();
-        verdict = limits
-            .acquire(
-                "source",
-                &state.source.to_string(),
-                shared.config.attempts_per_source,
-                now_ms,
+    acquire(shared, &shared.source_limiter, "source", &state.source)
+        .await
+        .map_err(|wait| {
+            shared
+                .stats
+                .attempt_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            fail(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many attempts from your address; retry after {} s",
+                    whole_secs(wait)
+                ),
             )
-            .await;
+        })
+}
+
+/// Count one event for `key` on this relay's `limiter` and, with several
+/// relays, on the shared count of `kind` too; `Err` is how long to wait.
+pub(crate) async fn acquire<K>(
+    shared: &Shared,
+    limiter: &crate::ratelimit::RateLimiter<K>,
+    kind: &str,
+    key: &K,
+) -> Result<(), std::time::Duration>
+where
+    K: Eq + std::hash::Hash + Clone + std::fmt::Display,
+{
+    limiter.try_acquire(key, shared.config.clock.now())?;
+    match &shared.shared_limits {
+        Some(limits) => {
+            let now_ms = shared.config.clock.unix_now_ms();
+            limits
+                .acquire(kind, &key.to_string(), limiter.limit(), now_ms)
+                .await
+        }
+        None => Ok(()),
     }
-    verdict.map_err(|wait| {
-        shared
-            .stats
-            .attempt_refusals
-            .fetch_add(1, Ordering::Relaxed);
-        fail(
-            ErrorCode::RateLimited,
-            format!(
-                "too many attempts from your address; retry after {} s",
-                whole_secs(wait)
-            ),
-        )
-    })
 }
 
 /// Reserve a place among the password workers, or answer `Busy`.

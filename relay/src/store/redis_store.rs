@@ -3,22 +3,21 @@
 //! relays serve one set of users.
 //!
 //! ```text
-//!  relay A ─┐  one Lua script per operation (atomic, one round trip)
+//!  relay A ─┐  one Lua script per operation (atomic, one round trip),
 //!  relay B ─┼──────────────────────────────► redis-server (AOF, appendfsync always)
-//!  relay C ─┘  queue batches: one pipeline of scripts
+//!  relay C ─┘  a queue batch included
 //! ```
 //!
 //! Each operation is one script ([`lua`]), so it is atomic and costs one
-//! round trip; a queue batch is one pipeline of scripts (each op atomic,
-//! the batch one round trip). Redis answers a write only after it is in its
+//! round trip; a queue batch from the group-commit writer is one script
+//! for the whole batch. Redis answers a write only after it is in its
 //! append-only file, and with `appendfsync always` (checked by
 //! [`RedisStore::check_durability`]) only after that file is fsync'd: an
 //! answer means the write is durable, as with redb.
 //!
-//! Unlike [`RedbStore`](super::RedbStore), a failed queue batch may have
-//! applied some of its ops: the callers answer every request of the batch
-//! with an error, the clients retry, and the message ids make the retried
-//! sends duplicates and the retried acks harmless.
+//! A connection that breaks after a batch was sent leaves it unknown
+//! whether the batch ran: it is sent again on a new connection, and the
+//! message ids make the sends in it duplicates and its acks harmless.
 
 mod lua;
 
@@ -272,34 +271,6 @@ fn enqueue_outcome(code: i64) -> Result<EnqueueOutcome, StoreError> {
     })
 }
 
-/// The arguments of the enqueue script.
-fn enqueue_args(
-    recipient: &str,
-    sender: Option<&str>,
-    id: &MessageId,
-    envelope: &[u8],
-    now: u64,
-    limits: QueueLimits,
-) -> Result<Vec<Vec<u8>>, StoreError> {
-    let share = limits.sender_quota();
-    Ok(vec![
-        recipient.as_bytes().to_vec(),
-        sender.unwrap_or("").as_bytes().to_vec(),
-        id.0.to_vec(),
-        QueueItem::encode_envelope(envelope)?,
-        num_arg(now),
-        num_arg(limits.quota.messages),
-        num_arg(limits.quota.bytes),
-        num_arg(share.messages),
-        num_arg(share.bytes),
-        if sender.is_some() {
-            b"1".to_vec()
-        } else {
-            b"0".to_vec()
-        },
-    ])
-}
-
 fn pending_args(p: &PendingRegistration) -> Result<Vec<Vec<u8>>, StoreError> {
     Ok(vec![
         p.username.as_bytes().to_vec(),
@@ -514,14 +485,14 @@ impl Store for RedisStore {
     }
 
     fn set_public_key(&self, username: &str, public_key: &[u8]) -> Result<(), StoreError> {
-        let key = format!("sc:{{{username}}}:acct");
-        self.with(|con| {
-            // Optimistic: the account record is rewritten only if nothing
-            // changed it since it was read.
-            let done: Option<()> = redis::transaction(con, &[&key], |con, pipe| {
+        let key = lua::account_key(username);
+        // Optimistic: the account record is rewritten only if nothing
+        // changed it since it was read (WATCH, MULTI).
+        let found = self.with(|con| {
+            Ok(redis::transaction(con, &[&key], |con, pipe| {
                 let found: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(con)?;
                 let Some(bytes) = found else {
-                    return pipe.query(con);
+                    return Ok(Some(false));
                 };
                 let mut account: Account = from_bytes(&bytes).map_err(|e| {
                     redis::RedisError::from((
@@ -534,12 +505,11 @@ impl Store for RedisStore {
                 let record = to_bytes(&account).map_err(|e| {
                     redis::RedisError::from((redis::ErrorKind::Client, "account", e.to_string()))
                 })?;
-                pipe.set(&key, record).ignore().query(con)
-            })?;
-            let _ = done;
-            Ok(())
+                let done: Option<()> = pipe.set(&key, record).ignore().query(con)?;
+                Ok(done.map(|()| true))
+            })?)
         })?;
-        if self.account(username)?.is_none() {
+        if !found {
             return Err(StoreError::Corrupt(format!("no account {username:?}")));
         }
         Ok(())
@@ -593,9 +563,24 @@ impl Store for RedisStore {
         now: u64,
         quota: Quota,
     ) -> Result<EnqueueOutcome, StoreError> {
-        let limits = QueueLimits::quota_only(quota);
-        let args = enqueue_args(recipient, None, id, envelope, now, limits)?;
-        enqueue_outcome(self.call(&SCRIPTS.enqueue, &refs(&args))?)
+        // No sender (so no share), and no account needed: see the trait.
+        let item = QueueItem::encode_envelope(envelope)?;
+        let (messages, bytes) = (num_arg(quota.messages), num_arg(quota.bytes));
+        enqueue_outcome(self.call(
+            &SCRIPTS.enqueue,
+            &[
+                recipient.as_bytes(),
+                b"",
+                &id.0,
+                &item,
+                &num_arg(now),
+                &messages,
+                &bytes,
+                &messages,
+                &bytes,
+                b"0",
+            ],
+        )?)
     }
 
     fn write_queue_batch(
@@ -670,16 +655,15 @@ impl Store for RedisStore {
                 });
             }
         }
-        let answers = outcomes;
-        if answers.len() != ops.len() {
+        if outcomes.len() != ops.len() {
             return Err(StoreError::Corrupt(format!(
                 "{} answers to a batch of {}",
-                answers.len(),
+                outcomes.len(),
                 ops.len()
             )));
         }
         ops.iter()
-            .zip(answers)
+            .zip(outcomes)
             .map(|(op, answer)| {
                 Ok(match op {
                     QueueOp::Enqueue { .. } => QueueOutcome::Enqueue(enqueue_outcome(answer)?),

@@ -24,6 +24,12 @@
 //! Numbers travel as decimal strings; scripts answer with strings (or
 //! integers), never with nil inside an array.
 
+/// The key of `username`'s account record (for the one operation done
+/// outside a script: see `set_public_key`).
+pub(super) fn account_key(username: &str) -> String {
+    format!("sc:{{{username}}}:acct")
+}
+
 /// Helpers every script starts with.
 const COMMON: &str = r#"
 local function k(u, s) return 'sc:{' .. u .. '}:' .. s end
